@@ -1,0 +1,119 @@
+"""The `archiver` command: thin wrappers over the modules that do the work (contract §6)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from botocore.exceptions import NoRegionError
+
+from archiver.errors import PermanentError, SettingsError
+from archiver.settings import Settings, load_settings
+
+HEALTH_MAX_AGE = 90  # seconds: three heartbeat intervals
+
+
+def _settings() -> Settings:
+    settings = load_settings()
+    from archiver.logs import configure_logging
+
+    configure_logging(debug=settings.app_debug, dev_mode=settings.dev_mode)
+    return settings
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from archiver import worker
+
+    settings = _settings()
+    return worker.run(worker.connect(settings), burst=args.burst)
+
+
+def cmd_schema(_: argparse.Namespace) -> int:
+    from archiver.models import json_schemas
+
+    print(json.dumps(json_schemas(), indent=2))
+    return 0
+
+
+def cmd_check(_: argparse.Namespace) -> int:
+    settings = load_settings()
+    try:
+        age = time.time() - Path(settings.health_file).stat().st_mtime
+    except OSError:
+        print(f"unhealthy: no heartbeat file at {settings.health_file}", file=sys.stderr)
+        return 1
+    if age > HEALTH_MAX_AGE:
+        print(f"unhealthy: last heartbeat {age:.0f}s ago", file=sys.stderr)
+        return 1
+    print(f"healthy: last heartbeat {age:.0f}s ago")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from archiver import queue
+    from archiver.aws import make_clients
+    from archiver.models import decode_body, parse_request
+
+    settings = _settings()
+    body = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+    try:
+        request = parse_request(decode_body(body))
+    except PermanentError as exc:
+        print(f"invalid request: {exc.message}", file=sys.stderr)
+        return 1
+    clients = make_clients()
+    url = queue.resolve_queue_url(clients.sqs, settings.sqs_source_queue)
+    message_id = queue.send(clients.sqs, url, request.model_dump_json(exclude_none=True))
+    print(json.dumps({"message_id": message_id, "request_id": request.request_id or message_id}))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from archiver.demo import run_demo
+
+    return run_demo(verbose=args.verbose)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="archiver", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    worker = commands.add_parser("worker", help="poll the source queue and archive requests until stopped")
+    worker.add_argument("--burst", action="store_true", help="exit 0 once the source queue is empty")
+    worker.set_defaults(func=cmd_worker)
+
+    demo = commands.add_parser("demo", help="run the whole flow against an embedded AWS stack (no Docker)")
+    demo.add_argument("--verbose", action="store_true", help="show the worker's logs")
+    demo.set_defaults(func=cmd_demo)
+
+    submit = commands.add_parser("submit", help="validate a request and send it to the source queue")
+    submit.add_argument("file", help="request JSON file, or - for standard input")
+    submit.set_defaults(func=cmd_submit)
+
+    commands.add_parser("schema", help="print the JSON Schemas of request and notification").set_defaults(
+        func=cmd_schema
+    )
+    commands.add_parser("check", help="health check: exit 0 if the worker polled recently").set_defaults(
+        func=cmd_check
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SettingsError as exc:
+        print(f"archiver: {exc}", file=sys.stderr)
+        return 2
+    except NoRegionError:
+        print("archiver: invalid setting: AWS_REGION is required", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

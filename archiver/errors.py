@@ -1,0 +1,47 @@
+"""One exception root, split by what the worker should do with the message.
+
+`PermanentError`: the request can never succeed as sent; the worker sends a `failed` notification and
+deletes the message. `TransientError`: it may succeed later; the worker releases the message for
+redelivery. Anything else that escapes a job is treated as transient too, so a bug ends in the DLQ rather
+than in a lost request.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+ErrorCode = Literal["invalid_request", "forbidden_source", "source_not_found", "too_large", "internal"]
+
+
+class ArchiverError(Exception):
+    """Root of every error archiver raises on purpose."""
+
+    code: ErrorCode = "internal"
+    retryable: bool = True
+
+
+class PermanentError(ArchiverError):
+    """The request is wrong or impossible; retrying it would fail the same way."""
+
+    retryable = False
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class TransientError(ArchiverError):
+    """S3 or SQS could not do it now (throttling, 5xx, timeouts, a source that changed meanwhile)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class SettingsError(ArchiverError, ValueError):
+    """A setting is missing or wrong; the command exits 2 naming it."""
+
+
+class JobAbandoned(TransientError):
+    """The job was stopped from outside (shutdown grace or JOB_TIMEOUT ran out); its message is released."""

@@ -1,0 +1,293 @@
+"""The request and notification models (contract §1 and §3) and the plan of one archive.
+
+`parse_request` turns a message body into a `Request`; `plan_archive` checks it against the settings
+(allowed buckets, limits, entry names) and fixes every entry's path and the archive's key, before any S3
+call is made.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+
+from archiver.errors import ErrorCode, PermanentError
+from archiver.names import UnsafeNameError, check_entry_path, deduplicate, entry_path
+from archiver.settings import Settings
+
+EXTENDED_CLIENT_POINTER = "software.amazon.payloadoffloading.PayloadS3Pointer"
+MAX_KEY_BYTES = 1024
+
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+RequestId = Annotated[str, StringConstraints(pattern=REQUEST_ID_PATTERN)]
+
+
+def is_valid_request_id(value: object) -> bool:
+    """A request id becomes a key segment, so `.` and `..` are refused as well as the pattern's misses."""
+    return isinstance(value, str) and re.fullmatch(REQUEST_ID_PATTERN, value) is not None and set(value) != {"."}
+
+
+class FileSpec(BaseModel):
+    """One object to put in the archive."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(min_length=1, description="a key in S3_SOURCE_BUCKET, or s3://bucket/key")
+    destination: str | None = Field(default=None, description="folder inside the zip; empty = root")
+    name: str | None = Field(default=None, description="file name; default: last segment of the key")
+
+
+class Request(BaseModel):
+    """An archive request, the body of a source-queue message."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    files: list[FileSpec] = Field(min_length=1)
+    metadata: dict[str, Any] = Field(default_factory=dict, description="echoed in the notification")
+    request_id: RequestId | None = Field(default=None, description="idempotency key; default MessageId")
+    archive_name: str | None = Field(default=None, description="default <request_id>.zip")
+    on_missing: Literal["fail", "skip"] = "fail"
+    compression: Literal["auto", "store", "deflate"] = "auto"
+
+    @field_validator("request_id")
+    @classmethod
+    def _not_dots(cls, value: str | None) -> str | None:
+        if value is not None and not is_valid_request_id(value):
+            raise ValueError("must not be made of dots only")
+        return value
+
+    @field_validator("archive_name")
+    @classmethod
+    def _one_segment(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if "/" in value:
+            raise ValueError("must be a file name, not a path")
+        try:
+            return check_entry_path(value)
+        except UnsafeNameError as exc:
+            raise ValueError(str(exc)) from None
+
+
+class ArchiveInfo(BaseModel):
+    bucket: str
+    key: str
+    url: str
+    size: int
+    entries: int
+
+
+class SkippedSource(BaseModel):
+    source: str
+    reason: Literal["not_found"]
+
+
+class RenamedEntry(BaseModel):
+    source: str
+    name: str
+
+
+class ErrorInfo(BaseModel):
+    code: ErrorCode
+    message: str
+    retryable: bool
+
+
+class CompletedNotification(BaseModel):
+    """Sent to the destination queue when the archive is complete."""
+
+    status: Literal["completed"] = "completed"
+    request_id: str
+    archive: ArchiveInfo
+    skipped: list[SkippedSource] = Field(default_factory=list)
+    renamed: list[RenamedEntry] = Field(default_factory=list)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: str
+
+
+class FailedNotification(BaseModel):
+    """Sent when a request can never succeed, or on its last delivery before the DLQ."""
+
+    status: Literal["failed"] = "failed"
+    request_id: str
+    error: ErrorInfo
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: str
+
+
+def utc_timestamp(moment: datetime | None = None) -> str:
+    return (moment or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def decode_body(body: str) -> Any:
+    """JSON-decode a message body, refusing duplicate keys (json.loads would keep the last silently)."""
+    try:
+        return json.loads(body, object_pairs_hook=_reject_duplicate_keys)
+    except RecursionError:
+        raise PermanentError("invalid_request", "the body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:
+        raise PermanentError("invalid_request", f"the body is not valid JSON: {exc}") from None
+
+
+def extended_client_pointer(document: Any) -> tuple[str, str] | None:
+    """(bucket, key) if `document` is an SQS Extended Client pointer, else None."""
+    if (
+        isinstance(document, list)
+        and len(document) == 2
+        and document[0] == EXTENDED_CLIENT_POINTER
+        and isinstance(document[1], dict)
+    ):
+        bucket, key = document[1].get("s3BucketName"), document[1].get("s3Key")
+        if isinstance(bucket, str) and isinstance(key, str) and bucket and key:
+            return bucket, key
+        raise PermanentError("invalid_request", "extended-client pointer without s3BucketName and s3Key")
+    return None
+
+
+def describe_validation_error(exc: ValidationError, *, limit: int = 5) -> str:
+    problems = []
+    for error in exc.errors()[:limit]:
+        where = ".".join(str(part) for part in error["loc"]) or "body"
+        problems.append(f"{where}: {error['msg']}")
+    more = len(exc.errors()) - limit
+    return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
+
+
+def parse_request(document: Any) -> Request:
+    """Validate a decoded body into a `Request`, or raise a permanent `invalid_request` error."""
+    if not isinstance(document, dict):
+        raise PermanentError("invalid_request", "the body must be a JSON object")
+    try:
+        return Request.model_validate(document)
+    except ValidationError as exc:
+        raise PermanentError("invalid_request", describe_validation_error(exc)) from None
+
+
+def salvage_context(document: Any) -> tuple[str | None, dict[str, Any]]:
+    """The request_id and metadata of a body that failed validation, when they are usable on their own,
+    so that its failure notification still reaches the producer with what it sent."""
+    if not isinstance(document, dict):
+        return None, {}
+    request_id = document.get("request_id")
+    metadata = document.get("metadata")
+    return (
+        request_id if is_valid_request_id(request_id) else None,
+        metadata if isinstance(metadata, dict) else {},
+    )
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """Where one entry's bytes come from."""
+
+    source: str  # as written in the request, for notifications
+    bucket: str
+    key: str
+
+
+@dataclass(frozen=True)
+class PlannedEntry:
+    ref: SourceRef
+    path: str  # the entry path inside the zip, after renaming
+
+
+@dataclass(frozen=True)
+class ArchivePlan:
+    request: Request
+    request_id: str
+    bucket: str
+    key: str
+    entries: tuple[PlannedEntry, ...]
+    renamed: tuple[RenamedEntry, ...]
+
+
+def parse_source(source: str, *, default_bucket: str) -> SourceRef:
+    if source.startswith("s3://"):
+        bucket, _, key = source[len("s3://") :].partition("/")
+        if not bucket or not key:
+            raise PermanentError("invalid_request", f"source {source!r} is not s3://bucket/key")
+    else:
+        bucket, key = default_bucket, source
+    if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        raise PermanentError("invalid_request", f"source key {key[:64]!r}… is over {MAX_KEY_BYTES} bytes")
+    return SourceRef(source=source, bucket=bucket, key=key)
+
+
+def archive_key(prefix: str, request_id: str, archive_name: str) -> str:
+    return "/".join(part for part in (prefix, request_id, archive_name) if part)
+
+
+def plan_archive(request: Request, *, settings: Settings, message_id: str) -> ArchivePlan:
+    """Check a request against the settings and fix every entry's path and the archive's key."""
+    if len(request.files) > settings.max_files:
+        raise PermanentError(
+            "too_large", f"{len(request.files)} files requested; MAX_FILES is {settings.max_files}"
+        )
+    allowed = settings.source_buckets
+    refs: list[SourceRef] = []
+    paths: list[str] = []
+    for index, spec in enumerate(request.files):
+        ref = parse_source(spec.source, default_bucket=settings.s3_source_bucket)
+        if ref.bucket not in allowed:
+            raise PermanentError(
+                "forbidden_source", f"files[{index}]: bucket {ref.bucket!r} is not an allowed source bucket"
+            )
+        name = spec.name if spec.name is not None else ref.key.rsplit("/", 1)[-1]
+        try:
+            paths.append(entry_path(spec.destination, name))
+        except UnsafeNameError as exc:
+            raise PermanentError("invalid_request", f"files[{index}] ({spec.source}): {exc}") from None
+        refs.append(ref)
+    try:
+        final_paths = deduplicate(paths)
+    except UnsafeNameError as exc:  # a renamed path can grow past the length limit
+        raise PermanentError("invalid_request", str(exc)) from None
+    renamed = tuple(
+        RenamedEntry(source=ref.source, name=final)
+        for ref, original, final in zip(refs, paths, final_paths, strict=True)
+        if final != original
+    )
+    request_id = request.request_id or message_id
+    name = request.archive_name or f"{request_id}.zip"
+    return ArchivePlan(
+        request=request,
+        request_id=request_id,
+        bucket=settings.s3_destination_bucket,
+        key=archive_key(settings.s3_file_prefix, request_id, name),
+        entries=tuple(
+            PlannedEntry(ref=ref, path=path) for ref, path in zip(refs, final_paths, strict=True)
+        ),
+        renamed=renamed,
+    )
+
+
+def json_schemas() -> dict[str, Any]:
+    """The JSON Schemas producers and consumers validate against (`archiver schema`)."""
+    return {
+        "request": Request.model_json_schema(),
+        "notification": {
+            "oneOf": [
+                CompletedNotification.model_json_schema(),
+                FailedNotification.model_json_schema(),
+            ]
+        },
+    }

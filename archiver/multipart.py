@@ -1,0 +1,176 @@
+"""Byte chunks -> parts -> an S3 multipart upload that either completes or is aborted.
+
+The archive appears whole or not at all: S3 shows nothing until CompleteMultipartUpload, and any failure
+(including a cancelled job) aborts the upload so no parts linger and cost money.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+
+from archiver.aws import retry_transient
+from archiver.errors import JobAbandoned, PermanentError
+from archiver.settings import MAX_PART_SIZE, MiB
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+
+log = structlog.get_logger(__name__)
+
+MAX_PARTS = 10_000
+
+
+@dataclass(frozen=True)
+class UploadedObject:
+    bucket: str
+    key: str
+    size: int
+    parts: int
+    etag: str
+
+
+def choose_part_size(size_bound: int, minimum: int) -> int:
+    """The smallest part size >= `minimum` (whole MiB) that keeps an archive of `size_bound` bytes within
+    S3's 10,000 parts; PART_SIZE alone would cap a 16 MiB-part archive at ~156 GiB."""
+    needed = -(-size_bound // MAX_PARTS)
+    needed = -(-needed // MiB) * MiB
+    part_size = max(minimum, needed)
+    if part_size > MAX_PART_SIZE:
+        raise PermanentError("too_large", f"an archive of up to {size_bound} bytes exceeds S3's object limit")
+    return part_size
+
+
+def parts_of(chunks: Iterable[bytes], part_size: int, cancelled: Callable[[], bool]) -> Iterator[bytes]:
+    """Regroup chunks into parts of exactly `part_size` bytes (the last one shorter)."""
+    pending: list[bytes] = []
+    filled = 0
+    for chunk in chunks:
+        if cancelled():
+            raise JobAbandoned("the job was stopped before its archive was complete")
+        pending.append(chunk)
+        filled += len(chunk)
+        while filled >= part_size:
+            joined = b"".join(pending)
+            yield joined[:part_size]
+            rest = joined[part_size:]
+            pending, filled = ([rest] if rest else []), len(rest)
+    if filled or not pending:
+        yield b"".join(pending)
+
+
+@retry_transient
+def _upload_part(s3: S3Client, *, bucket: str, key: str, upload_id: str, number: int, body: bytes) -> CompletedPartTypeDef:
+    response = s3.upload_part(
+        Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body, ChecksumAlgorithm="CRC32"
+    )
+    part: CompletedPartTypeDef = {"PartNumber": number, "ETag": response["ETag"]}
+    if "ChecksumCRC32" in response:
+        part["ChecksumCRC32"] = response["ChecksumCRC32"]
+    return part
+
+
+@retry_transient
+def _abort(s3: S3Client, *, bucket: str, key: str, upload_id: str) -> None:
+    s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+
+
+def _never() -> bool:
+    return False
+
+
+def upload_stream(
+    s3: S3Client,
+    chunks: Iterable[bytes],
+    *,
+    bucket: str,
+    key: str,
+    part_size: int,
+    concurrency: int,
+    metadata: dict[str, str],
+    content_disposition: str | None = None,
+    cancelled: Callable[[], bool] = _never,
+) -> UploadedObject:
+    """Upload `chunks` as one object. At most `concurrency` parts are in flight and one more is being
+    filled, which bounds memory at about (concurrency + 2) x part_size whatever the archive's size."""
+    extra = {"ContentDisposition": content_disposition} if content_disposition else {}
+    upload_id = retry_transient(s3.create_multipart_upload)(
+        Bucket=bucket,
+        Key=key,
+        ContentType="application/zip",
+        Metadata=metadata,
+        ChecksumAlgorithm="CRC32",
+        **extra,  # type: ignore[arg-type]
+    )["UploadId"]
+    try:
+        parts, size = _upload_parts(
+            s3,
+            chunks,
+            bucket=bucket,
+            key=key,
+            upload_id=upload_id,
+            part_size=part_size,
+            concurrency=concurrency,
+            cancelled=cancelled,
+        )
+        completed = retry_transient(s3.complete_multipart_upload)(
+            Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+        )
+    except BaseException:
+        try:
+            _abort(s3, bucket=bucket, key=key, upload_id=upload_id)
+        except Exception:
+            # A bucket lifecycle rule (AbortIncompleteMultipartUpload) is the safety net for this.
+            log.exception("upload.abort_failed", key=key, upload_id=upload_id)
+        raise
+    return UploadedObject(bucket=bucket, key=key, size=size, parts=len(parts), etag=completed.get("ETag", ""))
+
+
+def _upload_parts(
+    s3: S3Client,
+    chunks: Iterable[bytes],
+    *,
+    bucket: str,
+    key: str,
+    upload_id: str,
+    part_size: int,
+    concurrency: int,
+    cancelled: Callable[[], bool],
+) -> tuple[list[CompletedPartTypeDef], int]:
+    slots = threading.BoundedSemaphore(concurrency)
+    in_flight: set[Future[CompletedPartTypeDef]] = set()
+    done: list[Future[CompletedPartTypeDef]] = []
+    size = 0
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="part") as pool:
+        try:
+            for number, body in enumerate(parts_of(chunks, part_size, cancelled), start=1):
+                if number > MAX_PARTS:
+                    raise PermanentError("too_large", f"the archive needs more than {MAX_PARTS} parts")
+                size += len(body)
+                slots.acquire()
+                future = pool.submit(
+                    _upload_part, s3, bucket=bucket, key=key, upload_id=upload_id, number=number, body=body
+                )
+                future.add_done_callback(lambda _: slots.release())
+                in_flight.add(future)
+                del body
+                finished = {f for f in in_flight if f.done()}
+                for f in finished:
+                    f.result()  # raises the first failed part's error now, not after the whole stream
+                done.extend(finished)
+                in_flight -= finished
+            finished_all, _ = wait(in_flight, return_when=FIRST_EXCEPTION)
+            for f in finished_all:
+                f.result()
+            done.extend(in_flight)
+        finally:
+            for f in in_flight:
+                f.cancel()
+    parts = sorted((f.result() for f in done), key=lambda part: part["PartNumber"])
+    return parts, size

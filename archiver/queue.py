@@ -1,0 +1,85 @@
+"""The only module that talks to SQS: receive, extend, release, delete, send."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from archiver.aws import retry_transient
+
+if TYPE_CHECKING:
+    from mypy_boto3_sqs import SQSClient
+
+# SQS limits: a message is at most 1 MiB, long polling waits at most 20 s.
+LONG_POLL_SECONDS = 20
+
+
+@dataclass(frozen=True)
+class Message:
+    message_id: str
+    receipt_handle: str
+    body: str
+    receive_count: int
+    sent_at: datetime | None
+
+
+@retry_transient
+def resolve_queue_url(sqs: SQSClient, name_or_url: str) -> str:
+    """Queues are configured by name or by URL; boto3 wants the URL."""
+    if name_or_url.startswith(("https://", "http://")):
+        return name_or_url
+    return sqs.get_queue_url(QueueName=name_or_url)["QueueUrl"]
+
+
+@retry_transient
+def max_receive_count(sqs: SQSClient, queue_url: str) -> int | None:
+    """The redrive policy's maxReceiveCount: the delivery that is the last before the DLQ."""
+    attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["RedrivePolicy"])
+    policy = attributes.get("Attributes", {}).get("RedrivePolicy")
+    if not policy:
+        return None
+    return int(json.loads(policy)["maxReceiveCount"])
+
+
+@retry_transient
+def receive(sqs: SQSClient, queue_url: str, *, wait_seconds: int, visibility_timeout: int) -> Message | None:
+    response = sqs.receive_message(
+        QueueUrl=queue_url,
+        MaxNumberOfMessages=1,
+        WaitTimeSeconds=wait_seconds,
+        VisibilityTimeout=visibility_timeout,
+        MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
+    )
+    messages = response.get("Messages", [])
+    if not messages:
+        return None
+    raw = messages[0]
+    attributes = raw.get("Attributes", {})
+    sent = attributes.get("SentTimestamp")
+    return Message(
+        message_id=raw["MessageId"],
+        receipt_handle=raw["ReceiptHandle"],
+        body=raw.get("Body", ""),
+        receive_count=int(attributes.get("ApproximateReceiveCount", "1")),
+        sent_at=datetime.fromtimestamp(int(sent) / 1000, UTC) if sent else None,
+    )
+
+
+@retry_transient
+def set_visibility(sqs: SQSClient, queue_url: str, message: Message, seconds: int) -> None:
+    """Extend a message's invisibility while working on it, or release it (0) for redelivery."""
+    sqs.change_message_visibility(
+        QueueUrl=queue_url, ReceiptHandle=message.receipt_handle, VisibilityTimeout=seconds
+    )
+
+
+@retry_transient
+def delete(sqs: SQSClient, queue_url: str, message: Message) -> None:
+    sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message.receipt_handle)
+
+
+@retry_transient
+def send(sqs: SQSClient, queue_url: str, body: str) -> str:
+    return sqs.send_message(QueueUrl=queue_url, MessageBody=body)["MessageId"]

@@ -1,0 +1,95 @@
+"""Typed settings from the environment, validated once at start-up (contract §5)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from archiver.errors import SettingsError
+
+MiB = 1024 * 1024
+# S3's own limits on multipart uploads.
+MIN_PART_SIZE = 5 * MiB
+MAX_PART_SIZE = 5 * 1024 * MiB
+# SQS caps a message's total invisibility at 12 hours from its first receipt.
+SQS_MAX_VISIBILITY = 43_200
+# SigV4 presigned URLs live at most 7 days.
+MAX_PRESIGN_SECONDS = 604_800
+
+
+class Settings(BaseSettings):
+    """Every setting of the worker; field `x_y` is read from the environment variable `X_Y`."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="forbid", frozen=True)
+
+    # From the original service, same names and defaults.
+    archive_base_url: str | None = None
+    sqs_destination_queue: str = Field(min_length=1)
+    sqs_source_queue: str = Field(min_length=1)
+    s3_destination_bucket: str = Field(min_length=3, max_length=63)
+    s3_source_bucket: str = Field(min_length=3, max_length=63)
+    s3_file_prefix: str = "download"
+    app_debug: bool = False
+    dev_mode: bool = False
+
+    # Added by archiver.
+    allowed_source_buckets: Annotated[tuple[str, ...], NoDecode] = ()
+    expected_bucket_owner: str | None = Field(default=None, pattern=r"^\d{12}$")
+    archive_url_expires: int = Field(default=MAX_PRESIGN_SECONDS, ge=1, le=MAX_PRESIGN_SECONDS)
+    max_files: int = Field(default=50_000, ge=1)
+    max_archive_bytes: int = Field(default=100 * 1024 * 1024 * 1024, ge=1)
+    part_size: int = Field(default=16 * MiB, ge=MIN_PART_SIZE, le=MAX_PART_SIZE)
+    prefetch_bytes: int = Field(default=64 * MiB, ge=0)
+    upload_concurrency: int = Field(default=4, ge=1, le=64)
+    visibility_timeout: int = Field(default=120, ge=10, le=SQS_MAX_VISIBILITY)
+    job_timeout: int = Field(default=21_600, ge=1, lt=SQS_MAX_VISIBILITY)
+    shutdown_grace: int = Field(default=25, ge=0)
+    health_file: str = "/tmp/archiver.heartbeat"  # noqa: S108 - a heartbeat, not a secret
+
+    @field_validator("allowed_source_buckets", mode="before")
+    @classmethod
+    def _split_buckets(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("archive_base_url")
+    @classmethod
+    def _check_base_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("must start with https:// or http://")
+        return value.rstrip("/")
+
+    @field_validator("s3_file_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        prefix = value.strip("/")
+        if ".." in prefix.split("/") or "\\" in prefix:
+            raise ValueError("must be a plain key prefix without '..' or backslashes")
+        return prefix
+
+    @property
+    def source_buckets(self) -> frozenset[str]:
+        """Buckets a request may read from: the allow-list plus the default source bucket, always."""
+        return frozenset((*self.allowed_source_buckets, self.s3_source_bucket))
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings from the environment, raising `SettingsError` with one line naming each bad one."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(describe_settings_error(exc)) from None
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        name = str(error["loc"][0]).upper() if error["loc"] else "settings"
+        reason = "is required" if error["type"] == "missing" else error["msg"]
+        problems.append(f"{name} {reason}")
+    return "invalid setting: " + "; ".join(problems)

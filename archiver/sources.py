@@ -1,0 +1,126 @@
+"""S3 source objects: HEAD them all up front, then read each as a lazily opened, resuming byte iterator."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import botocore.exceptions
+import structlog
+
+from archiver.aws import error_code, http_status, is_transient, retry_transient
+from archiver.errors import PermanentError, TransientError
+from archiver.models import SourceRef
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = structlog.get_logger(__name__)
+
+READ_CHUNK = 64 * 1024  # stream-zip is fastest fed 64 KiB chunks; botocore's default is 1 KiB
+MAX_RESUMES = 5
+
+
+@dataclass(frozen=True)
+class SourceObject:
+    """What a HEAD told us about one source; the GET must find the same ETag."""
+
+    ref: SourceRef
+    size: int
+    etag: str
+    last_modified: datetime
+    content_type: str
+    crc32: int | None  # S3's full-object CRC-32 when the object has one (not a composite checksum)
+
+
+def _full_object_crc32(head: dict[str, object]) -> int | None:
+    value = head.get("ChecksumCRC32")
+    if not isinstance(value, str) or head.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
+        return None
+    if "-" in value:  # "<b64>-<parts>": a checksum of part checksums, not of the bytes
+        return None
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        return None
+    return int.from_bytes(raw, "big") if len(raw) == 4 else None
+
+
+@retry_transient
+def head_source(s3: S3Client, ref: SourceRef) -> SourceObject | None:
+    """The object's metadata, or None if it does not exist."""
+    try:
+        head = s3.head_object(Bucket=ref.bucket, Key=ref.key, ChecksumMode="ENABLED")
+    except botocore.exceptions.ClientError as exc:
+        status = http_status(exc)
+        if status == 404 or error_code(exc) in ("NoSuchKey", "NotFound", "NoSuchBucket"):
+            return None
+        if status == 403:
+            # Without s3:ListBucket, S3 answers 403 for a missing key too: the role must list the bucket
+            # for missing sources to be told apart from forbidden ones.
+            raise PermanentError("forbidden_source", f"access denied to {ref.source}") from None
+        raise
+    return SourceObject(
+        ref=ref,
+        size=int(head["ContentLength"]),
+        etag=str(head["ETag"]),
+        last_modified=head["LastModified"],
+        content_type=str(head.get("ContentType") or ""),
+        crc32=_full_object_crc32(dict(head)),
+    )
+
+
+def head_sources(s3: S3Client, refs: Sequence[SourceRef], *, concurrency: int) -> list[SourceObject | None]:
+    """HEAD every source with bounded concurrency, in request order, so a request fails before upload."""
+    if not refs:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(refs)))) as pool:
+        return list(pool.map(lambda ref: head_source(s3, ref), refs))
+
+
+def _open(s3: S3Client, obj: SourceObject, start: int) -> Iterator[bytes]:
+    try:
+        response = s3.get_object(
+            Bucket=obj.ref.bucket,
+            Key=obj.ref.key,
+            IfMatch=obj.etag,
+            **({"Range": f"bytes={start}-"} if start else {}),
+        )
+    except botocore.exceptions.ClientError as exc:
+        if http_status(exc) in (404, 412) or error_code(exc) in ("NoSuchKey", "PreconditionFailed"):
+            # Changed or deleted since its HEAD: this attempt cannot finish, but a redelivery that
+            # HEADs it afresh can.
+            raise TransientError(f"{obj.ref.source} changed while being archived") from None
+        raise
+    return response["Body"].iter_chunks(READ_CHUNK)
+
+
+def read_source(
+    s3: S3Client, obj: SourceObject, *, max_resumes: int = MAX_RESUMES, on_resume: Callable[[], None] | None = None
+) -> Iterator[bytes]:
+    """Yield the object's bytes in 64 KiB chunks. The GET is sent on the first `next()`, not before, so an
+    early-opened connection never idles; a body that breaks off is resumed from the byte it stopped at."""
+    position = 0
+    resumes = 0
+    while True:
+        try:
+            for chunk in _open(s3, obj, position):
+                position += len(chunk)
+                yield chunk
+        except Exception as exc:
+            if not is_transient(exc) or resumes >= max_resumes:
+                raise
+            resumes += 1
+            log.warning("source.resume", source=obj.ref.source, at_byte=position, error=type(exc).__name__)
+            if on_resume is not None:
+                on_resume()
+            continue
+        if position == obj.size:
+            return
+        if position > obj.size or resumes >= max_resumes:
+            raise TransientError(f"{obj.ref.source}: read {position} bytes, expected {obj.size}")
+        resumes += 1  # the body ended early without an error: ask for the rest

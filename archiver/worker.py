@@ -1,0 +1,330 @@
+"""The poll loop: receive a request, archive it, notify, and decide once whether to delete or release.
+
+One message is worked on at a time per worker process; operators scale by running more tasks. While a
+job runs, a heartbeat thread keeps the message invisible, refreshes the health file and enforces
+JOB_TIMEOUT. SIGTERM stops receiving at once and gives the job SHUTDOWN_GRACE seconds to finish; after
+that, or on a second signal, the upload is aborted and the message released for another worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+from urllib.parse import quote
+
+import structlog
+
+from archiver import notify, queue
+from archiver.aws import AwsClients, make_clients, retry_transient
+from archiver.errors import ArchiverError, JobAbandoned, PermanentError
+from archiver.models import (
+    ArchiveInfo,
+    ArchivePlan,
+    CompletedNotification,
+    SkippedSource,
+    decode_body,
+    extended_client_pointer,
+    parse_request,
+    plan_archive,
+    salvage_context,
+)
+from archiver.multipart import choose_part_size, upload_stream
+from archiver.settings import Settings
+from archiver.sources import head_sources, read_source
+from archiver.zipping import ZipEntry, archive_size_bound, zip_chunks
+
+log = structlog.get_logger(__name__)
+
+HEAD_CONCURRENCY = 8
+BURST_WAIT_SECONDS = 1
+MAX_POINTER_BYTES = 64 * 1024 * 1024  # an offloaded request of 50,000 files is a few MiB
+HEALTH_INTERVAL = 30  # seconds; `archiver check` allows a few of these
+
+
+class ForcedExit(BaseException):  # noqa: N818 - it is an exit, not an error
+    """A second signal: stop the job now, abort its upload, release its message."""
+
+
+@dataclass
+class Worker:
+    """Everything a worker needs, built once at start-up."""
+
+    settings: Settings
+    clients: AwsClients
+    source_url: str
+    destination_url: str
+    max_receive_count: int | None
+    stopping: threading.Event = field(default_factory=threading.Event)
+    abandon: threading.Event = field(default_factory=threading.Event)
+    signals: int = 0
+
+
+def connect(settings: Settings, clients: AwsClients | None = None) -> Worker:
+    clients = clients or make_clients(
+        max_connections=settings.upload_concurrency + HEAD_CONCURRENCY + 4,
+        expected_bucket_owner=settings.expected_bucket_owner,
+    )
+    source_url = queue.resolve_queue_url(clients.sqs, settings.sqs_source_queue)
+    return Worker(
+        settings=settings,
+        clients=clients,
+        source_url=source_url,
+        destination_url=queue.resolve_queue_url(clients.sqs, settings.sqs_destination_queue),
+        max_receive_count=queue.max_receive_count(clients.sqs, source_url),
+    )
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+def run(worker: Worker, *, burst: bool = False) -> int:
+    """Poll until stopped (or, in burst mode, until the queue is empty). Returns the exit status."""
+    with _signal_handlers(worker):
+        log.info("worker.started", source_queue=worker.source_url, burst=burst)
+        while not worker.stopping.is_set():
+            touch_health_file(worker.settings.health_file)
+            message = queue.receive(
+                worker.clients.sqs,
+                worker.source_url,
+                wait_seconds=BURST_WAIT_SECONDS if burst else queue.LONG_POLL_SECONDS,
+                visibility_timeout=worker.settings.visibility_timeout,
+            )
+            if message is None:
+                if burst:
+                    break
+                continue
+            handle(worker, message)
+        log.info("worker.stopped", signals=worker.signals)
+    return 0
+
+
+@contextlib.contextmanager
+def _signal_handlers(worker: Worker) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only; an embedded worker is stopped through its events
+        return
+
+    def on_signal(signum: int, _: FrameType | None) -> None:
+        worker.signals += 1
+        if worker.signals > 1:
+            raise ForcedExit(signal.Signals(signum).name)
+        log.info("worker.stopping", signal=signal.Signals(signum).name, grace=worker.settings.shutdown_grace)
+        worker.stopping.set()
+        timer = threading.Timer(worker.settings.shutdown_grace, worker.abandon.set)
+        timer.daemon = True
+        timer.start()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def touch_health_file(path: str) -> None:
+    with contextlib.suppress(OSError):
+        Path(path).touch()
+
+
+# ------------------------------------------------------------------------------------------- one message
+
+
+def handle(worker: Worker, message: queue.Message) -> None:
+    """Work on one message and settle it: delete after success or a permanent failure, else release."""
+    started = time.monotonic()
+    request_id, metadata = message.message_id, {}
+    outcome: dict[str, Any] = {}
+    with structlog.contextvars.bound_contextvars(message_id=message.message_id, request_id=request_id):
+        try:
+            document = load_document(worker, message.body)
+            salvaged_id, metadata = salvage_context(document)
+            request_id = salvaged_id or message.message_id
+            structlog.contextvars.bind_contextvars(request_id=request_id)
+            plan = plan_archive(parse_request(document), settings=worker.settings, message_id=message.message_id)
+            structlog.contextvars.bind_contextvars(archive_key=plan.key)
+            with _heartbeat(worker, message):
+                notification = build_archive(worker, plan)
+            notify.send_notification(worker.clients.sqs, worker.destination_url, notification)
+            queue.delete(worker.clients.sqs, worker.source_url, message)
+            outcome = {
+                "outcome": "completed",
+                "size": notification.archive.size,
+                "entries": notification.archive.entries,
+                "skipped": len(notification.skipped),
+                "renamed": len(notification.renamed),
+            }
+        except PermanentError as exc:
+            outcome = {"outcome": "failed", "error_code": exc.code, "error": exc.message}
+            _fail_permanently(worker, message, request_id=request_id, metadata=metadata, error=exc)
+        except (Exception, ForcedExit) as exc:
+            outcome = {"outcome": "released", "error_code": "internal", "error": f"{type(exc).__name__}: {exc}"}
+            _release(worker, message, request_id=request_id, metadata=metadata, error=exc)
+            if isinstance(exc, ForcedExit):
+                raise
+        finally:
+            # The canonical log line: one event per request with everything an operator asks about it.
+            log.info(
+                "request.done",
+                receive_count=message.receive_count,
+                duration_s=round(time.monotonic() - started, 3),
+                **outcome,
+            )
+
+
+def load_document(worker: Worker, body: str) -> Any:
+    """The decoded request; an extended-client pointer is followed into S3, within the allow-list."""
+    document = decode_body(body)
+    pointer = extended_client_pointer(document)
+    if pointer is None:
+        return document
+    bucket, key = pointer
+    if bucket not in worker.settings.source_buckets:
+        raise PermanentError("forbidden_source", f"request pointer names bucket {bucket!r}, which is not allowed")
+    return decode_body(_read_pointer(worker, bucket, key))
+
+
+@retry_transient
+def _read_pointer(worker: Worker, bucket: str, key: str) -> str:
+    s3 = worker.clients.s3
+    try:
+        response = s3.get_object(Bucket=bucket, Key=key)
+    except s3.exceptions.NoSuchKey:
+        raise PermanentError("invalid_request", f"request pointer s3://{bucket}/{key} does not exist") from None
+    if response["ContentLength"] > MAX_POINTER_BYTES:
+        raise PermanentError("too_large", f"request body in s3://{bucket}/{key} is over {MAX_POINTER_BYTES} bytes")
+    return response["Body"].read().decode("utf-8", errors="replace")
+
+
+def build_archive(worker: Worker, plan: ArchivePlan) -> CompletedNotification:
+    settings, s3 = worker.settings, worker.clients.s3
+    objects = head_sources(s3, [entry.ref for entry in plan.entries], concurrency=HEAD_CONCURRENCY)
+    missing = [entry.ref.source for entry, obj in zip(plan.entries, objects, strict=True) if obj is None]
+    if missing and plan.request.on_missing == "fail":
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise PermanentError("source_not_found", f"{len(missing)} source(s) not found: {shown}")
+    entries = [
+        ZipEntry(path=entry.path, source=obj)
+        for entry, obj in zip(plan.entries, objects, strict=True)
+        if obj is not None
+    ]
+    if not entries:
+        raise PermanentError("source_not_found", "none of the sources exists")
+    total = sum(entry.source.size for entry in entries)
+    if total > settings.max_archive_bytes:
+        raise PermanentError(
+            "too_large", f"the sources add up to {total} bytes; MAX_ARCHIVE_BYTES is {settings.max_archive_bytes}"
+        )
+    archive_name = plan.key.rsplit("/", 1)[-1]
+    uploaded = upload_stream(
+        s3,
+        zip_chunks(entries, open_source=lambda obj: read_source(s3, obj), compression=plan.request.compression),
+        bucket=plan.bucket,
+        key=plan.key,
+        part_size=choose_part_size(archive_size_bound(entries), settings.part_size),
+        concurrency=settings.upload_concurrency,
+        metadata={"request-id": plan.request_id, "entries": str(len(entries))},
+        content_disposition=f"attachment; filename*=UTF-8''{quote(archive_name)}",
+        cancelled=worker.abandon.is_set,
+    )
+    kept = {entry.path for entry in entries}
+    return notify.completed(
+        request_id=plan.request_id,
+        archive=ArchiveInfo(
+            bucket=uploaded.bucket,
+            key=uploaded.key,
+            url=notify.archive_url(worker.clients.presign, settings, bucket=uploaded.bucket, key=uploaded.key),
+            size=uploaded.size,
+            entries=len(entries),
+        ),
+        skipped=[SkippedSource(source=source, reason="not_found") for source in missing],
+        renamed=[renamed for renamed in plan.renamed if renamed.name in kept],
+        metadata=plan.request.metadata,
+    )
+
+
+def _fail_permanently(
+    worker: Worker, message: queue.Message, *, request_id: str, metadata: dict[str, Any], error: PermanentError
+) -> None:
+    notification = notify.failed(
+        request_id=request_id, code=error.code, message=error.message, retryable=False, metadata=metadata
+    )
+    notify.send_notification(worker.clients.sqs, worker.destination_url, notification)
+    queue.delete(worker.clients.sqs, worker.source_url, message)
+
+
+def release_delay(receive_count: int, visibility_timeout: int) -> int:
+    """Seconds before a failed message is seen again: grows with each delivery, so a struggling
+    dependency is not hammered, and never longer than a normal visibility timeout."""
+    return min(visibility_timeout, 2 ** min(receive_count, 12))
+
+
+def _release(
+    worker: Worker, message: queue.Message, *, request_id: str, metadata: dict[str, Any], error: BaseException
+) -> None:
+    # Stopped by a shutdown: hand the message straight to another worker. A JOB_TIMEOUT is a failure
+    # like any other, so it backs off and ends in the DLQ if it keeps happening.
+    abandoned = isinstance(error, ForcedExit) or (isinstance(error, JobAbandoned) and worker.stopping.is_set())
+    if abandoned:
+        log.warning("request.abandoned", reason=str(error) or type(error).__name__)
+    else:
+        log.error("request.error", exc_info=error)
+    last = worker.max_receive_count is not None and message.receive_count >= worker.max_receive_count
+    if last and not abandoned:
+        code = error.code if isinstance(error, ArchiverError) else "internal"
+        notification = notify.failed(
+            request_id=request_id,
+            code=code,
+            message=f"gave up after {message.receive_count} attempts: {type(error).__name__}: {error}",
+            retryable=True,
+            metadata=metadata,
+        )
+        with contextlib.suppress(Exception):
+            notify.send_notification(worker.clients.sqs, worker.destination_url, notification)
+    delay = 0 if abandoned else release_delay(message.receive_count, worker.settings.visibility_timeout)
+    try:
+        queue.set_visibility(worker.clients.sqs, worker.source_url, message, delay)
+    except Exception:
+        # The message reappears by itself when its visibility timeout runs out.
+        log.warning("request.release_failed", exc_info=True)
+
+
+@contextlib.contextmanager
+def _heartbeat(worker: Worker, message: queue.Message) -> Iterator[None]:
+    """Keep the message invisible while working, refresh the health file, enforce JOB_TIMEOUT."""
+    settings = worker.settings
+    done = threading.Event()
+    interval = max(1.0, min(settings.visibility_timeout / 3, HEALTH_INTERVAL))
+    deadline = time.monotonic() + settings.job_timeout
+    context = structlog.contextvars.get_contextvars()
+
+    def beat() -> None:
+        with structlog.contextvars.bound_contextvars(**context):
+            while not done.wait(interval):
+                touch_health_file(settings.health_file)
+                if time.monotonic() > deadline:
+                    log.warning("request.timeout", job_timeout=settings.job_timeout)
+                    worker.abandon.set()
+                    return
+                try:
+                    queue.set_visibility(worker.clients.sqs, worker.source_url, message, settings.visibility_timeout)
+                    log.debug("request.visibility_extended", seconds=settings.visibility_timeout)
+                except Exception:
+                    log.warning("request.extend_failed", exc_info=True)
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        if not worker.stopping.is_set():
+            worker.abandon.clear()  # a JOB_TIMEOUT abandons one job, not the worker
