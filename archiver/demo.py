@@ -84,15 +84,19 @@ def create_resources(s3: S3Client, sqs: SQSClient) -> None:
     """The same buckets and queues as localstack-init/ready.d/init-resources.sh."""
     for bucket in (SOURCE_BUCKET, PARTNER_BUCKET, DESTINATION_BUCKET):
         s3.create_bucket(Bucket=bucket)
-    dlq_url = sqs.create_queue(
-        QueueName=DEAD_LETTER_QUEUE, Attributes={"MessageRetentionPeriod": "1209600"}
-    )["QueueUrl"]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    dlq_url = sqs.create_queue(QueueName=DEAD_LETTER_QUEUE, Attributes={"MessageRetentionPeriod": "1209600"})[
+        "QueueUrl"
+    ]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
     sqs.create_queue(
         QueueName=SOURCE_QUEUE,
         Attributes={
             "VisibilityTimeout": "120",
-            "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": MAX_RECEIVE_COUNT}),
+            "RedrivePolicy": json.dumps(
+                {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": MAX_RECEIVE_COUNT}
+            ),
         },
     )
     sqs.create_queue(QueueName=DESTINATION_QUEUE)
@@ -121,13 +125,20 @@ def png(width: int, height: int, seed: int) -> bytes:
     for y in range(height):
         rows.append(0)  # filter: none
         for x in range(width):
-            rows += bytes(((x * 255 // width + seed * 40) % 256, (y * 255 // height) % 256, (seed * 85) % 256))
+            rows += bytes(
+                ((x * 255 // width + seed * 40) % 256, (y * 255 // height) % 256, (seed * 85) % 256)
+            )
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(rows))) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(bytes(rows)))
+        + chunk(b"IEND", b"")
+    )
 
 
 SAMPLES: dict[tuple[str, str], bytes] = {

@@ -12,7 +12,10 @@ import structlog
 
 _SECRET_PATTERNS = (
     re.compile(r"(X-Amz-(?:Signature|Credential|Security-Token)=)[^&\s\"']+", re.IGNORECASE),
-    re.compile(r"((?:aws_secret_access_key|aws_session_token|SecretAccessKey|SessionToken)[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+", re.IGNORECASE),
+    re.compile(
+        r"((?:aws_secret_access_key|aws_session_token|SecretAccessKey|SessionToken)[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+",
+        re.IGNORECASE,
+    ),
 )
 
 
@@ -23,11 +26,20 @@ def scrub(text: str) -> str:
     return text
 
 
+_SECRET_KEYS = ("secret", "token", "password", "credential", "signature")
+
+
+def _scrub_item(key: object, value: Any) -> Any:
+    if isinstance(key, str) and any(word in key.lower() for word in _SECRET_KEYS):
+        return "REDACTED"
+    return _scrub_values(value)
+
+
 def _scrub_values(value: Any) -> Any:
     if isinstance(value, str):
         return scrub(value)
     if isinstance(value, dict):
-        return {k: _scrub_values(v) for k, v in value.items()}
+        return {k: _scrub_item(k, v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_scrub_values(v) for v in value]
     return value
@@ -36,7 +48,7 @@ def _scrub_values(value: Any) -> Any:
 def redact_secrets(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """A processor that runs last before rendering, so nothing an event carries escapes it."""
     for key, value in event_dict.items():
-        event_dict[key] = _scrub_values(value)
+        event_dict[key] = _scrub_item(key, value)
     return event_dict
 
 

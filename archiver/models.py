@@ -28,7 +28,9 @@ RequestId = Annotated[str, StringConstraints(pattern=REQUEST_ID_PATTERN)]
 
 def is_valid_request_id(value: object) -> bool:
     """A request id becomes a key segment, so `.` and `..` are refused as well as the pattern's misses."""
-    return isinstance(value, str) and re.fullmatch(REQUEST_ID_PATTERN, value) is not None and set(value) != {"."}
+    return (
+        isinstance(value, str) and re.fullmatch(REQUEST_ID_PATTERN, value) is not None and set(value) != {"."}
+    )
 
 
 class FileSpec(BaseModel):
@@ -273,9 +275,7 @@ def plan_archive(request: Request, *, settings: Settings, message_id: str) -> Ar
         request_id=request_id,
         bucket=settings.s3_destination_bucket,
         key=archive_key(settings.s3_file_prefix, request_id, name),
-        entries=tuple(
-            PlannedEntry(ref=ref, path=path) for ref, path in zip(refs, final_paths, strict=True)
-        ),
+        entries=tuple(PlannedEntry(ref=ref, path=path) for ref, path in zip(refs, final_paths, strict=True)),
         renamed=renamed,
     )
 

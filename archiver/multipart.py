@@ -66,7 +66,9 @@ def parts_of(chunks: Iterable[bytes], part_size: int, cancelled: Callable[[], bo
 
 
 @retry_transient
-def _upload_part(s3: S3Client, *, bucket: str, key: str, upload_id: str, number: int, body: bytes) -> CompletedPartTypeDef:
+def _upload_part(
+    s3: S3Client, *, bucket: str, key: str, upload_id: str, number: int, body: bytes
+) -> CompletedPartTypeDef:
     response = s3.upload_part(
         Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body, ChecksumAlgorithm="CRC32"
     )

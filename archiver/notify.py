@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_sqs import SQSClient
 
+
 def archive_url(presign: S3Client, settings: Settings, *, bucket: str, key: str) -> str:
     """`ARCHIVE_BASE_URL/<key>` (CloudFront) when set, else a presigned GET. A presigned URL also dies
     with the credentials that signed it: an ECS task role's last hours, not ARCHIVE_URL_EXPIRES."""

@@ -84,12 +84,12 @@ def head_sources(s3: S3Client, refs: Sequence[SourceRef], *, concurrency: int) -
 
 def _open(s3: S3Client, obj: SourceObject, start: int) -> Iterator[bytes]:
     try:
-        response = s3.get_object(
-            Bucket=obj.ref.bucket,
-            Key=obj.ref.key,
-            IfMatch=obj.etag,
-            **({"Range": f"bytes={start}-"} if start else {}),
-        )
+        if start:
+            response = s3.get_object(
+                Bucket=obj.ref.bucket, Key=obj.ref.key, IfMatch=obj.etag, Range=f"bytes={start}-"
+            )
+        else:
+            response = s3.get_object(Bucket=obj.ref.bucket, Key=obj.ref.key, IfMatch=obj.etag)
     except botocore.exceptions.ClientError as exc:
         if http_status(exc) in (404, 412) or error_code(exc) in ("NoSuchKey", "PreconditionFailed"):
             # Changed or deleted since its HEAD: this attempt cannot finish, but a redelivery that
@@ -100,7 +100,11 @@ def _open(s3: S3Client, obj: SourceObject, start: int) -> Iterator[bytes]:
 
 
 def read_source(
-    s3: S3Client, obj: SourceObject, *, max_resumes: int = MAX_RESUMES, on_resume: Callable[[], None] | None = None
+    s3: S3Client,
+    obj: SourceObject,
+    *,
+    max_resumes: int = MAX_RESUMES,
+    on_resume: Callable[[], None] | None = None,
 ) -> Iterator[bytes]:
     """Yield the object's bytes in 64 KiB chunks. The GET is sent on the first `next()`, not before, so an
     early-opened connection never idles; a body that breaks off is resumed from the byte it stopped at."""

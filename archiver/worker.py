@@ -48,7 +48,7 @@ MAX_POINTER_BYTES = 64 * 1024 * 1024  # an offloaded request of 50,000 files is 
 HEALTH_INTERVAL = 30  # seconds; `archiver check` allows a few of these
 
 
-class ForcedExit(BaseException):  # noqa: N818 - it is an exit, not an error
+class ForcedExit(BaseException):
     """A second signal: stop the job now, abort its upload, release its message."""
 
 
@@ -140,7 +140,8 @@ def touch_health_file(path: str) -> None:
 def handle(worker: Worker, message: queue.Message) -> None:
     """Work on one message and settle it: delete after success or a permanent failure, else release."""
     started = time.monotonic()
-    request_id, metadata = message.message_id, {}
+    request_id: str = message.message_id
+    metadata: dict[str, Any] = {}
     outcome: dict[str, Any] = {}
     with structlog.contextvars.bound_contextvars(message_id=message.message_id, request_id=request_id):
         try:
@@ -148,7 +149,9 @@ def handle(worker: Worker, message: queue.Message) -> None:
             salvaged_id, metadata = salvage_context(document)
             request_id = salvaged_id or message.message_id
             structlog.contextvars.bind_contextvars(request_id=request_id)
-            plan = plan_archive(parse_request(document), settings=worker.settings, message_id=message.message_id)
+            plan = plan_archive(
+                parse_request(document), settings=worker.settings, message_id=message.message_id
+            )
             structlog.contextvars.bind_contextvars(archive_key=plan.key)
             with _heartbeat(worker, message):
                 notification = build_archive(worker, plan)
@@ -165,7 +168,11 @@ def handle(worker: Worker, message: queue.Message) -> None:
             outcome = {"outcome": "failed", "error_code": exc.code, "error": exc.message}
             _fail_permanently(worker, message, request_id=request_id, metadata=metadata, error=exc)
         except (Exception, ForcedExit) as exc:
-            outcome = {"outcome": "released", "error_code": "internal", "error": f"{type(exc).__name__}: {exc}"}
+            outcome = {
+                "outcome": "released",
+                "error_code": "internal",
+                "error": f"{type(exc).__name__}: {exc}",
+            }
             _release(worker, message, request_id=request_id, metadata=metadata, error=exc)
             if isinstance(exc, ForcedExit):
                 raise
@@ -187,7 +194,9 @@ def load_document(worker: Worker, body: str) -> Any:
         return document
     bucket, key = pointer
     if bucket not in worker.settings.source_buckets:
-        raise PermanentError("forbidden_source", f"request pointer names bucket {bucket!r}, which is not allowed")
+        raise PermanentError(
+            "forbidden_source", f"request pointer names bucket {bucket!r}, which is not allowed"
+        )
     return decode_body(_read_pointer(worker, bucket, key))
 
 
@@ -197,9 +206,13 @@ def _read_pointer(worker: Worker, bucket: str, key: str) -> str:
     try:
         response = s3.get_object(Bucket=bucket, Key=key)
     except s3.exceptions.NoSuchKey:
-        raise PermanentError("invalid_request", f"request pointer s3://{bucket}/{key} does not exist") from None
+        raise PermanentError(
+            "invalid_request", f"request pointer s3://{bucket}/{key} does not exist"
+        ) from None
     if response["ContentLength"] > MAX_POINTER_BYTES:
-        raise PermanentError("too_large", f"request body in s3://{bucket}/{key} is over {MAX_POINTER_BYTES} bytes")
+        raise PermanentError(
+            "too_large", f"request body in s3://{bucket}/{key} is over {MAX_POINTER_BYTES} bytes"
+        )
     return response["Body"].read().decode("utf-8", errors="replace")
 
 
@@ -220,12 +233,15 @@ def build_archive(worker: Worker, plan: ArchivePlan) -> CompletedNotification:
     total = sum(entry.source.size for entry in entries)
     if total > settings.max_archive_bytes:
         raise PermanentError(
-            "too_large", f"the sources add up to {total} bytes; MAX_ARCHIVE_BYTES is {settings.max_archive_bytes}"
+            "too_large",
+            f"the sources add up to {total} bytes; MAX_ARCHIVE_BYTES is {settings.max_archive_bytes}",
         )
     archive_name = plan.key.rsplit("/", 1)[-1]
     uploaded = upload_stream(
         s3,
-        zip_chunks(entries, open_source=lambda obj: read_source(s3, obj), compression=plan.request.compression),
+        zip_chunks(
+            entries, open_source=lambda obj: read_source(s3, obj), compression=plan.request.compression
+        ),
         bucket=plan.bucket,
         key=plan.key,
         part_size=choose_part_size(archive_size_bound(entries), settings.part_size),
@@ -240,7 +256,9 @@ def build_archive(worker: Worker, plan: ArchivePlan) -> CompletedNotification:
         archive=ArchiveInfo(
             bucket=uploaded.bucket,
             key=uploaded.key,
-            url=notify.archive_url(worker.clients.presign, settings, bucket=uploaded.bucket, key=uploaded.key),
+            url=notify.archive_url(
+                worker.clients.presign, settings, bucket=uploaded.bucket, key=uploaded.key
+            ),
             size=uploaded.size,
             entries=len(entries),
         ),
@@ -251,7 +269,12 @@ def build_archive(worker: Worker, plan: ArchivePlan) -> CompletedNotification:
 
 
 def _fail_permanently(
-    worker: Worker, message: queue.Message, *, request_id: str, metadata: dict[str, Any], error: PermanentError
+    worker: Worker,
+    message: queue.Message,
+    *,
+    request_id: str,
+    metadata: dict[str, Any],
+    error: PermanentError,
 ) -> None:
     notification = notify.failed(
         request_id=request_id, code=error.code, message=error.message, retryable=False, metadata=metadata
@@ -263,7 +286,7 @@ def _fail_permanently(
 def release_delay(receive_count: int, visibility_timeout: int) -> int:
     """Seconds before a failed message is seen again: grows with each delivery, so a struggling
     dependency is not hammered, and never longer than a normal visibility timeout."""
-    return min(visibility_timeout, 2 ** min(receive_count, 12))
+    return min(visibility_timeout, 1 << min(receive_count, 12))
 
 
 def _release(
@@ -271,7 +294,9 @@ def _release(
 ) -> None:
     # Stopped by a shutdown: hand the message straight to another worker. A JOB_TIMEOUT is a failure
     # like any other, so it backs off and ends in the DLQ if it keeps happening.
-    abandoned = isinstance(error, ForcedExit) or (isinstance(error, JobAbandoned) and worker.stopping.is_set())
+    abandoned = isinstance(error, ForcedExit) or (
+        isinstance(error, JobAbandoned) and worker.stopping.is_set()
+    )
     if abandoned:
         log.warning("request.abandoned", reason=str(error) or type(error).__name__)
     else:
@@ -314,7 +339,9 @@ def _heartbeat(worker: Worker, message: queue.Message) -> Iterator[None]:
                     worker.abandon.set()
                     return
                 try:
-                    queue.set_visibility(worker.clients.sqs, worker.source_url, message, settings.visibility_timeout)
+                    queue.set_visibility(
+                        worker.clients.sqs, worker.source_url, message, settings.visibility_timeout
+                    )
                     log.debug("request.visibility_extended", seconds=settings.visibility_timeout)
                 except Exception:
                     log.warning("request.extend_failed", exc_info=True)

@@ -31,10 +31,12 @@ Compression = Literal["auto", "store", "deflate"]
 
 # Already-compressed formats: deflating them again costs CPU and saves nothing.
 COMPRESSED_EXTENSIONS = frozenset(
-    """
-    jpg jpeg png gif webp heic heif avif jxl tif tiff mp3 m4a aac ogg opus flac mp4 m4v mov avi mkv webm
-    zip gz tgz bz2 xz zst 7z rar lz4 br jar apk epub docx xlsx pptx odt ods odp pdf woff woff2
-    """.split()
+    {
+        *("jpg", "jpeg", "png", "gif", "webp", "heic", "heif", "avif", "jxl", "tif", "tiff"),
+        *("mp3", "m4a", "aac", "ogg", "opus", "flac", "mp4", "m4v", "mov", "avi", "mkv", "webm"),
+        *("zip", "gz", "tgz", "bz2", "xz", "zst", "7z", "rar", "lz4", "br", "jar", "apk"),
+        *("epub", "docx", "xlsx", "pptx", "odt", "ods", "odp", "pdf", "woff", "woff2"),
+    }
 )
 COMPRESSED_TYPE_PREFIXES = ("image/", "video/", "audio/")
 COMPRESSED_TYPES = frozenset(
@@ -64,7 +66,7 @@ def is_precompressed(path: str, content_type: str) -> bool:
     )
 
 
-class _StoredKnownCrc(Method):  # type: ignore[misc]
+class _StoredKnownCrc(Method):
     """STORED with size and CRC in the local header, choosing ZIP64 only when this entry needs it.
 
     stream-zip's own NO_COMPRESSION_32 would overflow mid-stream past 4 GiB, so the choice is made from
@@ -75,9 +77,7 @@ class _StoredKnownCrc(Method):  # type: ignore[misc]
         self._size, self._crc32, self._index = size, crc32, index
 
     def _get(self, offset: int, default_get_compressobj: Any) -> Any:
-        needs_zip64 = (
-            offset + self._size + ENTRY_OVERHEAD > ZIP32_LIMIT or self._index >= ZIP32_MAX_ENTRIES
-        )
+        needs_zip64 = offset + self._size + ENTRY_OVERHEAD > ZIP32_LIMIT or self._index >= ZIP32_MAX_ENTRIES
         chosen = (NO_COMPRESSION_64 if needs_zip64 else NO_COMPRESSION_32)(self._size, self._crc32)
         return chosen._get(offset, default_get_compressobj)
 

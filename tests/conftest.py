@@ -1,0 +1,164 @@
+"""Fixtures: a moto server over real HTTP on 127.0.0.1 for the session; fresh buckets and queues per test."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import structlog
+
+from archiver.aws import AwsClients, make_clients
+from archiver.settings import Settings, load_settings
+
+REGION = "us-east-1"
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """moto's server in a thread of the test process, reached by boto3 over HTTP like any S3/SQS."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_REGION": REGION,
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+    }
+    saved = {key: os.environ.get(key) for key in [*env, "AWS_SESSION_TOKEN", "AWS_PROFILE"]}
+    os.environ.update(env)
+    os.environ.pop("AWS_SESSION_TOKEN", None)
+    os.environ.pop("AWS_PROFILE", None)
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def aws(moto_endpoint: str) -> AwsClients:
+    return make_clients()
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """Tests that configure logging must not leak their configuration into the next test."""
+    yield
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One test's own buckets and queues, so tests never see each other's objects or messages."""
+
+    clients: AwsClients
+    source_bucket: str
+    other_bucket: str
+    destination_bucket: str
+    source_queue: str
+    source_url: str
+    destination_url: str
+    dlq_url: str
+    health_file: str
+
+    def settings(self, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "sqs_source_queue": self.source_queue,
+            "sqs_destination_queue": self.destination_url,
+            "s3_source_bucket": self.source_bucket,
+            "s3_destination_bucket": self.destination_bucket,
+            "allowed_source_buckets": f"{self.source_bucket},{self.other_bucket}",
+            "health_file": self.health_file,
+            "part_size": 5 * 1024 * 1024,
+            "visibility_timeout": 30,
+        }
+        values.update(overrides)
+        return load_settings(**values)
+
+    def put(self, key: str, body: bytes, *, bucket: str | None = None, **extra: Any) -> None:
+        self.clients.s3.put_object(Bucket=bucket or self.source_bucket, Key=key, Body=body, **extra)
+
+    def send(self, request: dict[str, Any] | str) -> str:
+        body = request if isinstance(request, str) else json.dumps(request)
+        return self.clients.sqs.send_message(QueueUrl=self.source_url, MessageBody=body)["MessageId"]
+
+    def notifications(self, expected: int, *, max_polls: int = 20) -> list[dict[str, Any]]:
+        """Receive (and delete) notifications until `expected` have arrived or the queue stays empty."""
+        sqs = self.clients.sqs
+        found: list[dict[str, Any]] = []
+        for _ in range(max_polls):
+            if len(found) >= expected:
+                break
+            response = sqs.receive_message(
+                QueueUrl=self.destination_url, MaxNumberOfMessages=10, WaitTimeSeconds=1
+            )
+            for message in response.get("Messages", []):
+                found.append(json.loads(message["Body"]))
+                sqs.delete_message(QueueUrl=self.destination_url, ReceiptHandle=message["ReceiptHandle"])
+        return found
+
+    def queue_depth(self, url: str | None = None) -> int:
+        attributes = self.clients.sqs.get_queue_attributes(
+            QueueUrl=url or self.source_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        return int(attributes["ApproximateNumberOfMessages"]) + int(
+            attributes["ApproximateNumberOfMessagesNotVisible"]
+        )
+
+    def archive_keys(self) -> list[str]:
+        listing = self.clients.s3.list_objects_v2(Bucket=self.destination_bucket)
+        return [item["Key"] for item in listing.get("Contents", [])]
+
+    def incomplete_uploads(self) -> list[str]:
+        listing = self.clients.s3.list_multipart_uploads(Bucket=self.destination_bucket)
+        return [upload["Key"] for upload in listing.get("Uploads", [])]
+
+    def download(self, key: str) -> bytes:
+        return self.clients.s3.get_object(Bucket=self.destination_bucket, Key=key)["Body"].read()
+
+
+@pytest.fixture
+def stack(aws: AwsClients, tmp_path: Any) -> Stack:
+    suffix = uuid.uuid4().hex[:10]
+    buckets = [f"src-{suffix}", f"other-{suffix}", f"zips-{suffix}"]
+    for bucket in buckets:
+        aws.s3.create_bucket(Bucket=bucket)
+    sqs = aws.sqs
+    dlq_url = sqs.create_queue(QueueName=f"requests-dlq-{suffix}")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    source_queue = f"requests-{suffix}"
+    source_url = sqs.create_queue(
+        QueueName=source_queue,
+        Attributes={
+            "VisibilityTimeout": "30",
+            "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 3}),
+        },
+    )["QueueUrl"]
+    destination_url = sqs.create_queue(QueueName=f"notifications-{suffix}")["QueueUrl"]
+    return Stack(
+        clients=aws,
+        source_bucket=buckets[0],
+        other_bucket=buckets[1],
+        destination_bucket=buckets[2],
+        source_queue=source_queue,
+        source_url=source_url,
+        destination_url=destination_url,
+        dlq_url=dlq_url,
+        health_file=str(tmp_path / "heartbeat"),
+    )

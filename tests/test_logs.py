@@ -1,0 +1,57 @@
+"""Logs: one JSON event per line, ids bound, and never a credential or a presigned signature."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import structlog
+
+from archiver.logs import configure_logging, scrub
+
+
+def test_json_lines_carry_bound_context() -> None:
+    """In production each event is one JSON line with the bound request, message and archive key."""
+    out = io.StringIO()
+    configure_logging(debug=False, dev_mode=False, stream=out)
+    with structlog.contextvars.bound_contextvars(
+        request_id="r-1", message_id="m-1", archive_key="download/r-1/a.zip"
+    ):
+        structlog.get_logger("t").info("request.done", size=3)
+    (line,) = out.getvalue().splitlines()
+    event = json.loads(line)
+    assert event["event"] == "request.done"
+    assert (event["request_id"], event["message_id"], event["archive_key"]) == (
+        "r-1",
+        "m-1",
+        "download/r-1/a.zip",
+    )
+    assert event["level"] == "info" and event["timestamp"].endswith("Z")
+
+
+def test_debug_events_only_with_app_debug() -> None:
+    """APP_DEBUG=0 drops debug events; APP_DEBUG=1 keeps them."""
+    out = io.StringIO()
+    configure_logging(debug=False, dev_mode=False, stream=out)
+    structlog.get_logger().debug("noise")
+    assert out.getvalue() == ""
+    configure_logging(debug=True, dev_mode=False, stream=out)
+    structlog.get_logger().debug("noise")
+    assert "noise" in out.getvalue()
+
+
+def test_signatures_and_secrets_are_scrubbed() -> None:
+    """Presigned URL signatures, credentials and session tokens never reach the log."""
+    url = (
+        "http://127.0.0.1/b/k.zip?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAEXAMPLE%2F20261121"
+        "&X-Amz-Signature=deadbeefcafe&X-Amz-Security-Token=FwoGZXIvYXdzEJr"
+    )
+    out = io.StringIO()
+    configure_logging(debug=False, dev_mode=False, stream=out)
+    structlog.get_logger().info(
+        "sent", url=url, nested={"aws_secret_access_key": "wJalrXUtnFEMI"}, items=[url]
+    )
+    text = out.getvalue()
+    for secret in ("deadbeefcafe", "AKIAEXAMPLE", "FwoGZXIvYXdzEJr", "wJalrXUtnFEMI"):
+        assert secret not in text
+    assert "X-Amz-Signature=REDACTED" in scrub(url)

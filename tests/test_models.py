@@ -1,0 +1,212 @@
+"""Request parsing and planning (contract §1): typed, strict, and every rejection says why."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from archiver.errors import PermanentError
+from archiver.models import (
+    Request,
+    decode_body,
+    extended_client_pointer,
+    json_schemas,
+    parse_request,
+    plan_archive,
+    salvage_context,
+)
+from archiver.settings import Settings, load_settings
+
+CONTRACT_EXAMPLE = {
+    "files": [
+        {"source": "example-directory/uuid1.png", "destination": "album_1"},
+        {"source": "s3://foobar/example-directory/uuid2.png", "destination": "album_1"},
+        {"source": "example-directory/uuid3.png", "destination": "album_2", "name": "cover.png"},
+        {"source": "example-directory/readme.txt"},
+    ],
+    "metadata": {"user_email": "someone@example.com"},
+}
+
+
+@pytest.fixture
+def settings_() -> Settings:
+    return load_settings(
+        sqs_source_queue="in",
+        sqs_destination_queue="out",
+        s3_source_bucket="source-images",
+        s3_destination_bucket="zip-storage",
+        allowed_source_buckets="foobar",
+        max_files=10,
+    )
+
+
+def plan(document: Any, settings_: Settings) -> Any:
+    return plan_archive(parse_request(document), settings=settings_, message_id="msg-1")
+
+
+def test_contract_example_plans_the_documented_paths(settings_: Settings) -> None:
+    """The contract's example request yields the entry paths, buckets and key the contract describes."""
+    result = plan(CONTRACT_EXAMPLE, settings_)
+    assert [e.path for e in result.entries] == [
+        "album_1/uuid1.png",
+        "album_1/uuid2.png",
+        "album_2/cover.png",
+        "readme.txt",
+    ]
+    assert [e.ref.bucket for e in result.entries] == [
+        "source-images",
+        "foobar",
+        "source-images",
+        "source-images",
+    ]
+    assert result.entries[1].ref.key == "example-directory/uuid2.png"
+    assert result.request_id == "msg-1"
+    assert result.key == "download/msg-1/msg-1.zip"
+    assert result.bucket == "zip-storage"
+
+
+def test_request_id_and_archive_name_fix_the_key(settings_: Settings) -> None:
+    """`request_id` and `archive_name` replace the MessageId defaults in the archive key."""
+    document = {**CONTRACT_EXAMPLE, "request_id": "order-42", "archive_name": "photos.zip"}
+    assert plan(document, settings_).key == "download/order-42/photos.zip"
+
+
+@pytest.mark.parametrize(
+    ("document", "reason"),
+    [
+        ({"file": [{"source": "a"}]}, "file: Extra inputs are not permitted"),
+        ({"files": []}, "files: List should have at least 1 item"),
+        ({"files": [{"source": ""}]}, "files.0.source"),
+        ({"files": [{"source": "a", "dest": "x"}]}, "files.0.dest"),
+        ({"files": "a.png"}, "files"),
+        ({"files": [{"source": "a"}], "on_missing": "ignore"}, "on_missing"),
+        ({"files": [{"source": "a"}], "compression": "zstd"}, "compression"),
+        ({"files": [{"source": "a"}], "request_id": "../x"}, "request_id"),
+        ({"files": [{"source": "a"}], "request_id": ".."}, "request_id"),
+        ({"files": [{"source": "a"}], "archive_name": "a/b.zip"}, "archive_name"),
+        ({"files": [{"source": "a"}], "metadata": [1, 2]}, "metadata"),
+    ],
+)
+def test_schema_violations_name_the_field(document: dict[str, Any], reason: str) -> None:
+    """Each schema violation is a permanent invalid_request whose message names the offending field."""
+    with pytest.raises(PermanentError) as caught:
+        parse_request(document)
+    assert caught.value.code == "invalid_request"
+    assert reason in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("files", "code", "reason"),
+    [
+        ([{"source": "a.png", "destination": "../up"}], "invalid_request", "'..'"),
+        ([{"source": "a.png", "destination": "/abs"}], "invalid_request", "absolute"),
+        ([{"source": "a.png", "name": "..\\evil.png"}], "invalid_request", "backslash"),
+        ([{"source": "dir/"}], "invalid_request", "non-empty"),
+        ([{"source": "s3://elsewhere/a.png"}], "forbidden_source", "'elsewhere'"),
+        ([{"source": "s3://foobar"}], "invalid_request", "s3://bucket/key"),
+        ([{"source": f"k{i}"} for i in range(11)], "too_large", "MAX_FILES"),
+    ],
+)
+def test_planning_rejects_unsafe_or_forbidden(
+    settings_: Settings, files: list[Any], code: str, reason: str
+) -> None:
+    """Unsafe names, forbidden buckets and too many files fail permanently, naming the entry."""
+    with pytest.raises(PermanentError) as caught:
+        plan({"files": files}, settings_)
+    assert caught.value.code == code
+    assert reason in caught.value.message
+
+
+def test_duplicate_names_are_renamed_and_reported(settings_: Settings) -> None:
+    """Two sources landing on the same path get `photo (1).jpg` and appear in `renamed`."""
+    result = plan({"files": [{"source": "a/photo.jpg"}, {"source": "b/PHOTO.jpg"}]}, settings_)
+    assert [e.path for e in result.entries] == ["photo.jpg", "PHOTO (1).jpg"]
+    assert [(r.source, r.name) for r in result.renamed] == [("b/PHOTO.jpg", "PHOTO (1).jpg")]
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["", "not json", "{", '{"files": [}', '{"files": 1, "files": 2}', "[" * 100_000 + "]" * 100_000],
+)
+def test_undecodable_bodies_are_invalid_requests(body: str) -> None:
+    """Bad JSON, duplicate keys and absurd nesting are permanent invalid_request errors, not crashes."""
+    with pytest.raises(PermanentError) as caught:
+        parse_request(decode_body(body))
+    assert caught.value.code == "invalid_request"
+
+
+def test_extended_client_pointer_is_recognised() -> None:
+    """The AWS extended client's pointer body is detected; a malformed one is rejected."""
+    pointer = ["software.amazon.payloadoffloading.PayloadS3Pointer", {"s3BucketName": "b", "s3Key": "k"}]
+    assert extended_client_pointer(pointer) == ("b", "k")
+    assert extended_client_pointer({"files": []}) is None
+    with pytest.raises(PermanentError):
+        extended_client_pointer(["software.amazon.payloadoffloading.PayloadS3Pointer", {"s3Key": "k"}])
+
+
+def test_salvage_keeps_usable_request_id_and_metadata() -> None:
+    """A failed body's own request_id and metadata still reach its failure notification when valid."""
+    assert salvage_context({"request_id": "r-1", "metadata": {"a": 1}, "file": []}) == ("r-1", {"a": 1})
+    assert salvage_context({"request_id": "../x", "metadata": "nope"}) == (None, {})
+    assert salvage_context([1, 2]) == (None, {})
+
+
+def test_schema_validates_the_contract_example() -> None:
+    """`archiver schema` describes the request the contract documents, with unknown fields forbidden."""
+    schema = json_schemas()["request"]
+    assert schema["additionalProperties"] is False
+    assert set(CONTRACT_EXAMPLE) <= set(schema["properties"])
+    assert Request.model_validate(CONTRACT_EXAMPLE).files[2].name == "cover.png"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+hostile_files = st.lists(
+    st.fixed_dictionaries(
+        {"source": st.text(max_size=40) | st.just("s3://source-images/../../x") | st.just("s3://evil/a")},
+        optional={
+            "destination": st.text(max_size=30) | st.sampled_from(["..", "/", "a/../..", "C:\\", "\x00"]),
+            "name": st.text(max_size=30) | st.sampled_from(["..", ".", "a\\b", "ｆｉｌｅ", "e\u0301"]),
+        },
+    ),
+    max_size=6,
+)
+hostile_documents = (
+    json_values
+    | st.fixed_dictionaries(
+        {"files": hostile_files}, optional={"metadata": json_values, "request_id": json_values}
+    )
+    | st.dictionaries(
+        st.sampled_from(["files", "Files", "FILES", "metadata", "ﬁles"]), json_values, max_size=3
+    )
+)
+
+
+@settings(max_examples=300)
+@given(hostile_documents)
+def test_any_document_plans_safely_or_fails_permanently(document: Any) -> None:
+    """Whatever a producer sends, planning ends in a safe plan under the prefix or a PermanentError."""
+    configured = load_settings(
+        sqs_source_queue="in", sqs_destination_queue="out", s3_source_bucket="source-images",
+        s3_destination_bucket="zip-storage",
+    )  # fmt: skip
+    try:
+        body = json.dumps(document)
+        result = plan_archive(parse_request(decode_body(body)), settings=configured, message_id="m")
+    except PermanentError as exc:
+        assert exc.code in {"invalid_request", "forbidden_source", "too_large"}
+        assert exc.message
+        return
+    assert result.key.startswith("download/")
+    assert ".." not in result.key.split("/")
+    assert all(e.ref.bucket == "source-images" for e in result.entries)
+    assert all(".." not in e.path.split("/") and not e.path.startswith("/") for e in result.entries)

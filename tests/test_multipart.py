@@ -1,0 +1,94 @@
+"""The multipart sink: parts sized within S3's limits, and an upload that completes or leaves nothing."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from archiver.errors import JobAbandoned, PermanentError
+from archiver.multipart import MAX_PARTS, choose_part_size, parts_of, upload_stream
+from archiver.settings import MiB
+from tests.conftest import Stack
+
+
+def test_part_size_grows_to_stay_under_10000_parts() -> None:
+    """16 MiB parts cap an archive near 156 GiB; bigger archives get bigger (whole-MiB) parts."""
+    assert choose_part_size(1024, 16 * MiB) == 16 * MiB
+    big = 1024 * 1024 * MiB  # 1 TiB
+    size = choose_part_size(big, 16 * MiB)
+    assert size % MiB == 0 and size * MAX_PARTS >= big and size > 16 * MiB
+    with pytest.raises(PermanentError):
+        choose_part_size(60 * 1024**4, 16 * MiB)  # more than 5 GiB x 10,000 parts
+
+
+def test_parts_are_exactly_part_size_except_the_last() -> None:
+    """Chunks of any size regroup into equal parts; nothing is lost or reordered."""
+    chunks = [os.urandom(n) for n in (10, 7000, 3, 65536, 1, 40000)]
+    parts = list(parts_of(iter(chunks), 4096, lambda: False))
+    assert b"".join(parts) == b"".join(chunks)
+    assert all(len(p) == 4096 for p in parts[:-1]) and 0 < len(parts[-1]) <= 4096
+
+
+def test_upload_completes_with_parts_in_order(stack: Stack) -> None:
+    """Bytes uploaded concurrently in 5 MiB parts come back identical and whole."""
+    body = os.urandom(5 * MiB * 3 + 12345)
+    chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))
+    result = upload_stream(
+        stack.clients.s3,
+        chunks,
+        bucket=stack.destination_bucket,
+        key="whole.zip",
+        part_size=5 * MiB,
+        concurrency=3,
+        metadata={"request-id": "r"},
+    )
+    assert result.parts == 4 and result.size == len(body)
+    assert stack.download("whole.zip") == body
+    assert stack.incomplete_uploads() == []
+
+
+def failing_after(nbytes: int) -> Iterator[bytes]:
+    yield os.urandom(nbytes)
+    raise ConnectionResetError("the source broke off")
+
+
+def test_failure_part_way_aborts_the_upload(stack: Stack) -> None:
+    """A stream that fails after parts were uploaded leaves no object and no incomplete upload."""
+    with pytest.raises(ConnectionResetError):
+        upload_stream(
+            stack.clients.s3,
+            failing_after(11 * MiB),
+            bucket=stack.destination_bucket,
+            key="broken.zip",
+            part_size=5 * MiB,
+            concurrency=2,
+            metadata={},
+        )
+    assert stack.archive_keys() == []
+    assert stack.incomplete_uploads() == []
+
+
+def test_cancelled_job_aborts_the_upload(stack: Stack) -> None:
+    """A job stopped from outside (shutdown, JOB_TIMEOUT) aborts its upload between chunks."""
+    seen = []
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(200):
+            seen.append(1)
+            yield b"x" * 65536
+
+    with pytest.raises(JobAbandoned):
+        upload_stream(
+            stack.clients.s3,
+            chunks(),
+            bucket=stack.destination_bucket,
+            key="cancelled.zip",
+            part_size=5 * MiB,
+            concurrency=2,
+            metadata={},
+            cancelled=lambda: len(seen) > 100,
+        )
+    assert stack.archive_keys() == []
+    assert stack.incomplete_uploads() == []
