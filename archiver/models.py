@@ -69,6 +69,8 @@ class Request(BaseModel):
             return None
         if "/" in value:
             raise ValueError("must be a file name, not a path")
+        if value.casefold() == "status.json":
+            raise ValueError("'status.json' is reserved for the request's status document")
         try:
             return check_entry_path(value)
         except UnsafeNameError as exc:

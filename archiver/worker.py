@@ -12,18 +12,20 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
 from urllib.parse import quote
 
+import botocore.exceptions
 import structlog
+from pydantic import ValidationError
 
-from archiver import notify, queue
+from archiver import notify, queue, status
 from archiver.aws import AwsClients, make_clients, retry_transient
-from archiver.errors import ArchiverError, JobAbandoned, PermanentError
+from archiver.errors import ArchiverError, JobAbandoned, PermanentError, TransientError
 from archiver.models import (
     ArchiveInfo,
     ArchivePlan,
@@ -34,10 +36,11 @@ from archiver.models import (
     parse_request,
     plan_archive,
     salvage_context,
+    utc_timestamp,
 )
 from archiver.multipart import choose_part_size, upload_stream
 from archiver.settings import Settings
-from archiver.sources import head_sources, read_source
+from archiver.sources import SourceObject, head_sources, read_source
 from archiver.zipping import ZipEntry, archive_size_bound, zip_chunks
 
 log = structlog.get_logger(__name__)
@@ -46,6 +49,7 @@ HEAD_CONCURRENCY = 8
 BURST_WAIT_SECONDS = 1
 MAX_POINTER_BYTES = 64 * 1024 * 1024  # an offloaded request of 50,000 files is a few MiB
 HEALTH_INTERVAL = 30  # seconds; `archiver check` allows a few of these
+STATUS_INTERVAL = 5  # seconds between progress updates of the status document
 
 
 class ForcedExit(BaseException):
@@ -137,11 +141,16 @@ def touch_health_file(path: str) -> None:
 # ------------------------------------------------------------------------------------------- one message
 
 
+class RequestBusy(TransientError):
+    """Another live worker holds this request_id's lease; try again after it has finished."""
+
+
 def handle(worker: Worker, message: queue.Message) -> None:
     """Work on one message and settle it: delete after success or a permanent failure, else release."""
     started = time.monotonic()
     request_id: str = message.message_id
     metadata: dict[str, Any] = {}
+    plan: ArchivePlan | None = None
     outcome: dict[str, Any] = {}
     with structlog.contextvars.bound_contextvars(message_id=message.message_id, request_id=request_id):
         try:
@@ -153,19 +162,13 @@ def handle(worker: Worker, message: queue.Message) -> None:
                 parse_request(document), settings=worker.settings, message_id=message.message_id
             )
             structlog.contextvars.bind_contextvars(archive_key=plan.key)
-            with _heartbeat(worker, message):
-                notification = build_archive(worker, plan)
+            notification, outcome = _archive_once(worker, message, plan)
             notify.send_notification(worker.clients.sqs, worker.destination_url, notification)
             queue.delete(worker.clients.sqs, worker.source_url, message)
-            outcome = {
-                "outcome": "completed",
-                "size": notification.archive.size,
-                "entries": notification.archive.entries,
-                "skipped": len(notification.skipped),
-                "renamed": len(notification.renamed),
-            }
         except PermanentError as exc:
             outcome = {"outcome": "failed", "error_code": exc.code, "error": exc.message}
+            if plan is not None:
+                _record_status(worker, plan, "failed", error={"code": exc.code, "message": exc.message})
             _fail_permanently(worker, message, request_id=request_id, metadata=metadata, error=exc)
         except (Exception, ForcedExit) as exc:
             outcome = {
@@ -173,6 +176,9 @@ def handle(worker: Worker, message: queue.Message) -> None:
                 "error_code": "internal",
                 "error": f"{type(exc).__name__}: {exc}",
             }
+            if plan is not None and not isinstance(exc, RequestBusy):
+                # Back in the queue: a redelivery may take it at once, without waiting for a lease to expire.
+                _record_status(worker, plan, "queued", error={"code": "internal", "message": str(exc)[:500]})
             _release(worker, message, request_id=request_id, metadata=metadata, error=exc)
             if isinstance(exc, ForcedExit):
                 raise
@@ -184,6 +190,86 @@ def handle(worker: Worker, message: queue.Message) -> None:
                 duration_s=round(time.monotonic() - started, 3),
                 **outcome,
             )
+
+
+def _archive_once(
+    worker: Worker, message: queue.Message, plan: ArchivePlan
+) -> tuple[CompletedNotification, dict[str, Any]]:
+    """Build the archive unless this request_id is already done (re-send its notification) or being
+    built by another live worker (release and come back later)."""
+    s3 = worker.clients.s3
+    previous = status.read_status(s3, bucket=plan.bucket, archive_key=plan.key)
+    if previous is not None and previous.get("status") == "completed":
+        notification = _previous_notification(worker, plan, previous)
+        if notification is not None:
+            return notification, {"outcome": "duplicate", "size": notification.archive.size}
+    if status.held_by_another_worker(previous, lease_seconds=worker.settings.visibility_timeout):
+        raise RequestBusy(
+            f"request {plan.request_id} is being archived by {previous and previous.get('worker')}"
+        )
+    aborted = status.abort_stale_uploads(s3, bucket=plan.bucket, key=plan.key)
+    if aborted:
+        log.info("request.stale_uploads_aborted", count=aborted)
+    progress = status.Progress(files_total=len(plan.entries))
+    _record_status(worker, plan, "processing", progress=progress)
+    with _heartbeat(
+        worker, message, on_tick=lambda: _record_status(worker, plan, "processing", progress=progress)
+    ):
+        notification = build_archive(worker, plan, progress)
+    _record_status(
+        worker, plan, "completed", progress=progress, notification=notification.model_dump(mode="json")
+    )
+    return notification, {
+        "outcome": "completed",
+        "size": notification.archive.size,
+        "entries": notification.archive.entries,
+        "skipped": len(notification.skipped),
+        "renamed": len(notification.renamed),
+    }
+
+
+def _previous_notification(
+    worker: Worker, plan: ArchivePlan, document: dict[str, Any]
+) -> CompletedNotification | None:
+    """The stored notification of a completed request with a fresh link, if its archive still exists."""
+    try:
+        stored = CompletedNotification.model_validate(document.get("notification"))
+        head = worker.clients.s3.head_object(Bucket=plan.bucket, Key=stored.archive.key)
+    except (ValidationError, botocore.exceptions.ClientError):
+        return None  # no usable record or the archive expired: build it again
+    if head.get("Metadata", {}).get("request-id") != plan.request_id:
+        return None
+    url = notify.archive_url(
+        worker.clients.presign, worker.settings, bucket=plan.bucket, key=stored.archive.key
+    )
+    return stored.model_copy(
+        update={"archive": stored.archive.model_copy(update={"url": url}), "created_at": utc_timestamp()}
+    )
+
+
+def _record_status(
+    worker: Worker,
+    plan: ArchivePlan,
+    state: status.Status,
+    *,
+    progress: status.Progress | None = None,
+    error: dict[str, Any] | None = None,
+    notification: dict[str, Any] | None = None,
+) -> None:
+    """Best effort: a status document that could not be written never fails the request."""
+    try:
+        status.write_status(
+            worker.clients.s3,
+            bucket=plan.bucket,
+            archive_key=plan.key,
+            request_id=plan.request_id,
+            status=state,
+            progress=progress or status.Progress(files_total=len(plan.entries)),
+            error=error,
+            notification=notification,
+        )
+    except Exception:
+        log.warning("status.write_failed", state=state, exc_info=True)
 
 
 def load_document(worker: Worker, body: str) -> Any:
@@ -216,7 +302,7 @@ def _read_pointer(worker: Worker, bucket: str, key: str) -> str:
     return response["Body"].read().decode("utf-8", errors="replace")
 
 
-def build_archive(worker: Worker, plan: ArchivePlan) -> CompletedNotification:
+def build_archive(worker: Worker, plan: ArchivePlan, progress: status.Progress) -> CompletedNotification:
     settings, s3 = worker.settings, worker.clients.s3
     objects = head_sources(s3, [entry.ref for entry in plan.entries], concurrency=HEAD_CONCURRENCY)
     missing = [entry.ref.source for entry, obj in zip(plan.entries, objects, strict=True) if obj is None]
@@ -236,12 +322,18 @@ def build_archive(worker: Worker, plan: ArchivePlan) -> CompletedNotification:
             "too_large",
             f"the sources add up to {total} bytes; MAX_ARCHIVE_BYTES is {settings.max_archive_bytes}",
         )
+    progress.files_total, progress.bytes_total = len(entries), total
+
+    def counted(obj: SourceObject) -> Iterator[bytes]:
+        for chunk in read_source(s3, obj):
+            progress.bytes_done += len(chunk)
+            yield chunk
+        progress.files_done += 1
+
     archive_name = plan.key.rsplit("/", 1)[-1]
     uploaded = upload_stream(
         s3,
-        zip_chunks(
-            entries, open_source=lambda obj: read_source(s3, obj), compression=plan.request.compression
-        ),
+        zip_chunks(entries, open_source=counted, compression=plan.request.compression),
         bucket=plan.bucket,
         key=plan.key,
         part_size=choose_part_size(archive_size_bound(entries), settings.part_size),
@@ -297,12 +389,13 @@ def _release(
     abandoned = isinstance(error, ForcedExit) or (
         isinstance(error, JobAbandoned) and worker.stopping.is_set()
     )
-    if abandoned:
-        log.warning("request.abandoned", reason=str(error) or type(error).__name__)
+    busy = isinstance(error, RequestBusy)
+    if abandoned or busy:
+        log.warning("request.released", reason=str(error) or type(error).__name__)
     else:
         log.error("request.error", exc_info=error)
     last = worker.max_receive_count is not None and message.receive_count >= worker.max_receive_count
-    if last and not abandoned:
+    if last and not abandoned and not busy:
         code = error.code if isinstance(error, ArchiverError) else "internal"
         notification = notify.failed(
             request_id=request_id,
@@ -313,7 +406,12 @@ def _release(
         )
         with contextlib.suppress(Exception):
             notify.send_notification(worker.clients.sqs, worker.destination_url, notification)
-    delay = 0 if abandoned else release_delay(message.receive_count, worker.settings.visibility_timeout)
+    if abandoned:
+        delay = 0
+    elif busy:
+        delay = worker.settings.visibility_timeout  # about when the other worker's lease would lapse
+    else:
+        delay = release_delay(message.receive_count, worker.settings.visibility_timeout)
     try:
         queue.set_visibility(worker.clients.sqs, worker.source_url, message, delay)
     except Exception:
@@ -322,29 +420,36 @@ def _release(
 
 
 @contextlib.contextmanager
-def _heartbeat(worker: Worker, message: queue.Message) -> Iterator[None]:
-    """Keep the message invisible while working, refresh the health file, enforce JOB_TIMEOUT."""
+def _heartbeat(worker: Worker, message: queue.Message, *, on_tick: Callable[[], None]) -> Iterator[None]:
+    """While a job runs: keep its message invisible, refresh the health file, report progress through
+    `on_tick` every few seconds, and abandon the job at JOB_TIMEOUT."""
     settings = worker.settings
     done = threading.Event()
-    interval = max(1.0, min(settings.visibility_timeout / 3, HEALTH_INTERVAL))
+    extend_every = max(1.0, min(settings.visibility_timeout / 3, HEALTH_INTERVAL))
+    tick = min(extend_every, STATUS_INTERVAL)
     deadline = time.monotonic() + settings.job_timeout
     context = structlog.contextvars.get_contextvars()
 
     def beat() -> None:
+        next_extension = time.monotonic() + extend_every
         with structlog.contextvars.bound_contextvars(**context):
-            while not done.wait(interval):
+            while not done.wait(tick):
                 touch_health_file(settings.health_file)
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     log.warning("request.timeout", job_timeout=settings.job_timeout)
                     worker.abandon.set()
                     return
-                try:
-                    queue.set_visibility(
-                        worker.clients.sqs, worker.source_url, message, settings.visibility_timeout
-                    )
-                    log.debug("request.visibility_extended", seconds=settings.visibility_timeout)
-                except Exception:
-                    log.warning("request.extend_failed", exc_info=True)
+                on_tick()
+                if now >= next_extension:
+                    next_extension = now + extend_every
+                    try:
+                        queue.set_visibility(
+                            worker.clients.sqs, worker.source_url, message, settings.visibility_timeout
+                        )
+                        log.debug("request.visibility_extended", seconds=settings.visibility_timeout)
+                    except Exception:
+                        log.warning("request.extend_failed", exc_info=True)
 
     thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
     thread.start()

@@ -120,8 +120,15 @@ class Stack:
         )
 
     def archive_keys(self) -> list[str]:
+        """Keys of the archives in the destination bucket (status documents left out)."""
         listing = self.clients.s3.list_objects_v2(Bucket=self.destination_bucket)
-        return [item["Key"] for item in listing.get("Contents", [])]
+        return [
+            item["Key"] for item in listing.get("Contents", []) if not item["Key"].endswith("/status.json")
+        ]
+
+    def status(self, request_id: str, prefix: str = "download") -> dict[str, Any]:
+        key = f"{prefix}/{request_id}/status.json"
+        return json.loads(self.download(key))
 
     def incomplete_uploads(self) -> list[str]:
         listing = self.clients.s3.list_multipart_uploads(Bucket=self.destination_bucket)
