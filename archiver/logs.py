@@ -70,5 +70,20 @@ def configure_logging(*, debug: bool, dev_mode: bool, stream: Any = None) -> Non
         logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
-    # botocore and urllib3 log through the standard library; keep them quiet unless debugging.
-    logging.basicConfig(level=logging.WARNING if not debug else logging.DEBUG, stream=stream or sys.stderr)
+    # botocore, urllib3 and moto log through the standard library: render their records the same way and
+    # scrub them too. They stay at WARNING even with APP_DEBUG, since botocore's debug output prints
+    # request signatures.
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processor=renderer,
+            foreign_pre_chain=[
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                redact_secrets,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.WARNING)

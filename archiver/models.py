@@ -21,6 +21,22 @@ from archiver.settings import Settings
 
 EXTENDED_CLIENT_POINTER = "software.amazon.payloadoffloading.PayloadS3Pointer"
 MAX_KEY_BYTES = 1024
+# Echoed metadata must serialise again into the notification; pydantic and json stop at some depth.
+MAX_METADATA_DEPTH = 32
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of a decoded JSON value, without recursion (the value may be hostile)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
+
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 RequestId = Annotated[str, StringConstraints(pattern=REQUEST_ID_PATTERN)]
@@ -54,6 +70,13 @@ class Request(BaseModel):
     archive_name: str | None = Field(default=None, description="default <request_id>.zip")
     on_missing: Literal["fail", "skip"] = "fail"
     compression: Literal["auto", "store", "deflate"] = "auto"
+
+    @field_validator("metadata")
+    @classmethod
+    def _shallow(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if json_depth(value) > MAX_METADATA_DEPTH:
+            raise ValueError(f"must not nest deeper than {MAX_METADATA_DEPTH} levels")
+        return value
 
     @field_validator("request_id")
     @classmethod
@@ -192,7 +215,7 @@ def salvage_context(document: Any) -> tuple[str | None, dict[str, Any]]:
     metadata = document.get("metadata")
     return (
         request_id if is_valid_request_id(request_id) else None,
-        metadata if isinstance(metadata, dict) else {},
+        metadata if isinstance(metadata, dict) and json_depth(metadata) <= MAX_METADATA_DEPTH else {},
     )
 
 
@@ -272,11 +295,14 @@ def plan_archive(request: Request, *, settings: Settings, message_id: str) -> Ar
     )
     request_id = request.request_id or message_id
     name = request.archive_name or f"{request_id}.zip"
+    key = archive_key(settings.s3_file_prefix, request_id, name)
+    if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        raise PermanentError("invalid_request", f"the archive key would be over S3's {MAX_KEY_BYTES} bytes")
     return ArchivePlan(
         request=request,
         request_id=request_id,
         bucket=settings.s3_destination_bucket,
-        key=archive_key(settings.s3_file_prefix, request_id, name),
+        key=key,
         entries=tuple(PlannedEntry(ref=ref, path=path) for ref, path in zip(refs, final_paths, strict=True)),
         renamed=renamed,
     )

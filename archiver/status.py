@@ -86,7 +86,8 @@ def read_status(s3: S3Client, *, bucket: str, archive_key: str) -> dict[str, Any
     try:
         body = s3.get_object(Bucket=bucket, Key=status_key(archive_key))["Body"].read()
     except botocore.exceptions.ClientError as exc:
-        if http_status(exc) == 404:
+        # 403 is what S3 says for a missing key when the role may not list the bucket.
+        if http_status(exc) in (403, 404):
             return None
         raise
     try:

@@ -24,7 +24,7 @@ import structlog
 from pydantic import ValidationError
 
 from archiver import notify, queue, status
-from archiver.aws import AwsClients, make_clients, retry_transient
+from archiver.aws import AwsClients, http_status, make_clients, retry_transient
 from archiver.errors import ArchiverError, JobAbandoned, PermanentError, TransientError
 from archiver.models import (
     ArchiveInfo,
@@ -56,6 +56,10 @@ class ForcedExit(BaseException):
     """A second signal: stop the job now, abort its upload, release its message."""
 
 
+class StopPolling(BaseException):
+    """A stop signal arrived while the worker was idle in a long poll."""
+
+
 @dataclass
 class Worker:
     """Everything a worker needs, built once at start-up."""
@@ -68,6 +72,7 @@ class Worker:
     stopping: threading.Event = field(default_factory=threading.Event)
     abandon: threading.Event = field(default_factory=threading.Event)
     signals: int = 0
+    polling: bool = False
 
 
 def connect(settings: Settings, clients: AwsClients | None = None) -> Worker:
@@ -90,23 +95,41 @@ def connect(settings: Settings, clients: AwsClients | None = None) -> Worker:
 
 def run(worker: Worker, *, burst: bool = False) -> int:
     """Poll until stopped (or, in burst mode, until the queue is empty). Returns the exit status."""
+    status = 0
     with _signal_handlers(worker):
         log.info("worker.started", source_queue=worker.source_url, burst=burst)
-        while not worker.stopping.is_set():
-            touch_health_file(worker.settings.health_file)
-            message = queue.receive(
-                worker.clients.sqs,
-                worker.source_url,
-                wait_seconds=BURST_WAIT_SECONDS if burst else queue.LONG_POLL_SECONDS,
-                visibility_timeout=worker.settings.visibility_timeout,
-            )
-            if message is None:
-                if burst:
+        try:
+            while not worker.stopping.is_set():
+                touch_health_file(worker.settings.health_file)
+                message = _poll(worker, burst=burst)
+                if message is None:
+                    if burst:
+                        break
+                    continue
+                if worker.stopping.is_set():
+                    # Received as the stop signal came: hand it straight back rather than start it.
+                    queue.set_visibility(worker.clients.sqs, worker.source_url, message, 0)
                     break
-                continue
-            handle(worker, message)
-        log.info("worker.stopped", signals=worker.signals)
-    return 0
+                handle(worker, message)
+        except StopPolling:
+            pass
+        except ForcedExit:
+            status = 1
+        log.info("worker.stopped", signals=worker.signals, status=status)
+    return status
+
+
+def _poll(worker: Worker, *, burst: bool) -> queue.Message | None:
+    worker.polling = True
+    try:
+        return queue.receive(
+            worker.clients.sqs,
+            worker.source_url,
+            wait_seconds=BURST_WAIT_SECONDS if burst else queue.LONG_POLL_SECONDS,
+            visibility_timeout=worker.settings.visibility_timeout,
+        )
+    finally:
+        worker.polling = False
 
 
 @contextlib.contextmanager
@@ -124,6 +147,8 @@ def _signal_handlers(worker: Worker) -> Iterator[None]:
         timer = threading.Timer(worker.settings.shutdown_grace, worker.abandon.set)
         timer.daemon = True
         timer.start()
+        if worker.polling:
+            raise StopPolling  # idle in a 20 s long poll: leave it now, no message is in hand
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -169,14 +194,22 @@ def handle(worker: Worker, message: queue.Message) -> None:
             outcome = {"outcome": "failed", "error_code": exc.code, "error": exc.message}
             if plan is not None:
                 _record_status(worker, plan, "failed", error={"code": exc.code, "message": exc.message})
-            _fail_permanently(worker, message, request_id=request_id, metadata=metadata, error=exc)
+            try:
+                _fail_permanently(worker, message, request_id=request_id, metadata=metadata, error=exc)
+            except Exception as settle_error:
+                # The notification or delete failed: the message comes back and fails the same way then.
+                outcome["outcome"] = "released"
+                _release(worker, message, request_id=request_id, metadata=metadata, error=settle_error)
         except (Exception, ForcedExit) as exc:
+            # Once the archive is complete, status.json says so even if notifying or deleting failed:
+            # the redelivery then only re-sends the notification.
+            archived = outcome.get("outcome") in ("completed", "duplicate")
             outcome = {
                 "outcome": "released",
                 "error_code": "internal",
                 "error": f"{type(exc).__name__}: {exc}",
             }
-            if plan is not None and not isinstance(exc, RequestBusy):
+            if plan is not None and not archived and not isinstance(exc, RequestBusy):
                 # Back in the queue: a redelivery may take it at once, without waiting for a lease to expire.
                 _record_status(worker, plan, "queued", error={"code": "internal", "message": str(exc)[:500]})
             _release(worker, message, request_id=request_id, metadata=metadata, error=exc)
@@ -217,7 +250,12 @@ def _archive_once(
     ):
         notification = build_archive(worker, plan, progress)
     _record_status(
-        worker, plan, "completed", progress=progress, notification=notification.model_dump(mode="json")
+        worker,
+        plan,
+        "completed",
+        progress=progress,
+        # Without the link: it is made afresh on every re-send, and a presigned one is a credential.
+        notification=notification.model_dump(mode="json", exclude={"archive": {"url"}}),
     )
     return notification, {
         "outcome": "completed",
@@ -233,7 +271,9 @@ def _previous_notification(
 ) -> CompletedNotification | None:
     """The stored notification of a completed request with a fresh link, if its archive still exists."""
     try:
-        stored = CompletedNotification.model_validate(document.get("notification"))
+        recorded = dict(document.get("notification") or {})
+        recorded["archive"] = {**recorded.get("archive", {}), "url": ""}
+        stored = CompletedNotification.model_validate(recorded)
         head = worker.clients.s3.head_object(Bucket=plan.bucket, Key=stored.archive.key)
     except (ValidationError, botocore.exceptions.ClientError):
         return None  # no usable record or the archive expired: build it again
@@ -291,10 +331,13 @@ def _read_pointer(worker: Worker, bucket: str, key: str) -> str:
     s3 = worker.clients.s3
     try:
         response = s3.get_object(Bucket=bucket, Key=key)
-    except s3.exceptions.NoSuchKey:
-        raise PermanentError(
-            "invalid_request", f"request pointer s3://{bucket}/{key} does not exist"
-        ) from None
+    except botocore.exceptions.ClientError as exc:
+        where = f"request pointer s3://{bucket}/{key}"
+        if http_status(exc) == 404:
+            raise PermanentError("invalid_request", f"{where} does not exist") from None
+        if http_status(exc) == 403:
+            raise PermanentError("forbidden_source", f"access denied to {where}") from None
+        raise
     if response["ContentLength"] > MAX_POINTER_BYTES:
         raise PermanentError(
             "too_large", f"request body in s3://{bucket}/{key} is over {MAX_POINTER_BYTES} bytes"

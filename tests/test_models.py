@@ -210,3 +210,21 @@ def test_any_document_plans_safely_or_fails_permanently(document: Any) -> None:
     assert ".." not in result.key.split("/")
     assert all(e.ref.bucket == "source-images" for e in result.entries)
     assert all(".." not in e.path.split("/") and not e.path.startswith("/") for e in result.entries)
+
+
+def test_deep_metadata_and_long_keys_are_refused(settings_: Settings) -> None:
+    """Metadata too deep to echo, and an archive key past S3's 1,024 bytes, are invalid requests."""
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(40):
+        node["x"] = {}
+        node = node["x"]
+    with pytest.raises(PermanentError, match="nest deeper"):
+        parse_request({"files": [{"source": "a"}], "metadata": deep})
+    assert salvage_context({"metadata": deep}) == (None, {})
+    long_name = "é" * 200 + ".zip"  # 404 bytes, within the entry-name limit
+    request = {"files": [{"source": "a"}], "request_id": "r" * 128, "archive_name": long_name}
+    assert plan(request, settings_).key.endswith(".zip")
+    too_long = load_settings(**{**settings_.model_dump(), "s3_file_prefix": "p" * 600})
+    with pytest.raises(PermanentError, match="1024 bytes"):
+        plan(request, too_long)
