@@ -40,7 +40,12 @@ def cmd_schema(_: argparse.Namespace) -> int:
 
 
 def cmd_check(_: argparse.Namespace) -> int:
-    settings = load_settings()
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        # Docker reserves health-check status 2; a worker with bad settings is simply unhealthy.
+        print(f"unhealthy: {exc}", file=sys.stderr)
+        return 1
     try:
         age = time.time() - Path(settings.health_file).stat().st_mtime
     except OSError:

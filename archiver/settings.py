@@ -22,7 +22,10 @@ MAX_PRESIGN_SECONDS = 604_800
 class Settings(BaseSettings):
     """Every setting of the worker; field `x_y` is read from the environment variable `X_Y`."""
 
-    model_config = SettingsConfigDict(case_sensitive=False, extra="forbid", frozen=True)
+    # An empty variable (`EXPECTED_BUCKET_OWNER=` in an env file) means "unset", as operators expect.
+    model_config = SettingsConfigDict(
+        case_sensitive=False, extra="forbid", frozen=True, env_ignore_empty=True
+    )
 
     # From the original service, same names and defaults.
     archive_base_url: str | None = None

@@ -64,3 +64,9 @@ def test_submit_validates_before_sending(
     assert main(["submit", str(good)]) == 0
     assert json.loads(capsys.readouterr().out)["request_id"] == "sub-1"
     assert stack.queue_depth() == 1
+
+
+def test_check_with_bad_settings_is_unhealthy_not_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`archiver check` reports bad settings as unhealthy (1): Docker reserves health status 2."""
+    monkeypatch.delenv("SQS_SOURCE_QUEUE", raising=False)
+    assert main(["check"]) == 1

@@ -102,3 +102,12 @@ def test_queue_url_is_used_as_given(stack: object) -> None:
         resolve_queue_url(sqs, "https://sqs.eu-west-1.amazonaws.com/1/q")
         == "https://sqs.eu-west-1.amazonaws.com/1/q"
     )
+
+
+def test_empty_variables_mean_unset(env: pytest.MonkeyPatch) -> None:
+    """`EXPECTED_BUCKET_OWNER=` (empty, as env files write it) is the default, not an invalid value."""
+    env.setenv("EXPECTED_BUCKET_OWNER", "")
+    env.setenv("ARCHIVE_BASE_URL", "")
+    settings = load_settings()
+    assert settings.expected_bucket_owner is None
+    assert settings.archive_base_url is None
