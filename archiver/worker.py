@@ -39,6 +39,7 @@ from archiver.models import (
     utc_timestamp,
 )
 from archiver.multipart import choose_part_size, upload_stream
+from archiver.prefetch import Prefetcher
 from archiver.settings import Settings
 from archiver.sources import SourceObject, head_sources, read_source
 from archiver.zipping import ZipEntry, archive_size_bound, zip_chunks
@@ -367,24 +368,34 @@ def build_archive(worker: Worker, plan: ArchivePlan, progress: status.Progress) 
         )
     progress.files_total, progress.bytes_total = len(entries), total
 
-    def counted(obj: SourceObject) -> Iterator[bytes]:
-        for chunk in read_source(s3, obj):
+    prefetcher = Prefetcher(
+        [entry.source for entry in entries],
+        read=lambda obj: read_source(s3, obj),
+        window_bytes=settings.prefetch_bytes,
+        workers=HEAD_CONCURRENCY,
+    )
+
+    def counted(index: int, obj: SourceObject) -> Iterator[bytes]:
+        for chunk in prefetcher.open(index):
             progress.bytes_done += len(chunk)
             yield chunk
         progress.files_done += 1
 
     archive_name = plan.key.rsplit("/", 1)[-1]
-    uploaded = upload_stream(
-        s3,
-        zip_chunks(entries, open_source=counted, compression=plan.request.compression),
-        bucket=plan.bucket,
-        key=plan.key,
-        part_size=choose_part_size(archive_size_bound(entries), settings.part_size),
-        concurrency=settings.upload_concurrency,
-        metadata={"request-id": plan.request_id, "entries": str(len(entries))},
-        content_disposition=f"attachment; filename*=UTF-8''{quote(archive_name)}",
-        cancelled=worker.abandon.is_set,
-    )
+    try:
+        uploaded = upload_stream(
+            s3,
+            zip_chunks(entries, open_source=counted, compression=plan.request.compression),
+            bucket=plan.bucket,
+            key=plan.key,
+            part_size=choose_part_size(archive_size_bound(entries), settings.part_size),
+            concurrency=settings.upload_concurrency,
+            metadata={"request-id": plan.request_id, "entries": str(len(entries))},
+            content_disposition=f"attachment; filename*=UTF-8''{quote(archive_name)}",
+            cancelled=worker.abandon.is_set,
+        )
+    finally:
+        prefetcher.close()
     kept = {entry.path for entry in entries}
     return notify.completed(
         request_id=plan.request_id,
