@@ -270,7 +270,9 @@ def run_demo(*, verbose: bool = False, out: Any = None) -> int:
             request_ids[case.request.get("request_id", message_id)] = case
         print(f"sent {len(CASES)} requests to {SOURCE_QUEUE}; running the worker in burst mode", file=out)
 
-        worker.run(worker.connect(settings, clients), burst=True)
+        embedded = worker.connect(settings, clients)
+        embedded.emit_metrics = False  # the demo prints notifications; metric lines would bury them
+        worker.run(embedded, burst=True)
 
         notifications = _collect_notifications(
             clients.sqs, queue.resolve_queue_url(clients.sqs, DESTINATION_QUEUE), len(CASES)

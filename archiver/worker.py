@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -23,7 +24,7 @@ import botocore.exceptions
 import structlog
 from pydantic import ValidationError
 
-from archiver import notify, queue, status
+from archiver import metrics, notify, queue, status
 from archiver.aws import AwsClients, http_status, make_clients, retry_transient
 from archiver.errors import ArchiverError, JobAbandoned, PermanentError, TransientError
 from archiver.models import (
@@ -40,6 +41,7 @@ from archiver.models import (
 )
 from archiver.multipart import choose_part_size, upload_stream
 from archiver.prefetch import Prefetcher
+from archiver.protection import TaskProtection
 from archiver.settings import Settings
 from archiver.sources import SourceObject, head_sources, read_source
 from archiver.zipping import ZipEntry, archive_size_bound, zip_chunks
@@ -74,6 +76,9 @@ class Worker:
     abandon: threading.Event = field(default_factory=threading.Event)
     signals: int = 0
     polling: bool = False
+    protection: TaskProtection = field(default_factory=TaskProtection)
+    emit_metrics: bool = True
+    extensions: int = 0  # visibility extensions of the current job, for its metrics
 
 
 def connect(settings: Settings, clients: AwsClients | None = None) -> Worker:
@@ -102,8 +107,12 @@ def run(worker: Worker, *, burst: bool = False) -> int:
         try:
             while not worker.stopping.is_set():
                 touch_health_file(worker.settings.health_file)
+                # Protected before a message can arrive: ECS must not pick this task for scale-in
+                # between the receive and the start of the job.
+                worker.protection.protect()
                 message = _poll(worker, burst=burst)
                 if message is None:
+                    worker.protection.release()
                     if burst:
                         break
                     continue
@@ -116,6 +125,8 @@ def run(worker: Worker, *, burst: bool = False) -> int:
             pass
         except ForcedExit:
             status = 1
+        finally:
+            worker.protection.release()
         log.info("worker.stopped", signals=worker.signals, status=status)
     return status
 
@@ -174,6 +185,7 @@ class RequestBusy(TransientError):
 def handle(worker: Worker, message: queue.Message) -> None:
     """Work on one message and settle it: delete after success or a permanent failure, else release."""
     started = time.monotonic()
+    worker.extensions = 0
     request_id: str = message.message_id
     metadata: dict[str, Any] = {}
     plan: ArchivePlan | None = None
@@ -217,13 +229,37 @@ def handle(worker: Worker, message: queue.Message) -> None:
             if isinstance(exc, ForcedExit):
                 raise
         finally:
+            duration = time.monotonic() - started
+            latency = (datetime.now(UTC) - message.sent_at).total_seconds() if message.sent_at else None
             # The canonical log line: one event per request with everything an operator asks about it.
             log.info(
                 "request.done",
                 receive_count=message.receive_count,
-                duration_s=round(time.monotonic() - started, 3),
+                duration_s=round(duration, 3),
+                queue_latency_s=None if latency is None else round(latency, 3),
+                visibility_extensions=worker.extensions,
                 **outcome,
             )
+            if worker.emit_metrics:
+                _emit_metrics(worker, outcome, duration=duration, latency=latency, request_id=request_id)
+
+
+def _emit_metrics(
+    worker: Worker, outcome: dict[str, Any], *, duration: float, latency: float | None, request_id: str
+) -> None:
+    try:
+        metrics.emit_request(
+            outcome=str(outcome.get("outcome", "released")),
+            error_code=outcome.get("error_code"),
+            duration_s=duration,
+            queue_latency_s=latency,
+            size=outcome.get("size"),
+            entries=outcome.get("entries"),
+            extensions=worker.extensions,
+            properties={"request_id": request_id},
+        )
+    except Exception:  # metrics must never cost a request
+        log.warning("metrics.failed", exc_info=True)
 
 
 def _archive_once(
@@ -495,12 +531,14 @@ def _heartbeat(worker: Worker, message: queue.Message, *, on_tick: Callable[[], 
                     worker.abandon.set()
                     return
                 on_tick()
+                worker.protection.protect()  # renews a protection that is getting old
                 if now >= next_extension:
                     next_extension = now + extend_every
                     try:
                         queue.set_visibility(
                             worker.clients.sqs, worker.source_url, message, settings.visibility_timeout
                         )
+                        worker.extensions += 1
                         log.debug("request.visibility_extended", seconds=settings.visibility_timeout)
                     except Exception:
                         log.warning("request.extend_failed", exc_info=True)

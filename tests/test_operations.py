@@ -1,0 +1,166 @@
+"""What operators run on: ECS task protection against a stand-in agent, and EMF metric lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from tests.conftest import Stack
+
+
+@dataclass
+class Agent:
+    """The ECS agent's task-protection endpoint, as documented: PUT and GET `/task-protection/v1/state`."""
+
+    mode: str = "ok"  # ok | failure | error
+    puts: list[dict[str, Any]] = field(default_factory=list)
+    enabled: bool = False
+
+    def answer(self, method: str, body: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
+        task = "arn:aws:ecs:us-east-1:123456789012:task/cluster/0123456789abcdef"
+        if method == "PUT":
+            assert body is not None
+            self.puts.append(body)
+            if self.mode == "error":
+                return 500, {"error": {"Arn": task, "Code": "ServerException", "Message": "agent broke"}}
+            if self.mode == "failure":
+                return 200, {"failure": {"Arn": task, "Reason": "TASK_NOT_VALID"}}
+            self.enabled = bool(body["ProtectionEnabled"])
+        return 200, {"protection": {"ProtectionEnabled": self.enabled, "TaskArn": task}}
+
+
+@pytest.fixture
+def agent() -> Iterator[tuple[Agent, str]]:
+    state = Agent()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *_: object) -> None:
+            pass
+
+        def _serve(self) -> None:
+            assert self.path == "/task-protection/v1/state"
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length)) if length else None
+            status, answer = state.answer(self.command, body)
+            payload = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_PUT = do_GET = _serve
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield state, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def run_worker(stack: Stack, **extra: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "SQS_SOURCE_QUEUE": stack.source_queue,
+        "SQS_DESTINATION_QUEUE": stack.destination_url,
+        "S3_SOURCE_BUCKET": stack.source_bucket,
+        "S3_DESTINATION_BUCKET": stack.destination_bucket,
+        "HEALTH_FILE": stack.health_file,
+        **extra,
+    }
+    if "ECS_AGENT_URI" not in extra:
+        env.pop("ECS_AGENT_URI", None)  # outside ECS unless the test says otherwise
+    return subprocess.run(
+        [sys.executable, "-m", "archiver", "worker", "--burst"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_task_is_protected_while_working_and_released_when_idle(
+    stack: Stack, agent: tuple[Agent, str]
+) -> None:
+    """With ECS_AGENT_URI set, the task is protected before receiving and released once idle."""
+    state, uri = agent
+    stack.put("a.txt", b"a")
+    stack.send({"request_id": "protected", "files": [{"source": "a.txt"}]})
+    done = run_worker(stack, ECS_AGENT_URI=uri)
+    assert done.returncode == 0, done.stderr
+    assert stack.notifications(1)[0]["status"] == "completed"
+    assert state.puts[0] == {"ProtectionEnabled": True, "ExpiresInMinutes": 15}
+    assert state.puts[-1] == {"ProtectionEnabled": False}
+    assert state.enabled is False
+
+
+@pytest.mark.parametrize("mode", ["failure", "error"])
+def test_protection_problems_never_stop_the_worker(stack: Stack, agent: tuple[Agent, str], mode: str) -> None:
+    """A `failure` body or an agent error is logged, and the request is archived all the same."""
+    state, uri = agent
+    state.mode = mode
+    stack.put("a.txt", b"a")
+    stack.send({"request_id": f"unprotected-{mode}", "files": [{"source": "a.txt"}]})
+    done = run_worker(stack, ECS_AGENT_URI=uri)
+    assert done.returncode == 0, done.stderr
+    assert stack.notifications(1)[0]["status"] == "completed"
+    assert state.puts
+    expected = "protection.refused" if mode == "failure" else "protection.error"
+    assert expected in done.stderr
+
+
+def emf_lines(stdout: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{") and '"_aws"' in line]
+
+
+def assert_valid_emf(line: dict[str, Any]) -> None:
+    """The Embedded Metric Format's rules: _aws.Timestamp, directives whose metrics and dimensions are
+    all top-level members, at most 30 dimensions, numeric values."""
+    meta = line["_aws"]
+    assert isinstance(meta["Timestamp"], int)
+    for directive in meta["CloudWatchMetrics"]:
+        assert directive["Namespace"] == "archiver"
+        for dimension_set in directive["Dimensions"]:
+            assert 1 <= len(dimension_set) <= 30
+            for name in dimension_set:
+                assert isinstance(line[name], str)
+        for metric in directive["Metrics"]:
+            assert isinstance(line[metric["Name"]], int | float)
+            assert metric["Unit"] in {"Count", "Seconds", "Bytes"}
+
+
+def test_one_emf_line_per_request(stack: Stack) -> None:
+    """Each request ends in one valid EMF line on stdout with its outcome and low-cardinality dimensions."""
+    stack.put("a.txt", b"a" * 1000)
+    stack.send({"request_id": "m-ok", "files": [{"source": "a.txt"}]})
+    stack.send({"request_id": "m-bad", "files": [{"source": "nope.txt"}]})
+    done = run_worker(stack)
+    assert done.returncode == 0, done.stderr
+    lines = emf_lines(done.stdout)
+    assert len(lines) == 2
+    for line in lines:
+        assert_valid_emf(line)
+    by_id = {line["request_id"]: line for line in lines}
+    ok, bad = by_id["m-ok"], by_id["m-bad"]
+    assert ok["Outcome"] == "completed"
+    assert ok["Requests"] == 1
+    assert ok["ArchiveEntries"] == 1
+    assert ok["ArchiveBytes"] > 1000 // 10
+    assert ok["QueueLatency"] >= 0
+    assert ok["Duration"] > 0
+    assert bad["Outcome"] == "failed"
+    assert bad["ErrorCode"] == "source_not_found"
+    dimensions = bad["_aws"]["CloudWatchMetrics"][0]["Dimensions"]
+    assert ["Outcome", "ErrorCode"] in dimensions
+    assert all("request_id" not in d for d in dimensions)  # an id is a property, never a dimension
