@@ -1,0 +1,16 @@
+"""`python -m bench`: archiver's throughput and peak memory against a disk-backed S3 (SeaweedFS) and SQS
+(moto's server), next to a plain copy and the original service's in-memory design.
+
+Every measured method runs in its own subprocess, so its peak RSS is its own and nothing else's.
+
+| module | owns |
+|---|---|
+| `bench/tuning.py` | part size, upload concurrency, prefetch in one place; archiver's defaults by default |
+| `bench/servers.py` | SeaweedFS and moto as subprocesses on free loopback ports; readiness; clean stop |
+| `bench/scenarios.py` | the scenarios, their generated sources, uploading them and clearing buckets |
+| `bench/methods.py` | the three methods (raw copy, in-memory zip, archiver), each a measured subprocess |
+| `bench/children.py` | the raw copy and in-memory zip as they run inside their subprocess |
+| `bench/verify.py` | downloading an archive and checking entries, sizes and CRCs |
+| `bench/profile.py` | an extra, unmeasured archiver run under py-spy, summarised as top frames |
+| `bench/report.py` | the tables, ratios, target checks and the JSON file in `bench/results/` |
+"""

