@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from archiver.errors import PermanentError, SettingsError
 from archiver.settings import Settings, load_settings
 
 HEALTH_MAX_AGE = 90  # seconds: three heartbeat intervals
+OFFLOAD_PREFIX = "archiver-requests"
 
 
 def _settings() -> Settings:
@@ -61,19 +63,37 @@ def cmd_check(_: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from archiver import queue
     from archiver.aws import make_clients
-    from archiver.models import decode_body, parse_request
+    from archiver.models import EXTENDED_CLIENT_POINTER, decode_body, parse_request, plan_archive
 
     settings = _settings()
     body = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
     try:
         request = parse_request(decode_body(body))
+        # The worker's own checks (names, allowed buckets, MAX_FILES), so a mistake fails here, not later.
+        plan_archive(request, settings=settings, message_id="submit")
     except PermanentError as exc:
-        print(f"invalid request: {exc.message}", file=sys.stderr)
+        print(f"invalid request ({exc.code}): {exc.message}", file=sys.stderr)
         return 1
-    clients = make_clients()
+    clients = make_clients(expected_bucket_owner=settings.expected_bucket_owner)
     url = queue.resolve_queue_url(clients.sqs, settings.sqs_source_queue)
-    message_id = queue.send(clients.sqs, url, request.model_dump_json(exclude_none=True))
-    print(json.dumps({"message_id": message_id, "request_id": request.request_id or message_id}))
+    outgoing = request.model_dump_json(exclude_none=True)
+    size = len(outgoing.encode())
+    offloaded = None
+    if size > queue.max_message_size(clients.sqs, url):
+        # Too big for SQS: store it and send the pointer the AWS extended client libraries write.
+        bucket = args.offload_bucket or settings.s3_source_bucket
+        key = f"{OFFLOAD_PREFIX}/{uuid.uuid4()}.json"
+        clients.s3.put_object(Bucket=bucket, Key=key, Body=outgoing.encode(), ContentType="application/json")
+        offloaded = f"s3://{bucket}/{key}"
+        pointer = json.dumps([EXTENDED_CLIENT_POINTER, {"s3BucketName": bucket, "s3Key": key}])
+        message_id = queue.send(clients.sqs, url, pointer, payload_size=size)
+    else:
+        message_id = queue.send(clients.sqs, url, outgoing)
+    print(
+        json.dumps(
+            {"message_id": message_id, "request_id": request.request_id or message_id, "offloaded": offloaded}
+        )
+    )
     return 0
 
 
@@ -97,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = commands.add_parser("submit", help="validate a request and send it to the source queue")
     submit.add_argument("file", help="request JSON file, or - for standard input")
+    submit.add_argument(
+        "--offload-bucket",
+        help="where a request too big for SQS is stored (default S3_SOURCE_BUCKET; an allowed bucket)",
+    )
     submit.set_defaults(func=cmd_submit)
 
     commands.add_parser("schema", help="print the JSON Schemas of request and notification").set_defaults(

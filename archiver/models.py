@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from archiver.errors import ErrorCode, PermanentError
 from archiver.names import UnsafeNameError, check_entry_path, deduplicate, entry_path
@@ -23,6 +31,8 @@ EXTENDED_CLIENT_POINTER = "software.amazon.payloadoffloading.PayloadS3Pointer"
 MAX_KEY_BYTES = 1024
 # Echoed metadata must serialise again into the notification; pydantic and json stop at some depth.
 MAX_METADATA_DEPTH = 32
+# ...and fit in an SQS message beside the rest of the notification.
+MAX_METADATA_BYTES = 64 * 1024
 
 
 def json_depth(value: Any) -> int:
@@ -76,6 +86,10 @@ class Request(BaseModel):
     def _shallow(cls, value: dict[str, Any]) -> dict[str, Any]:
         if json_depth(value) > MAX_METADATA_DEPTH:
             raise ValueError(f"must not nest deeper than {MAX_METADATA_DEPTH} levels")
+        if len(json.dumps(value).encode()) > MAX_METADATA_BYTES:
+            raise ValueError(
+                f"must be at most {MAX_METADATA_BYTES} bytes of JSON (it is echoed in a notification)"
+            )
         return value
 
     @field_validator("request_id")
@@ -134,6 +148,10 @@ class CompletedNotification(BaseModel):
     renamed: list[RenamedEntry] = Field(default_factory=list)
     metadata: dict[str, Any] = Field(default_factory=dict)
     created_at: str
+    truncated: bool = Field(
+        default=False,
+        description="true when `skipped`/`renamed` were cut to fit an SQS message; status.json has them all",
+    )
 
 
 class FailedNotification(BaseModel):
@@ -144,6 +162,9 @@ class FailedNotification(BaseModel):
     error: ErrorInfo
     metadata: dict[str, Any] = Field(default_factory=dict)
     created_at: str
+
+
+Notification = Annotated[CompletedNotification | FailedNotification, Field(discriminator="status")]
 
 
 def utc_timestamp(moment: datetime | None = None) -> str:
@@ -206,6 +227,14 @@ def parse_request(document: Any) -> Request:
         raise PermanentError("invalid_request", describe_validation_error(exc)) from None
 
 
+def _echoable(metadata: dict[str, Any]) -> bool:
+    try:
+        Request.model_validate({"files": [{"source": "x"}], "metadata": metadata})
+    except ValidationError:
+        return False
+    return True
+
+
 def salvage_context(document: Any) -> tuple[str | None, dict[str, Any]]:
     """The request_id and metadata of a body that failed validation, when they are usable on their own,
     so that its failure notification still reaches the producer with what it sent."""
@@ -215,7 +244,7 @@ def salvage_context(document: Any) -> tuple[str | None, dict[str, Any]]:
     metadata = document.get("metadata")
     return (
         request_id if is_valid_request_id(request_id) else None,
-        metadata if isinstance(metadata, dict) and json_depth(metadata) <= MAX_METADATA_DEPTH else {},
+        metadata if isinstance(metadata, dict) and _echoable(metadata) else {},
     )
 
 
@@ -312,10 +341,7 @@ def json_schemas() -> dict[str, Any]:
     """The JSON Schemas producers and consumers validate against (`archiver schema`)."""
     return {
         "request": Request.model_json_schema(),
-        "notification": {
-            "oneOf": [
-                CompletedNotification.model_json_schema(),
-                FailedNotification.model_json_schema(),
-            ]
-        },
+        # One schema with shared top-level $defs: two model schemas side by side would each carry
+        # their own $defs, and their `#/$defs/...` references would point nowhere.
+        "notification": TypeAdapter(Notification).json_schema(),
     }

@@ -62,7 +62,30 @@ def failed(
     )
 
 
+# SQS's message size limit before 2025; queues created since allow 1 MiB, but not every queue is new.
+MAX_NOTIFICATION_BYTES = 256 * 1024
+
+
+def fit(
+    notification: CompletedNotification, max_bytes: int = MAX_NOTIFICATION_BYTES
+) -> CompletedNotification:
+    """Cut the `skipped` and `renamed` lists (50,000 renames would be megabytes) until the notification
+    fits one SQS message, and say so; the status document keeps the full lists."""
+    fitted = notification
+    while len(fitted.model_dump_json().encode()) > max_bytes and (fitted.skipped or fitted.renamed):
+        fitted = fitted.model_copy(
+            update={
+                "skipped": fitted.skipped[: len(fitted.skipped) // 2],
+                "renamed": fitted.renamed[: len(fitted.renamed) // 2],
+                "truncated": True,
+            }
+        )
+    return fitted
+
+
 def send_notification(
     sqs: SQSClient, queue_url: str, notification: CompletedNotification | FailedNotification
 ) -> str:
+    if isinstance(notification, CompletedNotification):
+        notification = fit(notification)
     return queue.send(sqs, queue_url, notification.model_dump_json())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from archiver.aws import retry_transient
 
@@ -81,5 +81,17 @@ def delete(sqs: SQSClient, queue_url: str, message: Message) -> None:
 
 
 @retry_transient
-def send(sqs: SQSClient, queue_url: str, body: str) -> str:
-    return sqs.send_message(QueueUrl=queue_url, MessageBody=body)["MessageId"]
+def max_message_size(sqs: SQSClient, queue_url: str) -> int:
+    attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["MaximumMessageSize"])
+    return int(attributes.get("Attributes", {}).get("MaximumMessageSize", 262_144))
+
+
+@retry_transient
+def send(sqs: SQSClient, queue_url: str, body: str, *, payload_size: int | None = None) -> str:
+    """Send one message; `payload_size` marks an extended-client pointer with the size it points at."""
+    if payload_size is None:
+        return sqs.send_message(QueueUrl=queue_url, MessageBody=body)["MessageId"]
+    attributes: dict[str, Any] = {
+        "ExtendedPayloadSize": {"DataType": "Number", "StringValue": str(payload_size)}
+    }
+    return sqs.send_message(QueueUrl=queue_url, MessageBody=body, MessageAttributes=attributes)["MessageId"]

@@ -11,6 +11,7 @@ import pytest
 
 from archiver.cli import HEALTH_MAX_AGE, main
 from tests.conftest import Stack
+from tests.zipcheck import check_with_zipfile
 
 
 @pytest.fixture
@@ -31,8 +32,9 @@ def test_schema_prints_request_and_notification(capsys: pytest.CaptureFixture[st
     assert main(["schema"]) == 0
     schemas = json.loads(capsys.readouterr().out)
     assert schemas["request"]["required"] == ["files"]
-    statuses = {s["properties"]["status"]["const"] for s in schemas["notification"]["oneOf"]}
-    assert statuses == {"completed", "failed"}
+    notification = schemas["notification"]
+    assert set(notification["discriminator"]["mapping"]) == {"completed", "failed"}
+    assert {"CompletedNotification", "FailedNotification"} <= set(notification["$defs"])
 
 
 def test_check_is_healthy_only_with_a_fresh_heartbeat(required_env: Path) -> None:
@@ -57,6 +59,10 @@ def test_submit_validates_before_sending(
     bad.write_text(json.dumps({"file": []}))
     assert main(["submit", str(bad)]) == 1
     assert "invalid request" in capsys.readouterr().err
+    unsafe = tmp_path / "unsafe.json"
+    unsafe.write_text(json.dumps({"files": [{"source": "s3://elsewhere/a.png"}]}))
+    assert main(["submit", str(unsafe)]) == 1
+    assert "forbidden_source" in capsys.readouterr().err
     assert stack.queue_depth() == 0
 
     good = tmp_path / "good.json"
@@ -70,3 +76,49 @@ def test_check_with_bad_settings_is_unhealthy_not_2(monkeypatch: pytest.MonkeyPa
     """`archiver check` reports bad settings as unhealthy (1): Docker reserves health status 2."""
     monkeypatch.delenv("SQS_SOURCE_QUEUE", raising=False)
     assert main(["check"]) == 1
+
+
+def test_submit_offloads_a_request_too_big_for_the_queue(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A body over the queue's MaximumMessageSize goes to S3 behind an extended-client pointer, which
+    the worker follows to a completed archive."""
+    from archiver import worker
+
+    stack.clients.sqs.set_queue_attributes(
+        QueueUrl=stack.source_url, Attributes={"MaximumMessageSize": "1024"}
+    )
+    for name, value in {
+        "SQS_SOURCE_QUEUE": stack.source_queue,
+        "SQS_DESTINATION_QUEUE": stack.destination_url,
+        "S3_SOURCE_BUCKET": stack.source_bucket,
+        "S3_DESTINATION_BUCKET": stack.destination_bucket,
+    }.items():
+        monkeypatch.setenv(name, value)
+    files = [
+        {"source": f"folder/file-{i:03}.txt", "destination": "a-rather-long-folder-name"} for i in range(40)
+    ]
+    for spec in files:
+        stack.put(spec["source"], spec["source"].encode())
+    request = tmp_path / "big.json"
+    request.write_text(json.dumps({"request_id": "offload-1", "files": files}))
+    assert len(request.read_bytes()) > 1024
+
+    assert main(["submit", str(request)]) == 0
+    sent = json.loads(capsys.readouterr().out)
+    assert sent["offloaded"].startswith(f"s3://{stack.source_bucket}/archiver-requests/")
+    message = stack.clients.sqs.receive_message(
+        QueueUrl=stack.source_url, VisibilityTimeout=0, MessageAttributeNames=["All"]
+    )["Messages"][0]
+    pointer = json.loads(message["Body"])
+    assert pointer[0] == "software.amazon.payloadoffloading.PayloadS3Pointer"
+    assert int(message["MessageAttributes"]["ExtendedPayloadSize"]["StringValue"]) > 1024
+
+    worker.run(worker.connect(stack.settings()), burst=True)
+    (note,) = stack.notifications(1)
+    assert note["status"] == "completed"
+    assert note["archive"]["entries"] == 40
+    check_with_zipfile(
+        stack.download(note["archive"]["key"]),
+        {f"a-rather-long-folder-name/file-{i:03}.txt": f"folder/file-{i:03}.txt".encode() for i in range(40)},
+    )
