@@ -225,7 +225,7 @@ def handle(worker: Worker, message: queue.Message) -> None:
             if plan is not None and not archived and not isinstance(exc, RequestBusy):
                 # Back in the queue: a redelivery may take it at once, without waiting for a lease to expire.
                 _record_status(worker, plan, "queued", error={"code": "internal", "message": str(exc)[:500]})
-            _release(worker, message, request_id=request_id, metadata=metadata, error=exc)
+            _release(worker, message, request_id=request_id, metadata=metadata, error=exc, archived=archived)
             if isinstance(exc, ForcedExit):
                 raise
         finally:
@@ -286,6 +286,12 @@ def _archive_once(
         worker, message, on_tick=lambda: _record_status(worker, plan, "processing", progress=progress)
     ):
         notification = build_archive(worker, plan, progress)
+    try:
+        # A CreateMultipartUpload whose answer was lost and retried by botocore leaves a twin upload
+        # nobody knows the id of; the only place to find it is the listing for this key.
+        status.abort_stale_uploads(s3, bucket=plan.bucket, key=plan.key)
+    except Exception:
+        log.warning("request.cleanup_failed", exc_info=True)
     _record_status(
         worker,
         plan,
@@ -472,7 +478,13 @@ def release_delay(receive_count: int, visibility_timeout: int) -> int:
 
 
 def _release(
-    worker: Worker, message: queue.Message, *, request_id: str, metadata: dict[str, Any], error: BaseException
+    worker: Worker,
+    message: queue.Message,
+    *,
+    request_id: str,
+    metadata: dict[str, Any],
+    error: BaseException,
+    archived: bool = False,
 ) -> None:
     # Stopped by a shutdown: hand the message straight to another worker. A JOB_TIMEOUT is a failure
     # like any other, so it backs off and ends in the DLQ if it keeps happening.
@@ -485,7 +497,9 @@ def _release(
     else:
         log.error("request.error", exc_info=error)
     last = worker.max_receive_count is not None and message.receive_count >= worker.max_receive_count
-    if last and not abandoned and not busy:
+    # The next receive moves it to the DLQ, whatever ended this attempt; but an archive that exists is
+    # not a failure: a redrive from the DLQ re-sends its completed notification.
+    if last and not archived:
         code = error.code if isinstance(error, ArchiverError) else "internal"
         notification = notify.failed(
             request_id=request_id,

@@ -153,10 +153,6 @@ def test_ten_percent_s3_faults_every_request_completes(
     assert stack.incomplete_uploads() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="archiver bug: an upload whose CreateMultipartUpload response was lost is never aborted",
-)
 def test_lost_create_response_leaves_no_incomplete_upload(stack: Stack, fault_proxy: FaultProxy) -> None:
     """A CreateMultipartUpload whose response is lost (then retried) leaves no incomplete upload behind."""
     stack.put("a.txt", b"a" * 1000)

@@ -1,0 +1,208 @@
+"""Long jobs, shutdown and crashes, on real processes with real signals (contract §4).
+
+Jobs are made slow on purpose by the fault proxy's bandwidth cap on the sources' GETs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from archiver import worker
+from archiver.aws import make_clients
+from tests.conftest import Stack
+from tests.faultproxy import FaultProxy, Faults, Seen
+from tests.zipcheck import check_archive
+
+MiB = 1024 * 1024
+
+
+def wait_until(condition: Callable[[], Any], *, timeout: float, what: str) -> Any:
+    """Poll `condition` until it is truthy; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+def slow_sources(moto_endpoint: str, stack: Stack) -> Iterator[FaultProxy]:
+    """A proxy that caps the source bucket's GET bodies at 1 MiB/s; everything else passes freely."""
+
+    def source_get(seen: Seen) -> bool:
+        return seen.method == "GET" and seen.path.startswith(f"/{stack.source_bucket}/")
+
+    with FaultProxy(moto_endpoint, Faults(match=source_get, throttle=MiB)) as proxy:
+        yield proxy
+
+
+def worker_env(stack: Stack, endpoint: str, **settings: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "AWS_ENDPOINT_URL": endpoint,
+        "SQS_SOURCE_QUEUE": stack.source_queue,
+        "SQS_DESTINATION_QUEUE": stack.destination_url,
+        "S3_SOURCE_BUCKET": stack.source_bucket,
+        "S3_DESTINATION_BUCKET": stack.destination_bucket,
+        "HEALTH_FILE": stack.health_file,
+        "PART_SIZE": str(5 * MiB),
+        **settings,
+    }
+
+
+def start_worker(stack: Stack, endpoint: str, **settings: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "archiver", "worker"],
+        env=worker_env(stack, endpoint, **settings),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def uploaded_parts(proxy: FaultProxy) -> int:
+    return len(proxy.requests_matching(operation="UploadPart"))
+
+
+def visible_now(stack: Stack) -> int:
+    attributes = stack.clients.sqs.get_queue_attributes(
+        QueueUrl=stack.source_url, AttributeNames=["ApproximateNumberOfMessages"]
+    )["Attributes"]
+    return int(attributes["ApproximateNumberOfMessages"])
+
+
+@pytest.mark.slow
+def test_long_job_is_not_redelivered_meanwhile(
+    stack: Stack, slow_sources: FaultProxy, tmp_path: Path
+) -> None:
+    """A job three times longer than the visibility timeout keeps its message hidden from others."""
+    body = os.urandom(30 * MiB)  # ~30 s at 1 MiB/s, against a 10 s visibility timeout
+    stack.put("long.bin", body)
+    stack.send({"request_id": "long", "files": [{"source": "long.bin"}]})
+    os.environ["AWS_ENDPOINT_URL"], direct = slow_sources.url, os.environ["AWS_ENDPOINT_URL"]
+    try:
+        busy = worker.connect(stack.settings(visibility_timeout=10), make_clients())
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = direct
+    thread = threading.Thread(target=worker.run, args=(busy,), kwargs={"burst": True})
+    thread.start()
+    wait_until(lambda: slow_sources.requests_matching(operation="GetObject"), timeout=30, what="the GET")
+    stolen = []
+    while thread.is_alive():  # a second worker polls all along
+        response = stack.clients.sqs.receive_message(
+            QueueUrl=stack.source_url, WaitTimeSeconds=1, VisibilityTimeout=30
+        )
+        stolen.extend(response.get("Messages", []))
+    thread.join()
+    assert stolen == []
+    (note,) = stack.notifications(1)
+    assert note["status"] == "completed"
+    check_archive(stack.download("download/long/long.zip"), {"long.bin": body}, tmp_path)
+
+
+@pytest.mark.slow
+def test_sigterm_lets_a_short_job_finish(stack: Stack, slow_sources: FaultProxy, tmp_path: Path) -> None:
+    """SIGTERM mid-archive: a job that fits SHUTDOWN_GRACE completes, is notified and deleted; exit 0."""
+    body = os.urandom(6 * MiB)
+    stack.put("six.bin", body)
+    stack.send({"request_id": "graceful", "files": [{"source": "six.bin"}]})
+    process = start_worker(stack, slow_sources.url, SHUTDOWN_GRACE="60")
+    wait_until(lambda: slow_sources.requests_matching(operation="GetObject"), timeout=30, what="the GET")
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    (note,) = stack.notifications(1)
+    assert note["status"] == "completed"
+    check_archive(stack.download("download/graceful/graceful.zip"), {"six.bin": body}, tmp_path)
+    assert stack.queue_depth() == 0
+
+
+@pytest.mark.slow
+def test_sigterm_past_the_grace_aborts_and_releases(stack: Stack, slow_sources: FaultProxy) -> None:
+    """A job that outlasts SHUTDOWN_GRACE is aborted: no archive, no parts left, message visible at once."""
+    stack.put("big.bin", os.urandom(40 * MiB))
+    stack.send({"request_id": "cut-short", "files": [{"source": "big.bin"}]})
+    process = start_worker(stack, slow_sources.url, SHUTDOWN_GRACE="2", VISIBILITY_TIMEOUT="300")
+    wait_until(lambda: uploaded_parts(slow_sources), timeout=60, what="a first uploaded part")
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    assert time.monotonic() - signalled < 20
+    assert stack.archive_keys() == []
+    assert stack.incomplete_uploads() == []
+    assert visible_now(stack) == 1  # released with visibility 0, not hidden for 300 s
+    assert stack.status("cut-short")["status"] == "queued"
+    assert stack.notifications(1, max_polls=1) == []
+
+
+@pytest.mark.slow
+def test_second_signal_stops_at_once(stack: Stack, slow_sources: FaultProxy) -> None:
+    """A second SIGTERM ends the worker now: upload aborted, message released, exit status 1."""
+    stack.put("big.bin", os.urandom(40 * MiB))
+    stack.send({"request_id": "twice-signalled", "files": [{"source": "big.bin"}]})
+    process = start_worker(stack, slow_sources.url, SHUTDOWN_GRACE="600", VISIBILITY_TIMEOUT="300")
+    wait_until(lambda: slow_sources.requests_matching(operation="GetObject"), timeout=30, what="the GET")
+    process.send_signal(signal.SIGTERM)
+    wait_until(lambda: uploaded_parts(slow_sources), timeout=60, what="a first uploaded part")
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 1, output
+    assert time.monotonic() - signalled < 20
+    assert "Traceback" not in output
+    assert stack.archive_keys() == []
+    assert stack.incomplete_uploads() == []
+    assert visible_now(stack) == 1
+
+
+def test_sigterm_while_idle_exits_promptly(stack: Stack, moto_endpoint: str) -> None:
+    """An idle worker in a 20 s long poll leaves it at once on SIGTERM and exits 0."""
+    process = start_worker(stack, moto_endpoint)
+    wait_until(lambda: Path(stack.health_file).exists(), timeout=30, what="the first poll")
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    assert time.monotonic() - signalled < 10
+    assert "worker.stopped" in output
+
+
+@pytest.mark.slow
+def test_killed_worker_leaves_nothing_and_is_redone(
+    stack: Stack, slow_sources: FaultProxy, tmp_path: Path
+) -> None:
+    """SIGKILL mid-archive: no archive appears; after the visibility timeout another worker builds it,
+    and the dead worker's incomplete upload does not survive."""
+    body = os.urandom(12 * MiB)
+    stack.put("twelve.bin", body)
+    stack.send({"request_id": "killed", "files": [{"source": "twelve.bin"}]})
+    process = start_worker(stack, slow_sources.url, VISIBILITY_TIMEOUT="10")
+    wait_until(lambda: uploaded_parts(slow_sources), timeout=60, what="a first uploaded part")
+    process.kill()
+    process.communicate(timeout=30)
+    assert stack.archive_keys() == []
+    assert stack.incomplete_uploads() == ["download/killed/killed.zip"]
+
+    survivor = worker.connect(stack.settings(visibility_timeout=10))
+
+    def redone() -> list[dict[str, Any]]:
+        worker.run(survivor, burst=True)
+        return stack.notifications(1, max_polls=1)
+
+    (note,) = wait_until(redone, timeout=90, what="another worker to complete the request")
+    assert note["status"] == "completed"
+    check_archive(stack.download("download/killed/killed.zip"), {"twelve.bin": body}, tmp_path)
+    assert stack.incomplete_uploads() == []
+    assert stack.queue_depth() == 0
