@@ -33,6 +33,7 @@ lint: venv tools
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 	$(DCLINT) docker-compose.yml
+	$(BIN)/cfn-lint deploy/archiver.yaml
 
 unit: venv tools
 	$(BIN)/pytest

@@ -1,0 +1,575 @@
+"""deploy/archiver.yaml: least-privilege task role, every setting wired, shutdown, queues, bucket, scaling."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from archiver.errors import SettingsError
+from archiver.settings import Settings, load_settings
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+ACCOUNT = "123456789012"
+REGION = "eu-west-1"
+NO_VALUE = object()  # AWS::NoValue: the property or list item disappears
+PSEUDO = {
+    "AWS::AccountId": ACCOUNT,
+    "AWS::Region": REGION,
+    "AWS::Partition": "aws",
+    "AWS::StackName": "archiver",
+    "AWS::URLSuffix": "amazonaws.com",
+}
+DISTRIBUTION = "archiver-distribution-1a2b3c"
+REQUIRED = {"ContainerImage": "archiver:test", "SourceBucket": "source-images"}
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+class CfnLoader(yaml.SafeLoader):
+    """YAML with CloudFormation's short tags, read into their long forms (`!Sub x` -> {"Fn::Sub": x})."""
+
+
+def _short_tag(loader: CfnLoader, suffix: str, node: yaml.Node) -> dict[str, Any]:
+    value: Any
+    if isinstance(node, yaml.ScalarNode):
+        value = loader.construct_scalar(node)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_mapping(node, deep=True)  # type: ignore[arg-type]
+    if suffix == "Ref":
+        return {"Ref": value}
+    if suffix == "Condition":
+        return {"Condition": value}
+    if suffix == "GetAtt" and isinstance(value, str):
+        value = value.split(".", 1)
+    return {f"Fn::{suffix}": value}
+
+
+CfnLoader.add_multi_constructor("!", _short_tag)
+
+
+@functools.cache
+def template() -> dict[str, Any]:
+    with (DEPLOY / "archiver.yaml").open() as stream:
+        loaded: dict[str, Any] = yaml.load(stream, Loader=CfnLoader)  # a SafeLoader subclass
+    return loaded
+
+
+def resources(kind: str) -> dict[str, dict[str, Any]]:
+    return {name: res for name, res in template()["Resources"].items() if res["Type"] == kind}
+
+
+def container() -> dict[str, Any]:
+    (task,) = resources("AWS::ECS::TaskDefinition").values()
+    (definition,) = task["Properties"]["ContainerDefinitions"]
+    return dict(definition)
+
+
+def environment() -> dict[str, Any]:
+    return {item["Name"]: item["Value"] for item in container()["Environment"]}
+
+
+def task_role_statements() -> list[dict[str, Any]]:
+    (task,) = resources("AWS::ECS::TaskDefinition").values()
+    role_name = task["Properties"]["TaskRoleArn"]["Fn::GetAtt"][0]
+    role = template()["Resources"][role_name]
+    assert role["Type"] == "AWS::IAM::Role"
+    assert "ManagedPolicyArns" not in role["Properties"], "the task role's grants are all inline"
+    return [
+        statement
+        for policy in role["Properties"]["Policies"]
+        for statement in policy["PolicyDocument"]["Statement"]
+    ]
+
+
+def declared_actions() -> set[str]:
+    listed = json.loads((DEPLOY / "worker-actions.json").read_text())
+    assert set(listed) == {"s3", "sqs", "ecs"}
+    actions = {action for group in listed.values() for action in group}
+    assert all(action.split(":")[0] == service for service, group in listed.items() for action in group)
+    return actions
+
+
+def as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+# ------------------------------------------------------------------------------------------- resolving
+
+
+class Resolver:
+    """Evaluates the template's intrinsic functions for given parameter values, with made-up physical
+    names for resources, so that policies and the container environment can be checked as plain values."""
+
+    def __init__(self, **overrides: Any) -> None:
+        self.params: dict[str, Any] = {}
+        for name, spec in template()["Parameters"].items():
+            value = overrides.get(name, spec.get("Default", REQUIRED.get(name)))
+            if spec["Type"] == "CommaDelimitedList" and isinstance(value, str):
+                value = value.split(",")
+            self.params[name] = value if isinstance(value, list) else str(value)
+
+    def condition(self, name: str) -> bool:
+        return bool(self(template()["Conditions"][name]))
+
+    def physical(self, logical: str) -> str:
+        resource = template()["Resources"][logical]
+        assert "Condition" not in resource or self.condition(resource["Condition"]), (
+            f"{logical} is not created"
+        )
+        return f"archiver-{logical.lower()}-1a2b3c"
+
+    def ref(self, name: str) -> Any:
+        if name in PSEUDO:
+            return PSEUDO[name]
+        if name == "AWS::NoValue":
+            return NO_VALUE
+        if name in self.params:
+            return self.params[name]
+        physical = self.physical(name)
+        if template()["Resources"][name]["Type"] == "AWS::SQS::Queue":
+            return f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/{physical}"
+        return physical
+
+    def attribute(self, logical: str, attribute: str) -> str:
+        physical = self.physical(logical)
+        known = {
+            ("AWS::S3::Bucket", "Arn"): f"arn:aws:s3:::{physical}",
+            ("AWS::SQS::Queue", "Arn"): f"arn:aws:sqs:{REGION}:{ACCOUNT}:{physical}",
+            ("AWS::SQS::Queue", "QueueName"): physical,
+            ("AWS::CloudFront::Distribution", "DomainName"): "d111111abcdef8.cloudfront.net",
+        }
+        return known.get((template()["Resources"][logical]["Type"], attribute), f"{physical}.{attribute}")
+
+    def sub(self, text: str, variables: dict[str, Any]) -> str:
+        def one(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name in variables:
+                return str(self(variables[name]))
+            if "." in name and name not in PSEUDO:
+                return self.attribute(*name.split(".", 1))
+            return str(self.ref(name))
+
+        return re.sub(r"\$\{([^}!]+)\}", one, text)
+
+    def __call__(self, node: Any) -> Any:
+        if isinstance(node, list):
+            return [item for item in (self(item) for item in node) if item is not NO_VALUE]
+        if not isinstance(node, dict):
+            return node
+        if len(node) == 1:
+            ((key, arg),) = node.items()
+            if key == "Ref":
+                return self.ref(arg)
+            if key == "Condition":
+                return self.condition(arg)
+            if key == "Fn::GetAtt":
+                return self.attribute(*arg)
+            if key == "Fn::Sub":
+                text, variables = (arg, {}) if isinstance(arg, str) else arg
+                return self.sub(text, variables)
+            if key == "Fn::Join":
+                return arg[0].join(str(item) for item in self(arg[1]))
+            if key == "Fn::Split":
+                return str(self(arg[1])).split(arg[0])
+            if key == "Fn::If":
+                return self(arg[1] if self.condition(arg[0]) else arg[2])
+            if key == "Fn::Equals":
+                return self(arg[0]) == self(arg[1])
+            if key == "Fn::Not":
+                return not self(arg[0])
+            if key == "Fn::And":
+                return all(self(item) for item in arg)
+            if key == "Fn::Or":
+                return any(self(item) for item in arg)
+            if key == "Fn::FindInMap":
+                name, top, second = (self(part) for part in arg)
+                return template()["Mappings"][name][top][second]
+        return {key: value for key, value in ((k, self(v)) for k, v in node.items()) if value is not NO_VALUE}
+
+
+def resolved_environment(**overrides: Any) -> dict[str, str]:
+    resolve = Resolver(**overrides)
+    return {item["Name"]: str(resolve(item["Value"])) for item in container()["Environment"]}
+
+
+def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The worker's settings from exactly this environment, as the container would read them."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return load_settings()
+
+
+def grants(**overrides: Any) -> dict[str, set[str]]:
+    """Action -> the concrete resources the task role grants it on."""
+    granted: dict[str, set[str]] = {}
+    for statement in Resolver(**overrides)(task_role_statements()):
+        for action in as_list(statement["Action"]):
+            granted.setdefault(action, set()).update(as_list(statement["Resource"]))
+    return granted
+
+
+# ------------------------------------------------------------------------------------------- IAM
+
+
+def test_task_role_grants_exactly_the_declared_actions() -> None:
+    """The task role allows exactly the union of deploy/worker-actions.json."""
+    granted = {action for statement in task_role_statements() for action in as_list(statement["Action"])}
+    assert granted == declared_actions()
+
+
+def test_task_role_has_no_wildcards_or_exceptions() -> None:
+    """Every task-role statement is a plain Allow of named actions on named resources, no `*`."""
+    for statement in task_role_statements():
+        assert statement["Effect"] == "Allow"
+        assert set(statement) <= {"Sid", "Effect", "Action", "Resource", "Condition"}
+        assert not any("*" in action for action in as_list(statement["Action"])), statement["Sid"]
+        for allowed_sources in ([""], ["partner-images", "more-images"]):
+            for resource in as_list(Resolver(AllowedSourceBuckets=allowed_sources)(statement["Resource"])):
+                assert resource != "*" and not resource.startswith("arn:aws:s3:::*"), statement["Sid"]
+                assert ":::/" not in resource, f"{statement['Sid']}: an empty bucket name in {resource}"
+
+
+@pytest.mark.parametrize("allowed", [[""], ["partner-images", "more-images"]], ids=["no-extra", "two-extra"])
+def test_task_role_resources_are_the_buckets_prefix_and_queues(allowed: list[str]) -> None:
+    """Archive writes stay under FilePrefix/, sources are read-only, each queue gets its own actions."""
+    archive = "arn:aws:s3:::archiver-archivebucket-1a2b3c"
+    sources = {f"arn:aws:s3:::{bucket}" for bucket in ["source-images", *allowed] if bucket}
+    source_queue = f"arn:aws:sqs:{REGION}:{ACCOUNT}:archiver-sourcequeue-1a2b3c"
+    destination_queue = f"arn:aws:sqs:{REGION}:{ACCOUNT}:archiver-destinationqueue-1a2b3c"
+    archive_objects = {f"{archive}/download/*"}
+    assert grants(AllowedSourceBuckets=allowed) == {
+        "s3:GetObject": {f"{bucket}/*" for bucket in sources} | archive_objects,
+        "s3:ListBucket": sources | {archive},
+        "s3:PutObject": archive_objects,
+        "s3:AbortMultipartUpload": archive_objects,
+        "s3:ListBucketMultipartUploads": {archive},
+        "sqs:ReceiveMessage": {source_queue},
+        "sqs:DeleteMessage": {source_queue},
+        "sqs:ChangeMessageVisibility": {source_queue},
+        "sqs:GetQueueAttributes": {source_queue},
+        "sqs:GetQueueUrl": {source_queue, destination_queue},
+        "sqs:SendMessage": {destination_queue},
+        "ecs:UpdateTaskProtection": {f"arn:aws:ecs:{REGION}:{ACCOUNT}:task/archiver-cluster-1a2b3c/*"},
+        "ecs:GetTaskProtection": {f"arn:aws:ecs:{REGION}:{ACCOUNT}:task/archiver-cluster-1a2b3c/*"},
+    }
+    assert grants(AllowedSourceBuckets=allowed, FilePrefix="exports/zips")["s3:PutObject"] == {
+        f"{archive}/exports/zips/*"
+    }
+
+
+def test_task_role_is_assumable_only_by_this_accounts_ecs_tasks() -> None:
+    """Only this account's ECS tasks may assume the task role (confused-deputy guard)."""
+    (task,) = resources("AWS::ECS::TaskDefinition").values()
+    role = template()["Resources"][task["Properties"]["TaskRoleArn"]["Fn::GetAtt"][0]]
+    (trust,) = role["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+    assert trust["Principal"] == {"Service": "ecs-tasks.amazonaws.com"}
+    assert trust["Condition"]["StringEquals"] == {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}
+
+
+# ------------------------------------------------------------------------------------------- container
+
+
+def test_every_setting_is_in_the_container_environment() -> None:
+    """Every Settings field, upper-cased, is in the container environment, plus AWS_REGION only."""
+    names = [item["Name"] for item in container()["Environment"]]
+    assert len(names) == len(set(names))
+    assert set(names) == {name.upper() for name in Settings.model_fields} | {"AWS_REGION"}
+
+
+@pytest.mark.parametrize("cloudfront", ["false", "true"])
+def test_default_parameters_make_valid_settings(cloudfront: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Default parameters give an environment the worker loads, with CloudFront as base URL if on."""
+    env = resolved_environment(EnableCloudFront=cloudfront)
+    settings = settings_from(env, monkeypatch)
+    assert settings.sqs_source_queue.endswith("/archiver-sourcequeue-1a2b3c")
+    assert settings.s3_destination_bucket == "archiver-archivebucket-1a2b3c"
+    assert settings.expected_bucket_owner == ACCOUNT
+    assert settings.source_buckets == frozenset({"source-images"})
+    assert settings.archive_base_url == (
+        "https://d111111abcdef8.cloudfront.net" if cloudfront == "true" else None
+    )
+    assert (settings.shutdown_grace, settings.visibility_timeout, settings.health_file) == (
+        25,
+        120,
+        "/tmp/archiver.heartbeat",
+    )
+    assert not settings.app_debug and not settings.dev_mode
+    assert env["AWS_REGION"] == REGION
+    assert settings_from(
+        resolved_environment(AllowedSourceBuckets="partner-images,more-images"), monkeypatch
+    ).source_buckets == frozenset({"source-images", "partner-images", "more-images"})
+
+
+def test_parameter_bounds_are_the_workers_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each setting's Number parameter bounds are exactly where the worker starts refusing values."""
+    wired = {
+        value["Ref"]: name
+        for name, value in environment().items()
+        if isinstance(value, dict) and value.get("Ref") in template()["Parameters"]
+    }
+    checked = 0
+    for parameter, variable in wired.items():
+        spec = template()["Parameters"][parameter]
+        if spec["Type"] != "Number":
+            continue
+        for bound, step in (("MinValue", -1), ("MaxValue", 1)):
+            if bound not in spec:
+                continue
+            checked += 1
+            settings_from(resolved_environment(**{parameter: spec[bound]}), monkeypatch)
+            with pytest.raises(SettingsError, match=variable):
+                settings_from(resolved_environment(**{parameter: spec[bound] + step}), monkeypatch)
+    assert checked >= 10
+
+
+def test_stop_timeout_is_shutdown_grace_plus_five() -> None:
+    """stopTimeout is SHUTDOWN_GRACE + 5 for every allowed ShutdownGrace (30 by default), <= 120."""
+    assert container()["StopTimeout"] == {
+        "Fn::FindInMap": ["StopTimeouts", {"Ref": "ShutdownGrace"}, "Seconds"]
+    }
+    assert environment()["SHUTDOWN_GRACE"] == {"Ref": "ShutdownGrace"}
+    grace = template()["Parameters"]["ShutdownGrace"]
+    mapping = template()["Mappings"]["StopTimeouts"]
+    assert set(mapping) == set(grace["AllowedValues"])
+    for value in grace["AllowedValues"]:
+        assert mapping[value] == {"Seconds": int(value) + 5}
+        assert int(value) + 5 <= 120
+    assert Resolver()(container()["StopTimeout"]) == 30
+
+
+def test_health_check_runs_archiver_check() -> None:
+    """The container health check is `archiver check`, interval 30, timeout 5, 3 retries, start 30."""
+    assert container()["HealthCheck"] == {
+        "Command": ["CMD", "archiver", "check"],
+        "Interval": 30,
+        "Timeout": 5,
+        "Retries": 3,
+        "StartPeriod": 30,
+    }
+
+
+def test_logs_never_block_the_worker() -> None:
+    """awslogs runs in non-blocking mode with a bounded buffer into a log group with a retention."""
+    logging = container()["LogConfiguration"]
+    assert logging["LogDriver"] == "awslogs"
+    assert logging["Options"]["mode"] == "non-blocking"
+    assert re.fullmatch(r"\d+[km]", logging["Options"]["max-buffer-size"])
+    group = template()["Resources"][logging["Options"]["awslogs-group"]["Ref"]]
+    assert group["Properties"]["RetentionInDays"] == {"Ref": "LogRetentionDays"}
+
+
+def test_service_rolls_back_failed_deployments() -> None:
+    """The service has a rollback circuit breaker, Fargate capacity providers, no fixed DesiredCount."""
+    (service,) = resources("AWS::ECS::Service").values()
+    properties = service["Properties"]
+    assert properties["DeploymentConfiguration"]["DeploymentCircuitBreaker"] == {
+        "Enable": True,
+        "Rollback": True,
+    }
+    assert [item["CapacityProvider"] for item in properties["CapacityProviderStrategy"]] == [
+        "FARGATE",
+        "FARGATE_SPOT",
+    ]
+    assert "DesiredCount" not in properties and "LaunchType" not in properties
+
+
+# ------------------------------------------------------------------------------------------- queues, bucket
+
+
+def test_source_queue_redrives_to_a_long_lived_dlq() -> None:
+    """The source queue redrives to a 14-day DLQ after MaxReceiveCount (5); all queues use SSE."""
+    queues = resources("AWS::SQS::Queue")
+    source = queues["SourceQueue"]["Properties"]
+    assert source["RedrivePolicy"] == {
+        "deadLetterTargetArn": {"Fn::GetAtt": ["DeadLetterQueue", "Arn"]},
+        "maxReceiveCount": {"Ref": "MaxReceiveCount"},
+    }
+    assert template()["Parameters"]["MaxReceiveCount"]["Default"] == 5
+    assert queues["DeadLetterQueue"]["Properties"]["MessageRetentionPeriod"] == 14 * 24 * 3600
+    assert source["VisibilityTimeout"] == environment()["VISIBILITY_TIMEOUT"] == {"Ref": "VisibilityTimeout"}
+    assert (
+        source["MessageRetentionPeriod"] < queues["DeadLetterQueue"]["Properties"]["MessageRetentionPeriod"]
+    )
+    assert all(queue["Properties"]["SqsManagedSseEnabled"] is True for queue in queues.values())
+
+
+def test_archive_bucket_is_private_encrypted_and_cleans_up() -> None:
+    """The archive bucket is private, SSE-S3, aborts stale uploads after 1 day, expires the prefix."""
+    (bucket,) = resources("AWS::S3::Bucket").values()
+    properties = bucket["Properties"]
+    assert set(properties["PublicAccessBlockConfiguration"].values()) == {True}
+    assert properties["OwnershipControls"] == {"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]}
+    (encryption,) = properties["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+    assert encryption["ServerSideEncryptionByDefault"] == {"SSEAlgorithm": "AES256"}
+    rules = {rule["Id"]: rule for rule in properties["LifecycleConfiguration"]["Rules"]}
+    abort = rules["AbortIncompleteMultipartUploads"]
+    assert abort["Status"] == "Enabled" and "Prefix" not in abort
+    assert abort["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 1}
+    expire = rules["ExpireArchives"]
+    assert expire["Status"] == "Enabled"
+    assert expire["ExpirationInDays"] == {"Ref": "ArchiveExpirationDays"}
+    assert Resolver()(expire["Prefix"]) == "download/"
+
+
+def test_cloudfront_reads_only_the_prefix_and_only_when_enabled() -> None:
+    """Only when enabled may the distribution's OAC GetObject, and only under FilePrefix/."""
+    (policy,) = resources("AWS::S3::BucketPolicy").values()
+
+    def statements(cloudfront: str) -> list[dict[str, Any]]:
+        resolved: list[dict[str, Any]] = Resolver(EnableCloudFront=cloudfront)(
+            policy["Properties"]["PolicyDocument"]["Statement"]
+        )
+        return resolved
+
+    allowed = [s for s in statements("true") if s["Effect"] == "Allow"]
+    assert allowed == [
+        {
+            "Sid": "CloudFrontReadsArchives",
+            "Effect": "Allow",
+            "Principal": {"Service": "cloudfront.amazonaws.com"},
+            "Action": "s3:GetObject",
+            "Resource": "arn:aws:s3:::archiver-archivebucket-1a2b3c/download/*",
+            "Condition": {
+                "StringEquals": {
+                    "AWS:SourceArn": f"arn:aws:cloudfront::{ACCOUNT}:distribution/{DISTRIBUTION}"
+                }
+            },
+        }
+    ]
+    assert [s for s in statements("false") if s["Effect"] == "Allow"] == []
+    assert resources("AWS::CloudFront::Distribution")["Distribution"]["Condition"] == "UseCloudFront"
+
+
+# ------------------------------------------------------------------------------------------- scaling, alarms
+
+
+def metric_names(metrics: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    return {
+        m["Id"]: (m["MetricStat"]["Metric"]["Namespace"], m["MetricStat"]["Metric"]["MetricName"])
+        for m in metrics
+        if "MetricStat" in m
+    }
+
+
+def test_target_tracking_holds_backlog_per_task() -> None:
+    """Target tracking holds visible messages / RunningTaskCount at BacklogPerTask, tasks 0..MaxTasks."""
+    (target,) = resources("AWS::ApplicationAutoScaling::ScalableTarget").values()
+    assert target["Properties"]["MinCapacity"] == 0
+    assert target["Properties"]["MaxCapacity"] == {"Ref": "MaxTasks"}
+    (tracking,) = [
+        p
+        for p in resources("AWS::ApplicationAutoScaling::ScalingPolicy").values()
+        if p["Properties"]["PolicyType"] == "TargetTrackingScaling"
+    ]
+    configuration = tracking["Properties"]["TargetTrackingScalingPolicyConfiguration"]
+    assert configuration["TargetValue"] == {"Ref": "BacklogPerTask"}
+    assert template()["Parameters"]["BacklogPerTask"]["Default"] == 2
+    metrics = configuration["CustomizedMetricSpecification"]["Metrics"]
+    assert metric_names(metrics) == {
+        "visible": ("AWS/SQS", "ApproximateNumberOfMessagesVisible"),
+        "running": ("ECS/ContainerInsights", "RunningTaskCount"),
+    }
+    (returned,) = [m for m in metrics if m["ReturnData"]]
+    assert returned["Expression"] == "visible / running"
+    resolve = Resolver()
+    dimensions = {
+        m["Id"]: resolve(m["MetricStat"]["Metric"]["Dimensions"]) for m in metrics if "MetricStat" in m
+    }
+    assert dimensions["visible"] == [{"Name": "QueueName", "Value": "archiver-sourcequeue-1a2b3c"}]
+    assert dimensions["running"] == [
+        {"Name": "ClusterName", "Value": "archiver-cluster-1a2b3c"},
+        {"Name": "ServiceName", "Value": "archiver-service-1a2b3c.Name"},
+    ]
+    (cluster,) = resources("AWS::ECS::Cluster").values()
+    assert {"Name": "containerInsights", "Value": "enabled"} in cluster["Properties"]["ClusterSettings"]
+
+
+def test_step_policy_scales_from_zero_on_waiting_messages() -> None:
+    """A step policy sets 1 task when messages are visible and the service wants no task."""
+    (step_name,) = [
+        name
+        for name, p in resources("AWS::ApplicationAutoScaling::ScalingPolicy").items()
+        if p["Properties"]["PolicyType"] == "StepScaling"
+    ]
+    configuration = template()["Resources"][step_name]["Properties"]["StepScalingPolicyConfiguration"]
+    assert configuration["AdjustmentType"] == "ExactCapacity"
+    assert configuration["StepAdjustments"] == [{"MetricIntervalLowerBound": 0, "ScalingAdjustment": 1}]
+    (alarm,) = [
+        a
+        for a in resources("AWS::CloudWatch::Alarm").values()
+        if a["Properties"].get("AlarmActions") == [{"Ref": step_name}]
+    ]
+    properties = alarm["Properties"]
+    assert (properties["ComparisonOperator"], properties["Threshold"]) == ("GreaterThanOrEqualToThreshold", 1)
+    assert metric_names(properties["Metrics"]) == {
+        "visible": ("AWS/SQS", "ApproximateNumberOfMessagesVisible"),
+        "desired": ("ECS/ContainerInsights", "DesiredTaskCount"),
+    }
+    (returned,) = [m for m in properties["Metrics"] if m["ReturnData"]]
+    assert returned["Expression"] == "IF(FILL(desired, 0) == 0, visible, 0)"
+
+
+def test_alarms_watch_the_dlq_and_the_oldest_request() -> None:
+    """Alarms fire on any DLQ message and on an old source message, to the optional SNS topic."""
+    alarms = {
+        (Resolver()(a["Properties"]["Dimensions"])[0]["Value"], a["Properties"]["MetricName"]): a[
+            "Properties"
+        ]
+        for a in resources("AWS::CloudWatch::Alarm").values()
+        if "MetricName" in a["Properties"]
+    }
+    dlq = alarms[("archiver-deadletterqueue-1a2b3c", "ApproximateNumberOfMessagesVisible")]
+    assert (dlq["ComparisonOperator"], dlq["Threshold"]) == ("GreaterThanThreshold", 0)
+    age = alarms[("archiver-sourcequeue-1a2b3c", "ApproximateAgeOfOldestMessage")]
+    assert (age["ComparisonOperator"], age["Threshold"]) == (
+        "GreaterThanThreshold",
+        {"Ref": "OldestMessageAgeThreshold"},
+    )
+    for alarm in (dlq, age):
+        assert Resolver(AlarmTopicArn=f"arn:aws:sns:{REGION}:{ACCOUNT}:ops")(alarm["AlarmActions"]) == [
+            f"arn:aws:sns:{REGION}:{ACCOUNT}:ops"
+        ]
+        assert Resolver()({"Actions": alarm["AlarmActions"]}) == {}
+
+
+def test_outputs_name_the_queues_bucket_and_service() -> None:
+    """The stack outputs queue URLs, DLQ ARN, bucket, service, and CloudFront's domain if enabled."""
+    outputs = template()["Outputs"]
+    assert {
+        "SourceQueueUrl",
+        "DestinationQueueUrl",
+        "DeadLetterQueueArn",
+        "ArchiveBucketName",
+        "ServiceName",
+    } <= set(outputs)
+    assert outputs["CloudFrontDomainName"]["Condition"] == "UseCloudFront"
+
+
+def test_every_task_cpu_has_a_memory_rule() -> None:
+    """Each allowed TaskCpu has a Rule limiting TaskMemory to allowed values Fargate pairs with it."""
+    parameters, rules = template()["Parameters"], template()["Rules"]
+    memory = set(parameters["TaskMemory"]["AllowedValues"])
+    covered = set()
+    for rule in rules.values():
+        cpu = rule["RuleCondition"]["Fn::Equals"][1]
+        covered.add(cpu)
+        ((assertion,),) = [rule["Assertions"]]
+        allowed, ref = assertion["Assert"]["Fn::Contains"]
+        assert ref == {"Ref": "TaskMemory"} and set(allowed) <= memory
+        assert all(int(cpu) * 2 <= int(m) <= int(cpu) * 8 for m in allowed), cpu
+    assert covered == set(parameters["TaskCpu"]["AllowedValues"])
+    assert (
+        parameters["TaskMemory"]["Default"]
+        in rules["Cpu1024Memory"]["Assertions"][0]["Assert"]["Fn::Contains"][0]
+    )
