@@ -21,6 +21,8 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
+# The IAM action the agent performs with the task role when we PUT the state (we never GET it).
+IAM_ACTIONS = ("ecs:UpdateTaskProtection",)
 PROTECTION_MINUTES = 15
 RENEW_AFTER_SECONDS = 5 * 60
 TIMEOUT_SECONDS = 5

@@ -261,7 +261,6 @@ def test_task_role_resources_are_the_buckets_prefix_and_queues(allowed: list[str
         "sqs:GetQueueUrl": {source_queue, destination_queue},
         "sqs:SendMessage": {destination_queue},
         "ecs:UpdateTaskProtection": {f"arn:aws:ecs:{REGION}:{ACCOUNT}:task/archiver-cluster-1a2b3c/*"},
-        "ecs:GetTaskProtection": {f"arn:aws:ecs:{REGION}:{ACCOUNT}:task/archiver-cluster-1a2b3c/*"},
     }
     assert grants(AllowedSourceBuckets=allowed, FilePrefix="exports/zips")["s3:PutObject"] == {
         f"{archive}/exports/zips/*"

@@ -1,0 +1,95 @@
+"""The task role grants exactly what the worker calls: its real boto3 calls, recorded, against
+deploy/worker-actions.json (which tests/test_deploy.py holds equal to the template's policy)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from archiver import worker
+from archiver.aws import AwsClients, make_clients
+from archiver.protection import IAM_ACTIONS as PROTECTION_ACTIONS
+from tests.conftest import Stack
+
+DECLARED = json.loads((Path(__file__).parent.parent / "deploy" / "worker-actions.json").read_text())
+
+# Each API operation the worker may call and the IAM action it needs. An operation missing here fails the
+# test below, so a new call cannot ship without its permission.
+ACTION_OF = {
+    "s3:HeadObject": "s3:GetObject",
+    "s3:GetObject": "s3:GetObject",
+    "s3:PutObject": "s3:PutObject",
+    "s3:CreateMultipartUpload": "s3:PutObject",
+    "s3:UploadPart": "s3:PutObject",
+    "s3:CompleteMultipartUpload": "s3:PutObject",
+    "s3:AbortMultipartUpload": "s3:AbortMultipartUpload",
+    "s3:ListMultipartUploads": "s3:ListBucketMultipartUploads",
+    "sqs:GetQueueUrl": "sqs:GetQueueUrl",
+    "sqs:GetQueueAttributes": "sqs:GetQueueAttributes",
+    "sqs:ReceiveMessage": "sqs:ReceiveMessage",
+    "sqs:ChangeMessageVisibility": "sqs:ChangeMessageVisibility",
+    "sqs:DeleteMessage": "sqs:DeleteMessage",
+    "sqs:SendMessage": "sqs:SendMessage",
+}
+# Granted though never called: with it S3 answers a missing key with 404 instead of 403, which is how
+# a missing source is told apart from a forbidden one (and a missing status.json from an error).
+PERMISSION_ONLY = {"s3:ListBucket"}
+
+
+@pytest.fixture
+def recorded(moto_endpoint: str) -> tuple[AwsClients, set[str]]:
+    calls: set[str] = set()
+    clients = make_clients()
+
+    def record(model: Any, **_: Any) -> None:
+        calls.add(f"{model.service_model.endpoint_prefix}:{model.name}")
+
+    for client in (clients.s3, clients.sqs, clients.presign):
+        client.meta.events.register("before-call", record)
+    return clients, calls
+
+
+def test_every_worker_call_is_granted_and_every_grant_is_used(
+    stack: Stack, recorded: tuple[AwsClients, set[str]]
+) -> None:
+    """A run through every path (built, skipped, duplicate, failed, pointer, stale upload, released)
+    calls only granted actions, and uses every granted one."""
+    clients, calls = recorded
+    stack.put("a.txt", b"a")
+    stack.put("req.json", json.dumps({"request_id": "via-pointer", "files": [{"source": "a.txt"}]}).encode())
+    s3 = stack.clients.s3
+    s3.create_multipart_upload(Bucket=stack.destination_bucket, Key="download/stale/stale.zip")
+    pointer = [
+        "software.amazon.payloadoffloading.PayloadS3Pointer",
+        {"s3BucketName": stack.source_bucket, "s3Key": "req.json"},
+    ]
+    for body in (
+        {"request_id": "stale", "files": [{"source": "a.txt"}]},
+        {"request_id": "stale", "files": [{"source": "a.txt"}]},  # a duplicate: re-notified
+        {"request_id": "skipping", "on_missing": "skip", "files": [{"source": "a.txt"}, {"source": "no"}]},
+        {"request_id": "missing", "files": [{"source": "no"}]},
+        pointer,
+    ):
+        stack.send(body)
+    stack.send(json.dumps({"request_id": "x", "files": [{"source": "a.txt", "name": "b.txt"}]}))
+    running = worker.connect(stack.settings(), clients)
+    running.emit_metrics = False
+    worker.run(running, burst=True)
+    assert len(stack.notifications(6)) == 6
+    # And a release: a message whose notification cannot be sent (the queue is gone) is put back.
+    stack.send({"request_id": "released", "files": [{"source": "a.txt"}]})
+    broken = worker.connect(stack.settings(sqs_destination_queue=stack.destination_url + "-gone"), clients)
+    worker.run(broken, burst=True)
+
+    unknown = calls - set(ACTION_OF)
+    assert unknown == set(), f"map these operations to IAM actions and grant them: {unknown}"
+    used = {ACTION_OF[call] for call in calls}
+    declared = set(DECLARED["s3"]) | set(DECLARED["sqs"])
+    assert used <= declared, f"called but not granted: {used - declared}"
+    assert declared - PERMISSION_ONLY <= used, (
+        f"granted but never called: {declared - PERMISSION_ONLY - used}"
+    )
+    assert set(DECLARED["ecs"]) == set(PROTECTION_ACTIONS)
