@@ -6,7 +6,7 @@ The compression of each entry is decided before it starts, from its name and wha
   CRC-32, so size and CRC go in the local header and nothing is read twice; otherwise deflate level 0
   (zlib's stored blocks, ~4 GB/s here), since STORED with a data descriptor is refused by Java's
   ZipInputStream and macOS Archive Utility.
-ZIP64 is used per entry only where it is needed (an entry that could end past 4 GiB, entries past 65,535).
+ZIP64 is used only where a record cannot hold a value (see _Member).
 """
 
 from __future__ import annotations
@@ -18,14 +18,18 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from isal import isal_zlib
-from stream_zip import NO_COMPRESSION_32, NO_COMPRESSION_64, ZIP_32, ZIP_64, Method, stream_zip
+from stream_zip import NO_COMPRESSION_32, NO_COMPRESSION_64, ZIP_32, ZIP_64, ZIP_AUTO, Method, stream_zip
 
 from archiver.sources import SourceObject
 
 CHUNK_SIZE = 64 * 1024
 FILE_MODE = stat.S_IFREG | 0o644
 ZIP32_LIMIT = 0xFFFFFFFF
-ZIP32_MAX_ENTRIES = 0xFFFF
+# Deflate entries past 4 GiB up to this size are buffered and STORED (see _Member).
+BUFFER_LIMIT = 16 * 1024 * 1024
+# stream-zip's own "write zip64 end records when the offset or the count needs them" marker, taken
+# from its public ZIP_AUTO rather than imported from its private names.
+_AUTO_UPGRADE_END_RECORDS = ZIP_AUTO(0)._get(0, zlib.compressobj)[1]
 # Room for one entry's local header, extra fields and a data descriptor, with a margin.
 ENTRY_OVERHEAD = 512
 DEFLATE_LEVEL = 1
@@ -86,21 +90,46 @@ def compressor(level: int) -> Callable[[], Any]:
 
 
 class _Member(Method):
-    """One entry whose format is decided from the offset it starts at, which only stream-zip knows, so
-    that ZIP64 is used by exactly the entries that need it: one that could end past 4 GiB, or the
-    65,536th entry on. (stream-zip's ZIP_32 would fail mid-stream instead, and ZIP_AUTO only takes
-    zlib.) `level` None means STORED, with the CRC-32 S3 gave."""
+    """One entry whose format is decided from the offset it starts at, which only stream-zip knows.
 
-    def __init__(self, *, size: int, index: int, level: int | None, crc32: int | None) -> None:
-        self._size, self._index, self._level, self._crc32 = size, index, level, crc32
+    ZIP64 only where a record cannot hold a value: an entry that starts past 4 GiB, or whose size could
+    reach 4 GiB. An entry that merely crosses 4 GiB stays zip32, and so does the 65,536th entry: only
+    the end records need zip64 then, which stream-zip writes itself when told it may (the auto-upgrade
+    marker below). This matters beyond size: Java 17's ZipInputStream misreads the zip64 data
+    descriptor of an entry smaller than 4 GiB (JDK-8303866, fixed in 21). For the same reason a small
+    deflate entry past 4 GiB is read into memory (at most BUFFER_LIMIT) and STORED with its CRC in the
+    local header, with no data descriptor at all. `level` None means STORED with S3's CRC-32.
+    """
+
+    def __init__(self, *, size: int, level: int | None, crc32: int | None, source: Iterator[bytes]) -> None:
+        self._size, self._level, self._crc32, self._source = size, level, crc32, source
+        self._buffered: list[bytes] | None = None
+
+    def chunks(self) -> Iterator[bytes]:
+        """The entry's bytes: stream-zip calls `_get` before it reads them, so the choice is made."""
+        if self._buffered is None:
+            yield from self._source
+            return
+        self._buffered.reverse()  # pop from the end: each chunk is freed once written
+        while self._buffered:
+            yield self._buffered.pop()
 
     def _get(self, offset: int, default_get_compressobj: Any) -> Any:
-        bound = self._size if self._level is None else deflate_bound(self._size, self._level)
-        zip64 = offset + bound + ENTRY_OVERHEAD > ZIP32_LIMIT or self._index >= ZIP32_MAX_ENTRIES
-        if self._level is None:
+        past = offset >= ZIP32_LIMIT
+        if self._level is not None and past and self._size <= BUFFER_LIMIT:
+            self._buffered = list(self._source)
+            crc = 0
+            for chunk in self._buffered:
+                crc = zlib.crc32(chunk, crc)
+            chosen = NO_COMPRESSION_64(self._size, crc)._get(offset, default_get_compressobj)
+        elif self._level is None:
+            zip64 = past or self._size >= ZIP32_LIMIT
             stored = NO_COMPRESSION_64 if zip64 else NO_COMPRESSION_32
-            return stored(self._size, self._crc32 or 0)._get(offset, default_get_compressobj)
-        return (ZIP_64 if zip64 else ZIP_32)._get(offset, compressor(self._level))
+            chosen = stored(self._size, self._crc32 or 0)._get(offset, default_get_compressobj)
+        else:
+            zip64 = past or deflate_bound(self._size, self._level) >= ZIP32_LIMIT
+            chosen = (ZIP_64 if zip64 else ZIP_32)._get(offset, compressor(self._level))
+        return (chosen[0], _AUTO_UPGRADE_END_RECORDS, *chosen[2:])
 
 
 @dataclass(frozen=True)
@@ -132,10 +161,9 @@ def zip_chunks(
     def members() -> Iterator[tuple[str, Any, int, Method, Iterator[bytes]]]:
         for index, entry in enumerate(entries):
             obj = entry.source
-            method = _Member(
-                size=obj.size, index=index, level=choose_level(entry, compression), crc32=obj.crc32
-            )
-            yield entry.path, obj.last_modified, FILE_MODE, method, open_source(index, obj)
+            level = choose_level(entry, compression)
+            member = _Member(size=obj.size, level=level, crc32=obj.crc32, source=open_source(index, obj))
+            yield entry.path, obj.last_modified, FILE_MODE, member, member.chunks()
 
     return iter(stream_zip(members(), chunk_size=CHUNK_SIZE, extended_timestamps=True))
 
