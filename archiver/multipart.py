@@ -121,8 +121,8 @@ def upload_stream(
             concurrency=concurrency,
             cancelled=cancelled,
         )
-        completed = retry_transient(s3.complete_multipart_upload)(
-            Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+        etag = _complete(
+            s3, bucket=bucket, key=key, upload_id=upload_id, parts=parts, size=size, metadata=metadata
         )
     except BaseException:
         try:
@@ -131,7 +131,34 @@ def upload_stream(
             # A bucket lifecycle rule (AbortIncompleteMultipartUpload) is the safety net for this.
             log.exception("upload.abort_failed", key=key, upload_id=upload_id)
         raise
-    return UploadedObject(bucket=bucket, key=key, size=size, parts=len(parts), etag=completed.get("ETag", ""))
+    return UploadedObject(bucket=bucket, key=key, size=size, parts=len(parts), etag=etag)
+
+
+def _complete(
+    s3: S3Client,
+    *,
+    bucket: str,
+    key: str,
+    upload_id: str,
+    parts: list[CompletedPartTypeDef],
+    size: int,
+    metadata: dict[str, str],
+) -> str:
+    """Complete the upload; returns the object's ETag. When the answer to a Complete that worked is lost,
+    botocore's retry finds the upload gone (NoSuchUpload on S3): the object itself says it is done."""
+    try:
+        return retry_transient(s3.complete_multipart_upload)(
+            Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+        ).get("ETag", "")
+    except Exception:
+        try:
+            head = s3.head_object(Bucket=bucket, Key=key)
+        except Exception:
+            head = None
+        if head is not None and head["ContentLength"] == size and head.get("Metadata") == metadata:
+            log.warning("upload.complete_answer_lost", key=key)
+            return head["ETag"]
+        raise
 
 
 def _upload_parts(

@@ -168,6 +168,28 @@ def test_lost_create_response_leaves_no_incomplete_upload(stack: Stack, fault_pr
     assert stack.incomplete_uploads() == []
 
 
+def test_lost_complete_response_still_completes(
+    stack: Stack, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A CompleteMultipartUpload that worked but whose answer was lost counts as done: one archive,
+    one completed notification, no failure and no retry of the request."""
+    stack.put("a.txt", b"a" * 1000)
+    fault_proxy.configure(
+        rate=1.0, kinds=("cut",), limit=1, match=lambda r: r.operation == "CompleteMultipartUpload"
+    )
+    stack.send({"request_id": "lost-complete", "files": [{"source": "a.txt"}]})
+    assert worker.run(worker.connect(stack.settings()), burst=True) == 0
+
+    assert [n["status"] for n in drain(stack)] == ["completed"]
+    completes = fault_proxy.requests_matching(operation="CompleteMultipartUpload")
+    assert completes[0].fault == "cut"
+    check_archive(
+        stack.download("download/lost-complete/lost-complete.zip"), {"a.txt": b"a" * 1000}, tmp_path
+    )
+    assert stack.incomplete_uploads() == []
+    assert depth(stack, stack.source_url) == (0, 0)
+
+
 def test_forbidden_bucket_sends_no_s3_request(stack: Stack, fault_proxy: FaultProxy) -> None:
     """A source outside ALLOWED_SOURCE_BUCKETS fails as forbidden_source before any S3 request is sent."""
     stack.put("a.txt", b"a")

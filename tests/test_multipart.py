@@ -92,3 +92,33 @@ def test_cancelled_job_aborts_the_upload(stack: Stack) -> None:
         )
     assert stack.archive_keys() == []
     assert stack.incomplete_uploads() == []
+
+
+def test_a_complete_whose_answer_is_lost_counts_as_done(stack: Stack) -> None:
+    """If every answer to CompleteMultipartUpload is lost although S3 did it, the object says it is done."""
+    import botocore.exceptions
+
+    from archiver.aws import make_clients
+
+    s3 = make_clients().s3
+    lost = []
+
+    def lose_answer(**_: object) -> None:
+        lost.append(1)
+        raise botocore.exceptions.ConnectionClosedError(endpoint_url="lost after the server completed")
+
+    s3.meta.events.register("after-call.s3.CompleteMultipartUpload", lose_answer)
+    body = os.urandom(6 * MiB)
+    result = upload_stream(
+        s3,
+        iter([body]),
+        bucket=stack.destination_bucket,
+        key="lost.zip",
+        part_size=5 * MiB,
+        concurrency=2,
+        metadata={"request-id": "lost"},
+    )
+    assert lost, "the hook ran"
+    assert result.size == len(body)
+    assert stack.download("lost.zip") == body
+    assert stack.incomplete_uploads() == []
