@@ -1,4 +1,4 @@
-"""`python -m bench [--scenarios large,small,text,huge] [--quick] [--profile NAMES|all]`.
+"""`python -m bench [--scenarios large,small,text,huge] [--quick] [--repeat N] [--profile NAMES|all]`.
 
 One run starts SeaweedFS and moto, then for each scenario uploads its sources, runs every method in its
 own subprocess, prints a table, and drops the scenario's buckets before the next. Results go to
@@ -57,6 +57,13 @@ def _names(text: str, allowed: tuple[str, ...] | list[str], what: str) -> list[s
     return names
 
 
+def _assignment(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
     scenario_names = list(SCENARIOS)
@@ -85,9 +92,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--part-size", type=_size, help="PART_SIZE for every method (default: archiver's)")
     parser.add_argument("--upload-concurrency", type=int, help="UPLOAD_CONCURRENCY (default: archiver's)")
     parser.add_argument("--prefetch-bytes", type=_size, help="PREFETCH_BYTES (default: archiver's)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of every method, interleaved; ratios use the median run, RSS checks the highest",
+    )
+    parser.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        type=_assignment,
+        help="an extra environment variable for archiver's worker only (repeatable)",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and logs go")
     parser.add_argument("--workdir", type=Path, help="parent of the temporary data dir (default: $TMPDIR)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    return args
 
 
 def log(message: str) -> None:
@@ -128,7 +152,7 @@ def environment(tuning: Tuning) -> dict[str, Any]:
 
 
 def run_scenario(
-    ctx: methods.RunContext, scenario: Scenario, chosen_methods: list[str], *, profiled: bool
+    ctx: methods.RunContext, scenario: Scenario, chosen_methods: list[str], *, profiled: bool, rounds: int
 ) -> ScenarioResult:
     result = ScenarioResult(
         name=scenario.name,
@@ -142,15 +166,17 @@ def run_scenario(
         sources = scenarios.upload_sources(ctx.s3, scenario, part_size=ctx.tuning.part_size)
         result.setup_seconds = time.monotonic() - started
         log(f"{scenario.name}: sources ready in {result.setup_seconds:.1f} s")
-        for method in chosen_methods:
-            log(f"{scenario.name}: {method} ...")
-            outcome = _run_method(ctx, scenario, sources, method)
-            result.results.append(outcome)
-            verdict = "ok" if outcome.ok else "FAILED"
-            log(
-                f"{scenario.name}: {method} {verdict} in {outcome.wall_seconds:.1f} s, "
-                f"peak RSS {outcome.peak_rss_mib:.0f} MiB"
-            )
+        # Rounds interleave the methods, so a burst of load from elsewhere hits them alike.
+        for round_number in range(1, rounds + 1):
+            for method in chosen_methods:
+                log(f"{scenario.name}: {method} (round {round_number}/{rounds}) ...")
+                outcome = _run_method(ctx, scenario, sources, method, round_number)
+                result.results.append(outcome)
+                verdict = "ok" if outcome.ok else "FAILED"
+                log(
+                    f"{scenario.name}: {method} {verdict} in {outcome.wall_seconds:.1f} s, "
+                    f"peak RSS {outcome.peak_rss_mib:.0f} MiB"
+                )
         if profiled:
             result.profile = _profile(ctx, scenario, sources)
     finally:
@@ -161,7 +187,11 @@ def run_scenario(
 
 
 def _run_method(
-    ctx: methods.RunContext, scenario: Scenario, sources: list[scenarios.Source], method: str
+    ctx: methods.RunContext,
+    scenario: Scenario,
+    sources: list[scenarios.Source],
+    method: str,
+    round_number: int,
 ) -> MethodResult:
     # The machine is shared: a load average above the core count when a run starts makes its numbers
     # suspect, so it is recorded with them.
@@ -170,9 +200,9 @@ def _run_method(
         log(f"{scenario.name}: {method}: load average {load:.1f} on {os.cpu_count()} cores; expect noise")
     try:
         if method == "archiver":
-            outcome = methods.run_archiver(ctx, scenario, sources)
+            outcome = methods.run_archiver(ctx, scenario, sources, attempt=str(round_number))
         else:
-            outcome = methods.run_baseline(method, ctx, scenario, sources)
+            outcome = methods.run_baseline(method, ctx, scenario, sources, round_number=round_number)
     except Exception as exc:  # one broken method must not cost the other methods' numbers
         outcome = MethodResult(
             method=method,
@@ -183,6 +213,7 @@ def _run_method(
             peak_rss_bytes=0,
             error=f"bench error: {type(exc).__name__}: {exc}",
         )
+    outcome.details["round"] = round_number
     outcome.details["load_average_at_start"] = round(load, 2)
     outcome.details["load_average_at_end"] = round(os.getloadavg()[0], 2)
     return outcome
@@ -206,7 +237,6 @@ def _profile(ctx: methods.RunContext, scenario: Scenario, sources: list[scenario
     )
     summary["run_ok"] = run.ok
     summary["run_work_seconds"] = run.work_seconds
-    print(f"\n-- {scenario.name}: where archiver's time goes\n{profile.format_summary(summary)}")
     return summary
 
 
@@ -232,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         "argv": sys.argv[1:] if argv is None else argv,
         "units": "MB/s = 10^6 source bytes per work second; RSS in MiB (2^20 bytes), from wait4 ru_maxrss",
         "environment": environment(tuning),
+        "worker_extra_env": dict(args.worker_env),
+        "repeat": args.repeat,
         "scenarios": [],
     }
     log(f"run {run_id}: {', '.join(s.name for s in chosen)}; {tuning.describe()}")
@@ -249,13 +281,21 @@ def main(argv: list[str] | None = None) -> int:
                     workdir=workdir,
                     logdir=logdir,
                     run_id=run_id.lower(),
+                    worker_extra_env=tuple(args.worker_env),
                 )
                 for scenario in chosen:
                     outcome = run_scenario(
-                        ctx, scenario, args.methods, profiled=scenario.name in args.profile
+                        ctx,
+                        scenario,
+                        args.methods,
+                        profiled=scenario.name in args.profile,
+                        rounds=args.repeat,
                     )
                     results.append(outcome)
                     report.print_scenario(outcome, sys.stdout)
+                    if outcome.profile is not None:
+                        print(f"\n-- {scenario.name}: where archiver's time goes (py-spy, unmeasured run)")
+                        print(profile.format_summary(outcome.profile))
                     sys.stdout.flush()
                     document["scenarios"] = [r.as_dict() for r in results]
                     report.write_json(json_path, document)

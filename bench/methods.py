@@ -48,6 +48,8 @@ class RunContext:
     workdir: Path  # scratch: specs, downloaded archives
     logdir: Path  # kept after the run: every subprocess's output
     run_id: str
+    # Extra variables for the worker alone (--worker-env), e.g. allocator knobs under investigation.
+    worker_extra_env: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,9 +145,11 @@ def _tail(log: Path, lines: int = 25) -> str:
 # ------------------------------------------------------------------------------------------- baselines
 
 
-def run_baseline(method: str, ctx: RunContext, scenario: Scenario, sources: list[Source]) -> MethodResult:
+def run_baseline(
+    method: str, ctx: RunContext, scenario: Scenario, sources: list[Source], *, round_number: int = 1
+) -> MethodResult:
     """`raw` or `inmemory` (bench/children.py) in a subprocess against the scenario's sources."""
-    key = f"{method}/{ctx.run_id}.{'bin' if method == 'raw' else 'zip'}"
+    key = f"{method}/{ctx.run_id}-{round_number}.{'bin' if method == 'raw' else 'zip'}"
     spec = {
         "source_bucket": scenario.source_bucket,
         "keys": [source.key for source in sources],
@@ -160,7 +164,7 @@ def run_baseline(method: str, ctx: RunContext, scenario: Scenario, sources: list
     result_path = ctx.workdir / f"{scenario.name}-{method}-result.json"
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
-    log = ctx.logdir / f"{scenario.name}-{method}.log"
+    log = ctx.logdir / f"{scenario.name}-{method}-{round_number}.log"
     measured = run_measured(
         [sys.executable, "-m", "bench.children", method, str(spec_path), str(result_path)],
         env=child_env(ctx.endpoints.aws_env()),
@@ -231,6 +235,7 @@ def worker_env(ctx: RunContext, scenario: Scenario, queues: tuple[str, str]) -> 
             "HEALTH_FILE": str(ctx.workdir / "archiver.heartbeat"),
             "APP_DEBUG": "0",
             "DEV_MODE": "0",
+            **dict(ctx.worker_extra_env),
         }
     )
 
@@ -262,7 +267,7 @@ def run_archiver(
     scenario: Scenario,
     sources: list[Source],
     *,
-    attempt: str = "measured",
+    attempt: str = "1",
     wrap: Callable[[list[str]], list[str]] | None = None,
     verify: bool = True,
 ) -> MethodResult:

@@ -106,6 +106,8 @@ def summarise(raw: Path, *, seconds: float, top: int = 15) -> dict[str, Any]:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
+    if "error" in summary:
+        return f"py-spy: {summary['error']}"
     lines = [
         f"py-spy: {summary['samples']} samples over {summary['seconds']} s (raw stacks: {summary['raw']})",
         "  busy (cores) by thread: "

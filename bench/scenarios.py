@@ -224,10 +224,6 @@ def _keys(s3: S3Client, bucket: str) -> Iterator[str]:
             yield item["Key"]
 
 
-def delete_object(s3: S3Client, bucket: str, key: str) -> None:
-    s3.delete_object(Bucket=bucket, Key=key)
-
-
 def drop_buckets(s3: S3Client, scenario: Scenario) -> None:
     """Delete every object, unfinished upload and both buckets of a scenario, so the next one starts on a
     clean server and the disk holds one scenario at a time."""

@@ -314,10 +314,6 @@ def reclaim_space(endpoints: Endpoints) -> None:
         response.read()
 
 
-def describe_exception(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
 def install_sigterm_as_interrupt() -> None:
     """`kill <bench>` cleans up like Ctrl-C: the `finally` blocks stop the servers and the worker."""
 
