@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from archiver import worker
+from archiver import queue, worker
 from archiver.aws import make_clients
 from tests.conftest import Stack
 from tests.faultproxy import FaultProxy, Faults, Seen
@@ -206,3 +206,46 @@ def test_killed_worker_leaves_nothing_and_is_redone(
     check_archive(stack.download("download/killed/killed.zip"), {"twelve.bin": body}, tmp_path)
     assert stack.incomplete_uploads() == []
     assert stack.queue_depth() == 0
+
+
+@pytest.mark.slow
+def test_a_source_changed_mid_job_is_archived_afresh(
+    stack: Stack, slow_sources: FaultProxy, tmp_path: Path
+) -> None:
+    """A source replaced after its HEAD fails that attempt (its GET carries If-Match with the old ETag);
+    the redelivery archives the new version, never a mix."""
+    first = os.urandom(3 * MiB)
+    stack.put("first.bin", first)
+    stack.put("second.bin", b"old" * (MiB // 3))
+    stack.send({"request_id": "changed", "files": [{"source": "first.bin"}, {"source": "second.bin"}]})
+    os.environ["AWS_ENDPOINT_URL"], direct = slow_sources.url, os.environ["AWS_ENDPOINT_URL"]
+    try:
+        # A small window, so second.bin is streamed when reached rather than read ahead at once.
+        busy = worker.connect(stack.settings(prefetch_bytes=MiB, visibility_timeout=10), make_clients())
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = direct
+    message = queue.receive(stack.clients.sqs, stack.source_url, wait_seconds=1, visibility_timeout=10)
+    thread = threading.Thread(target=worker.handle, args=(busy, message))
+    thread.start()
+    wait_until(
+        lambda: slow_sources.requests_matching(operation="GetObject", path_contains="first.bin"),
+        timeout=30,
+        what="the first source's GET",
+    )
+    new = b"new" * (MiB // 3)
+    stack.put("second.bin", new)
+    thread.join()
+    gets = slow_sources.requests_matching(operation="GetObject", path_contains="second.bin")
+    assert gets and all("if-match" in g.headers for g in gets)
+    assert stack.archive_keys() == []
+    assert stack.status("changed")["status"] == "queued"
+
+    def redone() -> list[dict[str, Any]]:
+        worker.run(worker.connect(stack.settings()), burst=True)
+        return stack.notifications(1, max_polls=1)
+
+    (note,) = wait_until(redone, timeout=60, what="the redelivery")
+    assert note["status"] == "completed"
+    check_archive(
+        stack.download("download/changed/changed.zip"), {"first.bin": first, "second.bin": new}, tmp_path
+    )
