@@ -31,6 +31,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from archiver import worker
 
     settings = _settings()
+    worker.return_big_buffers_to_the_os()
     return worker.run(worker.connect(settings), burst=args.burst)
 
 

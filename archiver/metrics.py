@@ -8,19 +8,23 @@ low-cardinality (outcome, error code); ids travel as properties, searchable in L
 
 from __future__ import annotations
 
+import functools
 from typing import Any
-
-from aws_embedded_metrics.config import get_config
-from aws_embedded_metrics.logger.metrics_logger_factory import create_metrics_logger
-from aws_embedded_metrics.unit import Unit
 
 NAMESPACE = "archiver"
 
-_config = get_config()
-_config.environment = "local"  # stdout; the ECS/EC2 probes would look for an agent we do not run
-_config.namespace = NAMESPACE
-_config.service_name = "archiver"
-_config.service_type = "ECS"
+
+@functools.cache
+def _configure() -> None:
+    # Imported on first use: the library pulls in aiohttp (~10 MiB), which a worker that never
+    # finishes a request, or a command other than `worker`, does not need.
+    from aws_embedded_metrics.config import get_config
+
+    config = get_config()
+    config.environment = "local"  # stdout; the ECS/EC2 probes would look for an agent we do not run
+    config.namespace = NAMESPACE
+    config.service_name = "archiver"
+    config.service_type = "ECS"
 
 
 def emit_request(
@@ -35,6 +39,10 @@ def emit_request(
     properties: dict[str, Any],
 ) -> None:
     """One EMF line for one settled request (completed, duplicate, failed or released)."""
+    from aws_embedded_metrics.logger.metrics_logger_factory import create_metrics_logger
+    from aws_embedded_metrics.unit import Unit
+
+    _configure()
     metrics = create_metrics_logger()
     metrics.set_namespace(NAMESPACE)
     if error_code:

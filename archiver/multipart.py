@@ -6,11 +6,12 @@ The archive appears whole or not at all: S3 shows nothing until CompleteMultipar
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import structlog
 
@@ -47,30 +48,40 @@ def choose_part_size(size_bound: int, minimum: int) -> int:
     return part_size
 
 
-def parts_of(chunks: Iterable[bytes], part_size: int, cancelled: Callable[[], bool]) -> Iterator[bytes]:
-    """Regroup chunks into parts of exactly `part_size` bytes (the last one shorter)."""
-    pending: list[bytes] = []
+def parts_of(
+    chunks: Iterable[bytes], part_size: int, cancelled: Callable[[], bool]
+) -> Iterator[bytes | bytearray]:
+    """Regroup chunks into parts of exactly `part_size` bytes (the last one shorter). Each part is
+    filled in place and handed over as it is: joining and slicing would hold every part twice."""
+    part = bytearray(part_size)
     filled = 0
+    emitted = False
     for chunk in chunks:
         if cancelled():
             raise JobAbandoned("the job was stopped before its archive was complete")
-        pending.append(chunk)
-        filled += len(chunk)
-        while filled >= part_size:
-            joined = b"".join(pending)
-            yield joined[:part_size]
-            rest = joined[part_size:]
-            pending, filled = ([rest] if rest else []), len(rest)
-    if filled or not pending:
-        yield b"".join(pending)
+        data = memoryview(chunk)
+        while data:
+            take = min(len(data), part_size - filled)
+            part[filled : filled + take] = data[:take]
+            filled += take
+            data = data[take:]
+            if filled == part_size:
+                yield part
+                emitted = True
+                part, filled = bytearray(part_size), 0
+    if filled or not emitted:
+        yield bytes(part[:filled])
 
 
 @retry_transient
 def _upload_part(
-    s3: S3Client, *, bucket: str, key: str, upload_id: str, number: int, body: bytes
+    s3: S3Client, *, bucket: str, key: str, upload_id: str, number: int, body: bytes | bytearray
 ) -> CompletedPartTypeDef:
+    # botocore sends any bytes-like body as it is; its stubs only name bytes, and a bytes() copy of a
+    # 16 MiB part is what parts_of avoids.
+    payload = cast(bytes, body)
     response = s3.upload_part(
-        Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body, ChecksumAlgorithm="CRC32"
+        Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=payload, ChecksumAlgorithm="CRC32"
     )
     part: CompletedPartTypeDef = {"PartNumber": number, "ETag": response["ETag"]}
     if "ChecksumCRC32" in response:
@@ -100,7 +111,7 @@ def upload_stream(
     cancelled: Callable[[], bool] = _never,
 ) -> UploadedObject:
     """Upload `chunks` as one object. At most `concurrency` parts are in flight and one more is being
-    filled, which bounds memory at about (concurrency + 2) x part_size whatever the archive's size."""
+    filled, which bounds memory at (concurrency + 1) x part_size whatever the archive's size."""
     extra = {"ContentDisposition": content_disposition} if content_disposition else {}
     upload_id = retry_transient(s3.create_multipart_upload)(
         Bucket=bucket,
@@ -172,17 +183,24 @@ def _upload_parts(
     concurrency: int,
     cancelled: Callable[[], bool],
 ) -> tuple[list[CompletedPartTypeDef], int]:
-    slots = threading.BoundedSemaphore(concurrency)
+    # A buffer slot is taken before a part starts filling and given back when its upload is done, so
+    # at most `concurrency` parts are uploading and one is filling: (concurrency + 1) x part_size.
+    slots = threading.BoundedSemaphore(concurrency + 1)
     in_flight: set[Future[CompletedPartTypeDef]] = set()
     done: list[Future[CompletedPartTypeDef]] = []
     size = 0
+    parts = parts_of(chunks, part_size, cancelled)
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="part") as pool:
         try:
-            for number, body in enumerate(parts_of(chunks, part_size, cancelled), start=1):
+            for number in itertools.count(1):
+                slots.acquire()
+                body = next(parts, None)
+                if body is None:
+                    slots.release()
+                    break
                 if number > MAX_PARTS:
                     raise PermanentError("too_large", f"the archive needs more than {MAX_PARTS} parts")
                 size += len(body)
-                slots.acquire()
                 future = pool.submit(
                     _upload_part, s3, bucket=bucket, key=key, upload_id=upload_id, number=number, body=body
                 )
@@ -201,5 +219,5 @@ def _upload_parts(
         finally:
             for f in in_flight:
                 f.cancel()
-    parts = sorted((f.result() for f in done), key=lambda part: part["PartNumber"])
-    return parts, size
+    completed = sorted((f.result() for f in done), key=lambda part: part["PartNumber"])
+    return completed, size

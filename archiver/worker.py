@@ -9,6 +9,8 @@ that, or on a second signal, the upload is aborted and the message released for 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import signal
 import threading
 import time
@@ -49,6 +51,7 @@ from archiver.zipping import ZipEntry, archive_size_bound, zip_chunks
 log = structlog.get_logger(__name__)
 
 HEAD_CONCURRENCY = 8
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 BURST_WAIT_SECONDS = 1
 MAX_POINTER_BYTES = 64 * 1024 * 1024  # an offloaded request of 50,000 files is a few MiB
 HEALTH_INTERVAL = 30  # seconds; `archiver check` allows a few of these
@@ -94,6 +97,18 @@ def connect(settings: Settings, clients: AwsClients | None = None) -> Worker:
         destination_url=queue.resolve_queue_url(clients.sqs, settings.sqs_destination_queue),
         max_receive_count=queue.max_receive_count(clients.sqs, source_url),
     )
+
+
+def return_big_buffers_to_the_os() -> None:
+    """Keep glibc's mmap threshold at 128 KiB. glibc raises it to the size of the first big block freed
+    (a 16 MiB part), after which parts come from the heap, which fragments and never shrinks: measured
+    40-55 MiB of peak RSS on a 1 GiB archive. With the threshold fixed, each part is mmapped and handed
+    back when its upload is done. A no-op where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+    except (OSError, AttributeError):
+        pass
 
 
 # ------------------------------------------------------------------------------------------- the loop
