@@ -43,7 +43,9 @@ class Settings(BaseSettings):
     archive_url_expires: int = Field(default=MAX_PRESIGN_SECONDS, ge=1, le=MAX_PRESIGN_SECONDS)
     max_files: int = Field(default=50_000, ge=1)
     max_archive_bytes: int = Field(default=100 * 1024 * 1024 * 1024, ge=1)
-    part_size: int = Field(default=16 * MiB, ge=MIN_PART_SIZE, le=MAX_PART_SIZE)
+    # 8 MiB, not the 16 MiB first suggested: measured the same throughput, and it keeps a worker with
+    # 4 uploads in flight under 150 MiB (bench/README.md).
+    part_size: int = Field(default=8 * MiB, ge=MIN_PART_SIZE, le=MAX_PART_SIZE)
     prefetch_bytes: int = Field(default=64 * MiB, ge=0)
     upload_concurrency: int = Field(default=4, ge=1, le=64)
     visibility_timeout: int = Field(default=120, ge=10, le=SQS_MAX_VISIBILITY)
