@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -73,6 +75,29 @@ class Stack:
     destination_url: str
     dlq_url: str
     health_file: str
+
+    def worker_env(self, **settings: str) -> dict[str, str]:
+        """The environment of an `archiver worker` process on this stack, with extra `settings`."""
+        return {
+            **os.environ,
+            "SQS_SOURCE_QUEUE": self.source_queue,
+            "SQS_DESTINATION_QUEUE": self.destination_url,
+            "S3_SOURCE_BUCKET": self.source_bucket,
+            "S3_DESTINATION_BUCKET": self.destination_bucket,
+            "HEALTH_FILE": self.health_file,
+            **settings,
+        }
+
+    def run_burst_process(self, **settings: str) -> subprocess.CompletedProcess[str]:
+        """`archiver worker --burst` as a real process until the queue is empty; output captured."""
+        return subprocess.run(
+            [sys.executable, "-m", "archiver", "worker", "--burst"],
+            env=self.worker_env(**settings),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
 
     def settings(self, **overrides: Any) -> Settings:
         values: dict[str, Any] = {

@@ -47,24 +47,13 @@ def slow_sources(moto_endpoint: str, stack: Stack) -> Iterator[FaultProxy]:
         yield proxy
 
 
-def worker_env(stack: Stack, endpoint: str, **settings: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "AWS_ENDPOINT_URL": endpoint,
-        "SQS_SOURCE_QUEUE": stack.source_queue,
-        "SQS_DESTINATION_QUEUE": stack.destination_url,
-        "S3_SOURCE_BUCKET": stack.source_bucket,
-        "S3_DESTINATION_BUCKET": stack.destination_bucket,
-        "HEALTH_FILE": stack.health_file,
-        "PART_SIZE": str(5 * MiB),
-        **settings,
-    }
-
-
 def start_worker(stack: Stack, endpoint: str, **settings: str) -> subprocess.Popen[str]:
+    """A worker whose sources are streamed (a 1 MiB read-ahead window reads ahead nothing of these),
+    so that parts go up while a source is still being read, and a signal lands mid-archive."""
+    settings = {"PART_SIZE": str(5 * MiB), "PREFETCH_BYTES": str(MiB), **settings}
     return subprocess.Popen(
         [sys.executable, "-m", "archiver", "worker"],
-        env=worker_env(stack, endpoint, **settings),
+        env=stack.worker_env(AWS_ENDPOINT_URL=endpoint, **settings),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -193,7 +182,12 @@ def test_killed_worker_leaves_nothing_and_is_redone(
     process.kill()
     process.communicate(timeout=30)
     assert stack.archive_keys() == []
-    assert stack.incomplete_uploads() == ["download/killed/killed.zip"]
+    # The dead worker's upload is there, incomplete (moto may still be taking in a part it was sent).
+    wait_until(
+        lambda: stack.incomplete_uploads() == ["download/killed/killed.zip"],
+        timeout=30,
+        what="the dead upload",
+    )
 
     survivor = worker.connect(stack.settings(visibility_timeout=10))
 

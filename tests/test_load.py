@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -23,14 +22,7 @@ def test_two_workers_two_hundred_requests(stack: Stack) -> None:
     for number in range(REQUESTS):
         files = [{"source": f"shared/{(number + k) % 20}.txt", "destination": f"d{k}"} for k in range(2)]
         stack.send({"request_id": f"load-{number}", "files": files})
-    env = {
-        **os.environ,
-        "SQS_SOURCE_QUEUE": stack.source_queue,
-        "SQS_DESTINATION_QUEUE": stack.destination_url,
-        "S3_SOURCE_BUCKET": stack.source_bucket,
-        "S3_DESTINATION_BUCKET": stack.destination_bucket,
-        "HEALTH_FILE": stack.health_file,
-    }
+    env = stack.worker_env()
     workers = [
         subprocess.Popen(
             [sys.executable, "-m", "archiver", "worker", "--burst"],

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -69,25 +67,9 @@ def agent() -> Iterator[tuple[Agent, str]]:
 
 
 def run_worker(stack: Stack, **extra: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "SQS_SOURCE_QUEUE": stack.source_queue,
-        "SQS_DESTINATION_QUEUE": stack.destination_url,
-        "S3_SOURCE_BUCKET": stack.source_bucket,
-        "S3_DESTINATION_BUCKET": stack.destination_bucket,
-        "HEALTH_FILE": stack.health_file,
-        **extra,
-    }
     if "ECS_AGENT_URI" not in extra:
-        env.pop("ECS_AGENT_URI", None)  # outside ECS unless the test says otherwise
-    return subprocess.run(
-        [sys.executable, "-m", "archiver", "worker", "--burst"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+        extra["ECS_AGENT_URI"] = ""  # outside ECS unless the test says otherwise
+    return stack.run_burst_process(**extra)
 
 
 def test_task_is_protected_while_working_and_released_when_idle(

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -82,23 +80,7 @@ def test_logs_hold_no_credentials_or_signatures(stack: Stack) -> None:
     """A real worker's log lines never show the secret key or a presigned URL's signature."""
     stack.put("a.txt", b"a")
     stack.send({"request_id": "logs-1", "files": [{"source": "a.txt"}]})
-    env = {
-        **os.environ,
-        "SQS_SOURCE_QUEUE": stack.source_queue,
-        "SQS_DESTINATION_QUEUE": stack.destination_url,
-        "S3_SOURCE_BUCKET": stack.source_bucket,
-        "S3_DESTINATION_BUCKET": stack.destination_bucket,
-        "HEALTH_FILE": stack.health_file,
-        "APP_DEBUG": "1",
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "archiver", "worker", "--burst"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = stack.run_burst_process(APP_DEBUG="1")
     assert done.returncode == 0, done.stderr
     (note,) = stack.notifications(1)
     signature = note["archive"]["url"].split("X-Amz-Signature=")[1]

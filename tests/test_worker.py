@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 import urllib.request
 import zipfile
 import zlib
@@ -249,22 +247,7 @@ def test_worker_subprocess_burst(stack: Stack, tmp_path: Path) -> None:
     for index in range(3):
         stack.put(f"k{index}.bin", bytes([index]) * 1000)
         stack.send({"request_id": f"proc-{index}", "files": [{"source": f"k{index}.bin"}]})
-    env = {
-        **os.environ,
-        "SQS_SOURCE_QUEUE": stack.source_queue,
-        "SQS_DESTINATION_QUEUE": stack.destination_url,
-        "S3_SOURCE_BUCKET": stack.source_bucket,
-        "S3_DESTINATION_BUCKET": stack.destination_bucket,
-        "HEALTH_FILE": stack.health_file,
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "archiver", "worker", "--burst"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = stack.run_burst_process()
     assert done.returncode == 0, done.stderr
     events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
     finished = [e for e in events if e["event"] == "request.done"]
