@@ -41,6 +41,7 @@ unit: venv tools
 test: lint unit
 
 bench: venv
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[bench]'
 	$(BIN)/python -m bench
 
 constraints: venv
