@@ -48,11 +48,13 @@ class Prefetcher:
             yield from self._read(self._objects[index])
             return
         chunks = future.result()
-        self._reserved -= self._objects[index].size
-        self._fill(index + 1)
         chunks.reverse()  # pop from the end: each chunk is freed as soon as it is handed out
         while chunks:
             yield chunks.pop()
+        # Only now is its room in the window free: released earlier, the window would be read full again
+        # while this object is still held.
+        self._reserved -= self._objects[index].size
+        self._fill(index + 1)
 
     def _fill(self, current: int) -> None:
         self._next = max(self._next, current)
