@@ -20,40 +20,29 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
-from urllib.parse import quote
 
 import botocore.exceptions
 import structlog
 from pydantic import ValidationError
 
-from archiver import metrics, notify, queue, status
-from archiver.aws import AwsClients, http_status, make_clients, retry_transient
+from archiver import job, metrics, notify, queue, status
+from archiver.aws import AwsClients, make_clients
 from archiver.errors import ArchiverError, JobAbandoned, PermanentError, TransientError
 from archiver.models import (
-    ArchiveInfo,
     ArchivePlan,
     CompletedNotification,
-    SkippedSource,
-    decode_body,
-    extended_client_pointer,
     parse_request,
     plan_archive,
     salvage_context,
     utc_timestamp,
 )
-from archiver.multipart import choose_part_size, upload_stream
-from archiver.prefetch import Prefetcher
 from archiver.protection import TaskProtection
 from archiver.settings import Settings
-from archiver.sources import SourceObject, head_sources, read_source
-from archiver.zipping import ZipEntry, archive_size_bound, zip_chunks
 
 log = structlog.get_logger(__name__)
 
-HEAD_CONCURRENCY = 8
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 BURST_WAIT_SECONDS = 1
-MAX_POINTER_BYTES = 64 * 1024 * 1024  # an offloaded request of 50,000 files is a few MiB
 HEALTH_INTERVAL = 30  # seconds; `archiver check` allows a few of these
 STATUS_INTERVAL = 5  # seconds between progress updates of the status document
 
@@ -86,7 +75,7 @@ class Worker:
 
 def connect(settings: Settings, clients: AwsClients | None = None) -> Worker:
     clients = clients or make_clients(
-        max_connections=settings.upload_concurrency + HEAD_CONCURRENCY + 4,
+        max_connections=settings.upload_concurrency + job.HEAD_CONCURRENCY + 4,
         expected_bucket_owner=settings.expected_bucket_owner,
     )
     source_url = queue.resolve_queue_url(clients.sqs, settings.sqs_source_queue)
@@ -116,7 +105,7 @@ def return_big_buffers_to_the_os() -> None:
 
 def run(worker: Worker, *, burst: bool = False) -> int:
     """Poll until stopped (or, in burst mode, until the queue is empty). Returns the exit status."""
-    status = 0
+    exit_status = 0
     with _signal_handlers(worker):
         log.info("worker.started", source_queue=worker.source_url, burst=burst)
         try:
@@ -139,11 +128,11 @@ def run(worker: Worker, *, burst: bool = False) -> int:
         except StopPolling:
             pass
         except ForcedExit:
-            status = 1
+            exit_status = 1
         finally:
             worker.protection.release()
-        log.info("worker.stopped", signals=worker.signals, status=status)
-    return status
+        log.info("worker.stopped", signals=worker.signals, status=exit_status)
+    return exit_status
 
 
 def _poll(worker: Worker, *, burst: bool) -> queue.Message | None:
@@ -207,7 +196,7 @@ def handle(worker: Worker, message: queue.Message) -> None:
     outcome: dict[str, Any] = {}
     with structlog.contextvars.bound_contextvars(message_id=message.message_id, request_id=request_id):
         try:
-            document = load_document(worker, message.body)
+            document = job.load_document(worker.clients.s3, worker.settings, message.body)
             salvaged_id, metadata = salvage_context(document)
             request_id = salvaged_id or message.message_id
             structlog.contextvars.bind_contextvars(request_id=request_id)
@@ -300,7 +289,9 @@ def _archive_once(
     with _heartbeat(
         worker, message, on_tick=lambda: _record_status(worker, plan, "processing", progress=progress)
     ):
-        notification = build_archive(worker, plan, progress)
+        notification = job.build_archive(
+            worker.clients, worker.settings, plan, progress=progress, cancelled=worker.abandon.is_set
+        )
     try:
         # A CreateMultipartUpload whose answer was lost and retried by botocore leaves a twin upload
         # nobody knows the id of; the only place to find it is the listing for this key.
@@ -368,107 +359,6 @@ def _record_status(
         )
     except Exception:
         log.warning("status.write_failed", state=state, exc_info=True)
-
-
-def load_document(worker: Worker, body: str) -> Any:
-    """The decoded request; an extended-client pointer is followed into S3, within the allow-list."""
-    document = decode_body(body)
-    pointer = extended_client_pointer(document)
-    if pointer is None:
-        return document
-    bucket, key = pointer
-    if bucket not in worker.settings.source_buckets:
-        raise PermanentError(
-            "forbidden_source", f"request pointer names bucket {bucket!r}, which is not allowed"
-        )
-    return decode_body(_read_pointer(worker, bucket, key))
-
-
-@retry_transient
-def _read_pointer(worker: Worker, bucket: str, key: str) -> str:
-    s3 = worker.clients.s3
-    try:
-        response = s3.get_object(Bucket=bucket, Key=key)
-    except botocore.exceptions.ClientError as exc:
-        where = f"request pointer s3://{bucket}/{key}"
-        if http_status(exc) == 404:
-            raise PermanentError("invalid_request", f"{where} does not exist") from None
-        if http_status(exc) == 403:
-            raise PermanentError("forbidden_source", f"access denied to {where}") from None
-        raise
-    if response["ContentLength"] > MAX_POINTER_BYTES:
-        raise PermanentError(
-            "too_large", f"request body in s3://{bucket}/{key} is over {MAX_POINTER_BYTES} bytes"
-        )
-    return response["Body"].read().decode("utf-8", errors="replace")
-
-
-def build_archive(worker: Worker, plan: ArchivePlan, progress: status.Progress) -> CompletedNotification:
-    settings, s3 = worker.settings, worker.clients.s3
-    objects = head_sources(s3, [entry.ref for entry in plan.entries], concurrency=HEAD_CONCURRENCY)
-    missing = [entry.ref.source for entry, obj in zip(plan.entries, objects, strict=True) if obj is None]
-    if missing and plan.request.on_missing == "fail":
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise PermanentError("source_not_found", f"{len(missing)} source(s) not found: {shown}")
-    entries = [
-        ZipEntry(path=entry.path, source=obj)
-        for entry, obj in zip(plan.entries, objects, strict=True)
-        if obj is not None
-    ]
-    if not entries:
-        raise PermanentError("source_not_found", "none of the sources exists")
-    total = sum(entry.source.size for entry in entries)
-    if total > settings.max_archive_bytes:
-        raise PermanentError(
-            "too_large",
-            f"the sources add up to {total} bytes; MAX_ARCHIVE_BYTES is {settings.max_archive_bytes}",
-        )
-    progress.files_total, progress.bytes_total = len(entries), total
-
-    prefetcher = Prefetcher(
-        [entry.source for entry in entries],
-        read=lambda obj: read_source(s3, obj),
-        window_bytes=settings.prefetch_bytes,
-        workers=HEAD_CONCURRENCY,
-    )
-
-    def counted(index: int, obj: SourceObject) -> Iterator[bytes]:
-        for chunk in prefetcher.open(index):
-            progress.bytes_done += len(chunk)
-            yield chunk
-        progress.files_done += 1
-
-    archive_name = plan.key.rsplit("/", 1)[-1]
-    try:
-        uploaded = upload_stream(
-            s3,
-            zip_chunks(entries, open_source=counted, compression=plan.request.compression),
-            bucket=plan.bucket,
-            key=plan.key,
-            part_size=choose_part_size(archive_size_bound(entries), settings.part_size),
-            concurrency=settings.upload_concurrency,
-            metadata={"request-id": plan.request_id, "entries": str(len(entries))},
-            content_disposition=f"attachment; filename*=UTF-8''{quote(archive_name)}",
-            cancelled=worker.abandon.is_set,
-        )
-    finally:
-        prefetcher.close()
-    kept = {entry.path for entry in entries}
-    return notify.completed(
-        request_id=plan.request_id,
-        archive=ArchiveInfo(
-            bucket=uploaded.bucket,
-            key=uploaded.key,
-            url=notify.archive_url(
-                worker.clients.presign, settings, bucket=uploaded.bucket, key=uploaded.key
-            ),
-            size=uploaded.size,
-            entries=len(entries),
-        ),
-        skipped=[SkippedSource(source=source, reason="not_found") for source in missing],
-        renamed=[renamed for renamed in plan.renamed if renamed.name in kept],
-        metadata=plan.request.metadata,
-    )
 
 
 def _fail_permanently(

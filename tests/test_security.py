@@ -132,6 +132,7 @@ hostile_body = st.one_of(
             "on_missing": st.sampled_from(["skip", "fail", "SKIP", 1]),
             "metadata": json_value,
             "Files": json_value,
+            "ﬁles": json_value,  # NFKC folds the ligature to "files": still an unknown field
         },
     ).map(json.dumps),
     st.integers(1, 5000).map(lambda depth: "[" * depth + "]" * depth),

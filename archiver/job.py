@@ -1,0 +1,142 @@
+"""One request's archive: its body read (following extended-client pointers), its sources HEADed
+and checked, then zipped and uploaded, ending in the completed notification. The worker around it
+decides what happens to the message."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import botocore.exceptions
+
+from archiver import notify
+from archiver.aws import AwsClients, http_status, retry_transient
+from archiver.errors import PermanentError
+from archiver.models import (
+    ArchiveInfo,
+    ArchivePlan,
+    CompletedNotification,
+    SkippedSource,
+    decode_body,
+    extended_client_pointer,
+)
+from archiver.multipart import choose_part_size, upload_stream
+from archiver.prefetch import Prefetcher
+from archiver.settings import Settings
+from archiver.sources import SourceObject, head_sources, read_source
+from archiver.status import Progress
+from archiver.zipping import ZipEntry, archive_size_bound, zip_chunks
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+HEAD_CONCURRENCY = 8  # HEADs at once, and readers of small sources ahead of the zip writer
+MAX_POINTER_BYTES = 64 * 1024 * 1024  # an offloaded request of 50,000 files is a few MiB
+
+
+def load_document(s3: S3Client, settings: Settings, body: str) -> Any:
+    """The decoded request; an extended-client pointer is followed into S3, within the allow-list."""
+    document = decode_body(body)
+    pointer = extended_client_pointer(document)
+    if pointer is None:
+        return document
+    bucket, key = pointer
+    if bucket not in settings.source_buckets:
+        raise PermanentError(
+            "forbidden_source", f"request pointer names bucket {bucket!r}, which is not allowed"
+        )
+    return decode_body(_read_pointer(s3, bucket, key))
+
+
+@retry_transient
+def _read_pointer(s3: S3Client, bucket: str, key: str) -> str:
+    try:
+        response = s3.get_object(Bucket=bucket, Key=key)
+    except botocore.exceptions.ClientError as exc:
+        where = f"request pointer s3://{bucket}/{key}"
+        if http_status(exc) == 404:
+            raise PermanentError("invalid_request", f"{where} does not exist") from None
+        if http_status(exc) == 403:
+            raise PermanentError("forbidden_source", f"access denied to {where}") from None
+        raise
+    if response["ContentLength"] > MAX_POINTER_BYTES:
+        raise PermanentError(
+            "too_large", f"request body in s3://{bucket}/{key} is over {MAX_POINTER_BYTES} bytes"
+        )
+    return response["Body"].read().decode("utf-8", errors="replace")
+
+
+def build_archive(
+    clients: AwsClients,
+    settings: Settings,
+    plan: ArchivePlan,
+    *,
+    progress: Progress,
+    cancelled: Callable[[], bool],
+) -> CompletedNotification:
+    """HEAD every source, check what must fail before any upload, then stream the archive to S3 and
+    describe it in the completed notification. Progress is counted as source bytes are written."""
+    s3 = clients.s3
+    objects = head_sources(s3, [entry.ref for entry in plan.entries], concurrency=HEAD_CONCURRENCY)
+    missing = [entry.ref.source for entry, obj in zip(plan.entries, objects, strict=True) if obj is None]
+    if missing and plan.request.on_missing == "fail":
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise PermanentError("source_not_found", f"{len(missing)} source(s) not found: {shown}")
+    entries = [
+        ZipEntry(path=entry.path, source=obj)
+        for entry, obj in zip(plan.entries, objects, strict=True)
+        if obj is not None
+    ]
+    if not entries:
+        raise PermanentError("source_not_found", "none of the sources exists")
+    total = sum(entry.source.size for entry in entries)
+    if total > settings.max_archive_bytes:
+        raise PermanentError(
+            "too_large",
+            f"the sources add up to {total} bytes; MAX_ARCHIVE_BYTES is {settings.max_archive_bytes}",
+        )
+    progress.files_total, progress.bytes_total = len(entries), total
+
+    prefetcher = Prefetcher(
+        [entry.source for entry in entries],
+        read=lambda obj: read_source(s3, obj),
+        window_bytes=settings.prefetch_bytes,
+        workers=HEAD_CONCURRENCY,
+    )
+
+    def counted(index: int, obj: SourceObject) -> Iterator[bytes]:
+        for chunk in prefetcher.open(index):
+            progress.bytes_done += len(chunk)
+            yield chunk
+        progress.files_done += 1
+
+    archive_name = plan.key.rsplit("/", 1)[-1]
+    try:
+        uploaded = upload_stream(
+            s3,
+            zip_chunks(entries, open_source=counted, compression=plan.request.compression),
+            bucket=plan.bucket,
+            key=plan.key,
+            part_size=choose_part_size(archive_size_bound(entries), settings.part_size),
+            concurrency=settings.upload_concurrency,
+            metadata={"request-id": plan.request_id, "entries": str(len(entries))},
+            content_disposition=f"attachment; filename*=UTF-8''{quote(archive_name)}",
+            cancelled=cancelled,
+        )
+    finally:
+        prefetcher.close()
+    kept = {entry.path for entry in entries}
+    return notify.completed(
+        request_id=plan.request_id,
+        archive=ArchiveInfo(
+            bucket=uploaded.bucket,
+            key=uploaded.key,
+            url=notify.archive_url(clients.presign, settings, bucket=uploaded.bucket, key=uploaded.key),
+            size=uploaded.size,
+            entries=len(entries),
+        ),
+        skipped=[SkippedSource(source=source, reason="not_found") for source in missing],
+        renamed=[renamed for renamed in plan.renamed if renamed.name in kept],
+        metadata=plan.request.metadata,
+    )
