@@ -40,8 +40,9 @@ MAX_RECEIVE_COUNT = 3
 
 
 @contextlib.contextmanager
-def embedded_stack() -> Iterator[str]:
-    """Start moto's server on a free port of 127.0.0.1 and point boto3 at it; yields the endpoint URL."""
+def embedded_stack(*, access_key: str = "demo", secret_key: str = "demo") -> Iterator[str]:  # noqa: S107
+    """Start moto's server on a free port of 127.0.0.1 and point boto3 at it (moto accepts any
+    credentials); yields the endpoint URL, and puts the environment back afterwards."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -53,8 +54,8 @@ def embedded_stack() -> Iterator[str]:
         AWS_ENDPOINT_URL=endpoint,
         AWS_REGION=REGION,
         AWS_DEFAULT_REGION=REGION,
-        AWS_ACCESS_KEY_ID="demo",
-        AWS_SECRET_ACCESS_KEY="demo",  # noqa: S106 - moto accepts any credentials
+        AWS_ACCESS_KEY_ID=access_key,
+        AWS_SECRET_ACCESS_KEY=secret_key,
     )
     os.environ.pop("AWS_SESSION_TOKEN", None)
     os.environ.pop("AWS_PROFILE", None)

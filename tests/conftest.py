@@ -15,38 +15,16 @@ import pytest
 import structlog
 
 from archiver.aws import AwsClients, make_clients
+from archiver.demo import embedded_stack
 from archiver.settings import Settings, load_settings
-
-REGION = "us-east-1"
 
 
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
-    """moto's server in a thread of the test process, reached by boto3 over HTTP like any S3/SQS."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_REGION": REGION,
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
-    }
-    saved = {key: os.environ.get(key) for key in [*env, "AWS_SESSION_TOKEN", "AWS_PROFILE"]}
-    os.environ.update(env)
-    os.environ.pop("AWS_SESSION_TOKEN", None)
-    os.environ.pop("AWS_PROFILE", None)
-    yield endpoint
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    """moto's server in a thread of the test process, reached by boto3 over HTTP like any S3/SQS (the
+    demo's own embedded stack, with a secret the log tests can look for)."""
+    with embedded_stack(access_key="testing", secret_key="testing-secret-key") as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(scope="session")
