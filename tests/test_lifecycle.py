@@ -243,3 +243,28 @@ def test_a_source_changed_mid_job_is_archived_afresh(
     check_archive(
         stack.download("download/changed/changed.zip"), {"first.bin": first, "second.bin": new}, tmp_path
     )
+
+
+@pytest.mark.slow
+def test_job_timeout_aborts_and_releases_with_backoff(stack: Stack, slow_sources: FaultProxy) -> None:
+    """A job past JOB_TIMEOUT is abandoned: no archive, no parts left, the message back after a
+    backoff (not at once, as after a shutdown) for a later attempt."""
+    stack.put("slow.bin", os.urandom(30 * MiB))
+    stack.send({"request_id": "timed-out", "files": [{"source": "slow.bin"}]})
+    os.environ["AWS_ENDPOINT_URL"], direct = slow_sources.url, os.environ["AWS_ENDPOINT_URL"]
+    try:
+        busy = worker.connect(stack.settings(job_timeout=2, visibility_timeout=10), make_clients())
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = direct
+    message = queue.receive(stack.clients.sqs, stack.source_url, wait_seconds=1, visibility_timeout=10)
+    assert message is not None
+    started = time.monotonic()
+    worker.handle(busy, message)
+    assert time.monotonic() - started < 20  # abandoned, not read to the end at 1 MiB/s
+    assert stack.archive_keys() == []
+    assert stack.incomplete_uploads() == []
+    assert stack.status("timed-out")["status"] == "queued"
+    assert visible_now(stack) == 0  # released with a delay of 2^1 s, not at once
+    back = wait_until(lambda: visible_now(stack), timeout=30, what="the message to come back")
+    assert back == 1
+    assert not busy.abandon.is_set()  # the timeout abandoned that job, not the worker

@@ -262,3 +262,8 @@ def test_worker_subprocess_burst(stack: Stack, tmp_path: Path) -> None:
             tmp_path,
         )
     assert Path(stack.health_file).exists()
+
+
+def test_release_delay_grows_with_deliveries() -> None:
+    """A failed message comes back after 2, 4, 8 … seconds, never later than the visibility timeout."""
+    assert [worker.release_delay(n, 120) for n in (1, 2, 3, 6, 7, 20)] == [2, 4, 8, 64, 120, 120]
