@@ -348,13 +348,16 @@ def test_stop_timeout_is_shutdown_grace_plus_five() -> None:
 
 
 def test_health_check_runs_archiver_check() -> None:
-    """The container health check is `archiver check`, interval 30, timeout 5, 3 retries, start 30."""
+    """The container health check is `archiver check` with the Dockerfile's own HEALTHCHECK timings."""
+    dockerfile = (Path(__file__).parent.parent / "Dockerfile").read_text(encoding="utf-8")
+    line = next(row for row in dockerfile.splitlines() if row.startswith("HEALTHCHECK"))
+    options = dict(re.findall(r"--([a-z-]+)=(\d+)s?", line))
     assert container()["HealthCheck"] == {
         "Command": ["CMD", "archiver", "check"],
-        "Interval": 30,
-        "Timeout": 5,
-        "Retries": 3,
-        "StartPeriod": 30,
+        "Interval": int(options["interval"]),
+        "Timeout": int(options["timeout"]),
+        "Retries": int(options["retries"]),
+        "StartPeriod": int(options["start-period"]),
     }
 
 
