@@ -47,6 +47,15 @@ def slow_sources(moto_endpoint: str, stack: Stack) -> Iterator[FaultProxy]:
         yield proxy
 
 
+def worker_through(proxy: FaultProxy, stack: Stack, **settings: Any) -> worker.Worker:
+    """An in-process worker whose clients go through `proxy`; the stack's own clients stay direct."""
+    os.environ["AWS_ENDPOINT_URL"], direct = proxy.url, os.environ["AWS_ENDPOINT_URL"]
+    try:
+        return worker.connect(stack.settings(**settings), make_clients())
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = direct
+
+
 def start_worker(stack: Stack, endpoint: str, **settings: str) -> subprocess.Popen[str]:
     """A worker whose sources are streamed (a 1 MiB read-ahead window reads ahead nothing of these),
     so that parts go up while a source is still being read, and a signal lands mid-archive."""
@@ -79,11 +88,7 @@ def test_long_job_is_not_redelivered_meanwhile(
     body = os.urandom(30 * MiB)  # ~30 s at 1 MiB/s, against a 10 s visibility timeout
     stack.put("long.bin", body)
     stack.send({"request_id": "long", "files": [{"source": "long.bin"}]})
-    os.environ["AWS_ENDPOINT_URL"], direct = slow_sources.url, os.environ["AWS_ENDPOINT_URL"]
-    try:
-        busy = worker.connect(stack.settings(visibility_timeout=10), make_clients())
-    finally:
-        os.environ["AWS_ENDPOINT_URL"] = direct
+    busy = worker_through(slow_sources, stack, visibility_timeout=10)
     thread = threading.Thread(target=worker.run, args=(busy,), kwargs={"burst": True})
     thread.start()
     wait_until(lambda: slow_sources.requests_matching(operation="GetObject"), timeout=30, what="the GET")
@@ -212,12 +217,8 @@ def test_a_source_changed_mid_job_is_archived_afresh(
     stack.put("first.bin", first)
     stack.put("second.bin", b"old" * (MiB // 3))
     stack.send({"request_id": "changed", "files": [{"source": "first.bin"}, {"source": "second.bin"}]})
-    os.environ["AWS_ENDPOINT_URL"], direct = slow_sources.url, os.environ["AWS_ENDPOINT_URL"]
-    try:
-        # A small window, so second.bin is streamed when reached rather than read ahead at once.
-        busy = worker.connect(stack.settings(prefetch_bytes=MiB, visibility_timeout=10), make_clients())
-    finally:
-        os.environ["AWS_ENDPOINT_URL"] = direct
+    # A small window, so second.bin is streamed when reached rather than read ahead at once.
+    busy = worker_through(slow_sources, stack, prefetch_bytes=MiB, visibility_timeout=10)
     message = queue.receive(stack.clients.sqs, stack.source_url, wait_seconds=1, visibility_timeout=10)
     thread = threading.Thread(target=worker.handle, args=(busy, message))
     thread.start()
@@ -251,11 +252,7 @@ def test_job_timeout_aborts_and_releases_with_backoff(stack: Stack, slow_sources
     backoff (not at once, as after a shutdown) for a later attempt."""
     stack.put("slow.bin", os.urandom(30 * MiB))
     stack.send({"request_id": "timed-out", "files": [{"source": "slow.bin"}]})
-    os.environ["AWS_ENDPOINT_URL"], direct = slow_sources.url, os.environ["AWS_ENDPOINT_URL"]
-    try:
-        busy = worker.connect(stack.settings(job_timeout=2, visibility_timeout=10), make_clients())
-    finally:
-        os.environ["AWS_ENDPOINT_URL"] = direct
+    busy = worker_through(slow_sources, stack, job_timeout=2, visibility_timeout=10)
     message = queue.receive(stack.clients.sqs, stack.source_url, wait_seconds=1, visibility_timeout=10)
     assert message is not None
     started = time.monotonic()
