@@ -146,3 +146,21 @@ def test_one_emf_line_per_request(stack: Stack) -> None:
     dimensions = bad["_aws"]["CloudWatchMetrics"][0]["Dimensions"]
     assert ["Outcome", "ErrorCode"] in dimensions
     assert all("request_id" not in d for d in dimensions)  # an id is a property, never a dimension
+
+
+def test_protection_is_renewed_when_it_gets_old(agent: tuple[Agent, str]) -> None:
+    """A protection older than the renewal age is asked for again; a fresh one is not re-sent."""
+    from archiver.protection import RENEW_AFTER_SECONDS, TaskProtection
+
+    state, uri = agent
+    protection = TaskProtection(agent_uri=uri)
+    protection.protect()
+    protection.protect()  # fresh: no second call
+    assert len(state.puts) == 1
+    protection.renewed_at -= RENEW_AFTER_SECONDS + 1  # as if a long job had run that long
+    protection.protect()
+    assert len(state.puts) == 2
+    assert state.puts[-1] == {"ProtectionEnabled": True, "ExpiresInMinutes": 15}
+    protection.release()
+    assert state.enabled is False
+    assert TaskProtection(agent_uri=None).protected is False  # outside ECS nothing is sent
