@@ -163,4 +163,7 @@ def test_protection_is_renewed_when_it_gets_old(agent: tuple[Agent, str]) -> Non
     assert state.puts[-1] == {"ProtectionEnabled": True, "ExpiresInMinutes": 15}
     protection.release()
     assert state.enabled is False
-    assert TaskProtection(agent_uri=None).protected is False  # outside ECS nothing is sent
+    outside_ecs = TaskProtection(agent_uri=None)
+    outside_ecs.protect()
+    assert outside_ecs.protected is False  # no agent: nothing sent, nothing claimed
+    assert len(state.puts) == 3
