@@ -90,7 +90,7 @@ def connect(settings: Settings, clients: AwsClients | None = None) -> Worker:
 
 def return_big_buffers_to_the_os() -> None:
     """Keep glibc's mmap threshold at 128 KiB. glibc raises it to the size of the first big block freed
-    (a 16 MiB part), after which parts come from the heap, which fragments and never shrinks: measured
+    (a part buffer), after which parts come from the heap, which fragments and never shrinks: measured
     40-55 MiB of peak RSS on a 1 GiB archive. With the threshold fixed, each part is mmapped and handed
     back when its upload is done. A no-op where the C library is not glibc."""
     try:
