@@ -165,7 +165,44 @@ def zip_chunks(
             member = _Member(size=obj.size, level=level, crc32=obj.crc32, source=open_source(index, obj))
             yield entry.path, obj.last_modified, FILE_MODE, member, member.chunks()
 
-    return iter(stream_zip(members(), chunk_size=CHUNK_SIZE, extended_timestamps=True))
+    return _whole(stream_zip(members(), chunk_size=CHUNK_SIZE, extended_timestamps=True))
+
+
+END_OF_CENTRAL_DIRECTORY = b"PK\x05\x06"
+END_RECORD_LENGTH = 22  # stream-zip writes no archive comment
+
+
+def _whole(output: Iterable[bytes]) -> Iterator[bytes]:
+    """All of stream-zip's output, which stream-zip 0.0.84 itself can cut short.
+
+    stream-zip regroups its raw output into CHUNK_SIZE blocks and flushes a short block after every local
+    header. When a header ends exactly on a block boundary the flush makes an empty block, which the
+    regrouping loop takes for the end of the output: the archive stops there, silently, without its
+    central directory (about one entry in 65,536 hits it; tests/test_zipping.py builds one). The raw
+    generator still holds the rest, so it is taken from the regrouping generator's frame and read to its
+    end, its flush markers dropped. The end record is checked last, so no other cut goes unnoticed.
+    """
+    zipped: Any = iter(output)  # stream_zip's own generator: iter() returns it
+    first = next(zipped, None)
+    if first is None:
+        raise RuntimeError("stream-zip wrote nothing")
+    # stream_zip is `yield from evenly_sized(raw)`; evenly_sized keeps `raw` as `it`.
+    raw: Iterator[object] = zipped.gi_yieldfrom.gi_frame.f_locals["it"]
+    tail = first[-END_RECORD_LENGTH:]
+    yield first
+    for chunk in zipped:
+        tail = (
+            chunk[-END_RECORD_LENGTH:]
+            if len(chunk) >= END_RECORD_LENGTH
+            else (tail + chunk)[-END_RECORD_LENGTH:]
+        )
+        yield chunk
+    for piece in raw:
+        if isinstance(piece, bytes):
+            tail = (tail + piece)[-END_RECORD_LENGTH:]
+            yield piece
+    if not tail.startswith(END_OF_CENTRAL_DIRECTORY):
+        raise RuntimeError("the archive stream ended before its end of central directory record")
 
 
 def archive_size_bound(entries: Iterable[ZipEntry]) -> int:
