@@ -62,7 +62,8 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, _NETWORK_ERRORS):
         return True
     if isinstance(exc, botocore.exceptions.ClientError):
-        return error_code(exc) in _THROTTLING_CODES or http_status(exc) >= 500
+        # 501 Not Implemented is an answer, not an outage.
+        return error_code(exc) in _THROTTLING_CODES or (http_status(exc) >= 500 and http_status(exc) != 501)
     return False
 
 
@@ -87,8 +88,9 @@ class AwsClients:
 
 def _expect_owner(owner: str) -> Any:
     def add_owner(params: dict[str, Any], model: Any, **_: Any) -> None:
-        if "ExpectedBucketOwner" in model.input_shape.members:
-            params.setdefault("ExpectedBucketOwner", owner)
+        for name in ("ExpectedBucketOwner", "ExpectedSourceBucketOwner"):  # the latter on copies
+            if name in model.input_shape.members:
+                params.setdefault(name, owner)
 
     return add_owner
 

@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import botocore.exceptions
+import structlog
 
 from archiver import notify
+from archiver.assembly import NUMBERING_SLACK, CopiedEntry, Copier, Layout
 from archiver.aws import AwsClients, http_status, retry_transient
 from archiver.errors import PermanentError
 from archiver.models import (
@@ -23,16 +25,21 @@ from archiver.models import (
 )
 from archiver.multipart import choose_part_size, upload_stream
 from archiver.prefetch import Prefetcher
-from archiver.settings import Settings
+from archiver.settings import MAX_PARTS, Settings
 from archiver.sources import SourceObject, head_sources, read_source
 from archiver.status import Progress
-from archiver.zipping import ZipEntry, archive_size_bound, zip_chunks
+from archiver.zipping import ZipEntry, archive_size_bound, is_uncompressed, zip_chunks
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
+log = structlog.get_logger(__name__)
+
 HEAD_CONCURRENCY = 8  # HEADs at once, and readers of small sources ahead of the zip writer
 MAX_POINTER_BYTES = 64 * 1024 * 1024  # an offloaded request of 50,000 files is a few MiB
+# Numbers a copied entry may take beyond streaming the same bytes: the gap before its copy, the part cut
+# short where the copy starts, and one for rounding.
+COPY_EXTRA_PARTS = NUMBERING_SLACK + 2
 
 
 def load_document(s3: S3Client, settings: Settings, body: str) -> Any:
@@ -98,12 +105,38 @@ def build_archive(
         )
     progress.files_total, progress.bytes_total = len(entries), total
 
+    compression = plan.request.compression
+    layout = Layout()
+    min_copied = settings.server_side_copy_min_bytes
+    copyable = frozenset(
+        index
+        for index, entry in enumerate(entries)
+        if min_copied and entry.source.size >= min_copied and is_uncompressed(entry, compression)
+    )
+    if len(copyable) * COPY_EXTRA_PARTS > MAX_PARTS // 2:
+        # Thousands of big entries: their spare part numbers would crowd out the streamed parts.
+        min_copied, copyable = 0, frozenset()
+    copier = Copier(
+        s3,
+        layout,
+        min_bytes=min_copied,
+        part_size=settings.part_size,
+        concurrency=settings.upload_concurrency,
+    )
     prefetcher = Prefetcher(
         [entry.source for entry in entries],
         read=lambda obj: read_source(s3, obj),
         window_bytes=settings.prefetch_bytes,
         workers=HEAD_CONCURRENCY,
+        skip=copyable,
     )
+
+    def copy(obj: SourceObject) -> CopiedEntry | None:
+        copied = copier.copy(obj)
+        if copied is not None:
+            progress.bytes_done += obj.size
+            progress.files_done += 1
+        return copied
 
     def counted(index: int, obj: SourceObject) -> Iterator[bytes]:
         for chunk in prefetcher.open(index):
@@ -115,17 +148,29 @@ def build_archive(
     try:
         uploaded = upload_stream(
             s3,
-            zip_chunks(entries, open_source=counted, compression=plan.request.compression),
+            zip_chunks(entries, open_source=counted, compression=compression, copy=copy),
             bucket=plan.bucket,
             key=plan.key,
-            part_size=choose_part_size(archive_size_bound(entries), settings.part_size),
+            part_size=choose_part_size(
+                archive_size_bound(entries),
+                settings.part_size,
+                extra_parts=COPY_EXTRA_PARTS * len(copyable),
+            ),
             concurrency=settings.upload_concurrency,
             metadata={"request-id": plan.request_id, "entries": str(len(entries))},
             content_disposition=f"attachment; filename*=UTF-8''{quote(archive_name)}",
             cancelled=cancelled,
+            layout=layout,
         )
     finally:
         prefetcher.close()
+        copier.close()
+    log.info(
+        "archive.assembled",
+        bytes=uploaded.size,
+        copied_bytes=uploaded.copied_bytes,
+        streamed_bytes=uploaded.size - uploaded.copied_bytes,
+    )
     kept = {entry.path for entry in entries}
     return notify.completed(
         request_id=plan.request_id,

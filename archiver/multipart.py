@@ -6,7 +6,6 @@ The archive appears whole or not at all: S3 shows nothing until CompleteMultipar
 
 from __future__ import annotations
 
-import itertools
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -15,17 +14,16 @@ from typing import TYPE_CHECKING, cast
 
 import structlog
 
+from archiver.assembly import Layout, UploadTarget
 from archiver.aws import retry_transient
 from archiver.errors import JobAbandoned, PermanentError
-from archiver.settings import MAX_PART_SIZE, MiB
+from archiver.settings import MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, MiB
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_s3.type_defs import CompletedPartTypeDef
 
 log = structlog.get_logger(__name__)
-
-MAX_PARTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -35,12 +33,14 @@ class UploadedObject:
     size: int
     parts: int
     etag: str
+    copied_bytes: int = 0  # bytes S3 copied server-side, which never passed through the worker
 
 
-def choose_part_size(size_bound: int, minimum: int) -> int:
+def choose_part_size(size_bound: int, minimum: int, *, extra_parts: int = 0) -> int:
     """The smallest part size >= `minimum` (whole MiB) that keeps an archive of `size_bound` bytes within
-    S3's 10,000 parts; PART_SIZE alone would cap a 16 MiB-part archive at ~156 GiB."""
-    needed = -(-size_bound // MAX_PARTS)
+    S3's 10,000 parts, `extra_parts` of them set aside (server-side copies can take a few more numbers
+    than streaming the same bytes); PART_SIZE alone would cap a 16 MiB-part archive at ~156 GiB."""
+    needed = -(-size_bound // (MAX_PARTS - extra_parts))
     needed = -(-needed // MiB) * MiB
     part_size = max(minimum, needed)
     if part_size > MAX_PART_SIZE:
@@ -49,10 +49,12 @@ def choose_part_size(size_bound: int, minimum: int) -> int:
 
 
 def parts_of(
-    chunks: Iterable[bytes], part_size: int, cancelled: Callable[[], bool]
-) -> Iterator[bytes | bytearray]:
-    """Regroup chunks into parts of exactly `part_size` bytes (the last one shorter). Each part is
-    filled in place and handed over as it is: joining and slicing would hold every part twice."""
+    chunks: Iterable[bytes], part_size: int, cancelled: Callable[[], bool], layout: Layout
+) -> Iterator[tuple[int, bytes | bytearray]]:
+    """Regroup chunks into numbered parts of `part_size` bytes (the last one shorter), leaving out the
+    ranges S3 copies (`layout.holes`). Each part is filled in place and handed over as it is: joining and
+    slicing would hold every part twice. A part that ends where a copy starts is cut there: it holds the
+    copied object's head, so it is at least 5 MiB, and at most part_size + 5 MiB."""
     part = bytearray(part_size)
     filled = 0
     emitted = False
@@ -61,16 +63,29 @@ def parts_of(
             raise JobAbandoned("the job was stopped before its archive was complete")
         data = memoryview(chunk)
         while data:
-            take = min(len(data), part_size - filled)
+            hole = layout.holes[0] if layout.holes else None
+            if hole is not None and layout.position >= hole.start:
+                skip = min(len(data), hole.end - layout.position)
+                data = data[skip:]
+                layout.position += skip
+                if layout.position == hole.end:
+                    layout.passed(hole)
+                continue
+            end = part_size
+            if hole is not None and hole.start - (layout.position - filled) < part_size + MIN_PART_SIZE:
+                end = hole.start - (layout.position - filled)
+            take = min(len(data), end - filled)
             part[filled : filled + take] = data[:take]
             filled += take
+            layout.position += take
             data = data[take:]
-            if filled == part_size:
-                yield part
+            if filled == end:
+                del part[filled:]  # a part cut short where a copy starts
+                yield layout.number_streamed(), part
                 emitted = True
                 part, filled = bytearray(part_size), 0
     if filled or not emitted:
-        yield bytes(part[:filled])
+        yield layout.number_streamed(), bytes(part[:filled])
 
 
 @retry_transient
@@ -109,9 +124,12 @@ def upload_stream(
     metadata: dict[str, str],
     content_disposition: str | None = None,
     cancelled: Callable[[], bool] = _never,
+    layout: Layout | None = None,
 ) -> UploadedObject:
     """Upload `chunks` as one object. At most `concurrency` parts are in flight and one more is being
-    filled, which bounds memory at (concurrency + 1) x part_size whatever the archive's size."""
+    filled, which bounds memory at (concurrency + 1) x part_size whatever the archive's size. With a
+    `layout`, ranges that S3 copies server-side (archiver.assembly) are left out of the streamed parts."""
+    layout = layout if layout is not None else Layout()
     extra = {"ContentDisposition": content_disposition} if content_disposition else {}
     upload_id = retry_transient(s3.create_multipart_upload)(
         Bucket=bucket,
@@ -121,19 +139,23 @@ def upload_stream(
         ChecksumAlgorithm="CRC32",
         **extra,  # type: ignore[arg-type]
     )["UploadId"]
+    layout.upload = UploadTarget(bucket=bucket, key=key, upload_id=upload_id)
     try:
-        parts, size = _upload_parts(
+        streamed = _upload_parts(
             s3,
-            chunks,
+            parts_of(chunks, part_size, cancelled, layout),
+            target=layout.upload,
+            concurrency=concurrency,
+        )
+        parts = sorted([*streamed, *layout.copied_parts], key=lambda part: part["PartNumber"])
+        etag = _complete(
+            s3,
             bucket=bucket,
             key=key,
             upload_id=upload_id,
-            part_size=part_size,
-            concurrency=concurrency,
-            cancelled=cancelled,
-        )
-        etag = _complete(
-            s3, bucket=bucket, key=key, upload_id=upload_id, parts=parts, size=size, metadata=metadata
+            parts=parts,
+            size=layout.position,
+            metadata=metadata,
         )
     except BaseException:
         try:
@@ -142,7 +164,14 @@ def upload_stream(
             # A bucket lifecycle rule (AbortIncompleteMultipartUpload) is the safety net for this.
             log.exception("upload.abort_failed", key=key, upload_id=upload_id)
         raise
-    return UploadedObject(bucket=bucket, key=key, size=size, parts=len(parts), etag=etag)
+    return UploadedObject(
+        bucket=bucket,
+        key=key,
+        size=layout.position,
+        parts=len(parts),
+        etag=etag,
+        copied_bytes=layout.copied_bytes,
+    )
 
 
 def _complete(
@@ -174,39 +203,39 @@ def _complete(
 
 def _upload_parts(
     s3: S3Client,
-    chunks: Iterable[bytes],
+    numbered_parts: Iterator[tuple[int, bytes | bytearray]],
     *,
-    bucket: str,
-    key: str,
-    upload_id: str,
-    part_size: int,
+    target: UploadTarget,
     concurrency: int,
-    cancelled: Callable[[], bool],
-) -> tuple[list[CompletedPartTypeDef], int]:
+) -> list[CompletedPartTypeDef]:
     # A buffer slot is taken before a part starts filling and given back when its upload is done, so
     # at most `concurrency` parts are uploading and one is filling: (concurrency + 1) x part_size.
     slots = threading.BoundedSemaphore(concurrency + 1)
     in_flight: set[Future[CompletedPartTypeDef]] = set()
     done: list[Future[CompletedPartTypeDef]] = []
-    size = 0
-    parts = parts_of(chunks, part_size, cancelled)
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="part") as pool:
         try:
-            for number in itertools.count(1):
+            while True:
                 slots.acquire()
-                body = next(parts, None)
-                if body is None:
+                numbered = next(numbered_parts, None)
+                if numbered is None:
                     slots.release()
                     break
+                number, body = numbered
                 if number > MAX_PARTS:
                     raise PermanentError("too_large", f"the archive needs more than {MAX_PARTS} parts")
-                size += len(body)
                 future = pool.submit(
-                    _upload_part, s3, bucket=bucket, key=key, upload_id=upload_id, number=number, body=body
+                    _upload_part,
+                    s3,
+                    bucket=target.bucket,
+                    key=target.key,
+                    upload_id=target.upload_id,
+                    number=number,
+                    body=body,
                 )
                 future.add_done_callback(lambda _: slots.release())
                 in_flight.add(future)
-                del body
+                del body, numbered
                 finished = {f for f in in_flight if f.done()}
                 for f in finished:
                     f.result()  # raises the first failed part's error now, not after the whole stream
@@ -219,5 +248,4 @@ def _upload_parts(
         finally:
             for f in in_flight:
                 f.cancel()
-    completed = sorted((f.result() for f in done), key=lambda part: part["PartNumber"])
-    return completed, size
+    return [f.result() for f in done]

@@ -29,8 +29,10 @@ class Prefetcher:
         read: Callable[[SourceObject], Iterator[bytes]],
         window_bytes: int,
         workers: int,
+        skip: frozenset[int] = frozenset(),
     ) -> None:
         self._objects = objects
+        self._skip = skip  # entries never read ahead: S3 copies them, unless it cannot
         self._read = read
         self._window = window_bytes
         # An object bigger than a quarter of the window is streamed: buffering it would stall the others.
@@ -60,7 +62,7 @@ class Prefetcher:
         self._next = max(self._next, current)
         while self._next < len(self._objects) and self._next - current < MAX_LOOKAHEAD:
             obj = self._objects[self._next]
-            if obj.size > self._largest:
+            if obj.size > self._largest or self._next in self._skip:
                 self._next += 1  # streamed when reached
                 continue
             if self._reserved + obj.size > self._window:

@@ -13,6 +13,9 @@ MiB = 1024 * 1024
 # S3's own limits on multipart uploads.
 MIN_PART_SIZE = 5 * MiB
 MAX_PART_SIZE = 5 * 1024 * MiB
+MAX_PARTS = 10_000
+# The smallest object worth copying server-side: its first 5 MiB stream, the copy must be >= 5 MiB too.
+MIN_COPIED_OBJECT = 16 * MiB
 # SQS caps a message's total invisibility at 12 hours from its first receipt.
 SQS_MAX_VISIBILITY = 43_200
 # SigV4 presigned URLs live at most 7 days.
@@ -50,10 +53,20 @@ class Settings(BaseSettings):
     # keeps the worst case of the memory formula (README) under 150 MiB.
     prefetch_bytes: int = Field(default=32 * MiB, ge=0)
     upload_concurrency: int = Field(default=4, ge=1, le=64)
+    # Uncompressed entries at least this big are copied inside S3 (UploadPartCopy) instead of streamed;
+    # 0 turns server-side assembly off. Each still streams its first 5 MiB (README, Server-side assembly).
+    server_side_copy_min_bytes: int = Field(default=64 * MiB, ge=0)
     visibility_timeout: int = Field(default=120, ge=10, le=SQS_MAX_VISIBILITY)
     job_timeout: int = Field(default=21_600, ge=1, lt=SQS_MAX_VISIBILITY)
     shutdown_grace: int = Field(default=25, ge=0)
     health_file: str = "/tmp/archiver.heartbeat"  # noqa: S108 - a heartbeat, not a secret
+
+    @field_validator("server_side_copy_min_bytes")
+    @classmethod
+    def _check_copy_min(cls, value: int) -> int:
+        if 0 < value < MIN_COPIED_OBJECT:
+            raise ValueError(f"must be 0 (off) or at least {MIN_COPIED_OBJECT} (16 MiB)")
+        return value
 
     @field_validator("allowed_source_buckets", mode="before")
     @classmethod

@@ -82,11 +82,12 @@ def head_sources(s3: S3Client, refs: Sequence[SourceRef], *, concurrency: int) -
         return list(pool.map(lambda ref: head_source(s3, ref), refs))
 
 
-def _open(s3: S3Client, obj: SourceObject, start: int) -> Iterator[bytes]:
+def _open(s3: S3Client, obj: SourceObject, start: int, end: int) -> Iterator[bytes]:
     try:
-        if start:
+        if start or end < obj.size:
+            last = str(end - 1) if end < obj.size else ""
             response = s3.get_object(
-                Bucket=obj.ref.bucket, Key=obj.ref.key, IfMatch=obj.etag, Range=f"bytes={start}-"
+                Bucket=obj.ref.bucket, Key=obj.ref.key, IfMatch=obj.etag, Range=f"bytes={start}-{last}"
             )
         else:
             response = s3.get_object(Bucket=obj.ref.bucket, Key=obj.ref.key, IfMatch=obj.etag)
@@ -103,16 +104,19 @@ def read_source(
     s3: S3Client,
     obj: SourceObject,
     *,
+    end: int | None = None,
     max_resumes: int = MAX_RESUMES,
     on_resume: Callable[[], None] | None = None,
 ) -> Iterator[bytes]:
-    """Yield the object's bytes in 64 KiB chunks. The GET is sent on the first `next()`, not before, so an
-    early-opened connection never idles; a body that breaks off is resumed from the byte it stopped at."""
+    """Yield the object's bytes (up to `end` when given) in 64 KiB chunks. The GET is sent on the first
+    `next()`, not before, so an early-opened connection never idles; a body that breaks off is resumed
+    from the byte it stopped at."""
+    stop = obj.size if end is None else end
     position = 0
     resumes = 0
     while True:
         try:
-            for chunk in _open(s3, obj, position):
+            for chunk in _open(s3, obj, position, stop):
                 position += len(chunk)
                 yield chunk
         except Exception as exc:
@@ -123,8 +127,8 @@ def read_source(
             if on_resume is not None:
                 on_resume()
             continue
-        if position == obj.size:
+        if position == stop:
             return
-        if position > obj.size or resumes >= max_resumes:
-            raise TransientError(f"{obj.ref.source}: read {position} bytes, expected {obj.size}")
+        if position > stop or resumes >= max_resumes:
+            raise TransientError(f"{obj.ref.source}: read {position} bytes, expected {stop}")
         resumes += 1  # the body ended early without an error: ask for the rest

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from isal import isal_zlib
 from stream_zip import NO_COMPRESSION_32, NO_COMPRESSION_64, ZIP_32, ZIP_64, ZIP_AUTO, Method, stream_zip
 
+from archiver.assembly import CopiedEntry
 from archiver.sources import SourceObject
 
 CHUNK_SIZE = 64 * 1024
@@ -101,12 +102,25 @@ class _Member(Method):
     local header, with no data descriptor at all. `level` None means STORED with S3's CRC-32.
     """
 
-    def __init__(self, *, size: int, level: int | None, crc32: int | None, source: Iterator[bytes]) -> None:
+    def __init__(
+        self,
+        *,
+        size: int,
+        level: int | None,
+        crc32: int | None,
+        source: Iterator[bytes],
+        copy: Callable[[], CopiedEntry | None] | None = None,
+    ) -> None:
         self._size, self._level, self._crc32, self._source = size, level, crc32, source
+        self._copy = copy
+        self._copied: CopiedEntry | None = None
         self._buffered: list[bytes] | None = None
 
     def chunks(self) -> Iterator[bytes]:
         """The entry's bytes: stream-zip calls `_get` before it reads them, so the choice is made."""
+        if self._copied is not None:
+            yield from self._copied.chunks()
+            return
         if self._buffered is None:
             yield from self._source
             return
@@ -116,6 +130,10 @@ class _Member(Method):
 
     def _get(self, offset: int, default_get_compressobj: Any) -> Any:
         past = offset >= ZIP32_LIMIT
+        # Copied server-side, the entry is STORED just as streaming with S3's CRC would write it.
+        self._copied = self._copy() if self._copy is not None else None
+        if self._copied is not None:
+            self._level, self._crc32 = None, self._copied.crc32
         if self._level is not None and past and self._size <= BUFFER_LIMIT:
             self._buffered = list(self._source)
             crc = 0
@@ -138,6 +156,11 @@ class ZipEntry:
     source: SourceObject
 
 
+def is_uncompressed(entry: ZipEntry, compression: Compression) -> bool:
+    """Whether the entry's data goes into the archive as it is (STORED, or deflate's stored blocks)."""
+    return choose_level(entry, compression) in (None, 0)
+
+
 def choose_level(entry: ZipEntry, compression: Compression) -> int | None:
     """The deflate level of an entry, or None for STORED."""
     obj = entry.source
@@ -154,15 +177,20 @@ def zip_chunks(
     *,
     open_source: Callable[[int, SourceObject], Iterator[bytes]],
     compression: Compression,
+    copy: Callable[[SourceObject], CopiedEntry | None] | None = None,
 ) -> Iterator[bytes]:
     """The archive as 64 KiB chunks. Members are generated lazily: stream-zip asks for entry i's bytes
-    only once entry i-1 is written, so sources are consumed strictly in order."""
+    only once entry i-1 is written, so sources are consumed strictly in order. `copy` is offered every
+    uncompressed entry when stream-zip reaches it; what it copies server-side is not read here."""
 
     def members() -> Iterator[tuple[str, Any, int, Method, Iterator[bytes]]]:
         for index, entry in enumerate(entries):
             obj = entry.source
             level = choose_level(entry, compression)
-            member = _Member(size=obj.size, level=level, crc32=obj.crc32, source=open_source(index, obj))
+            offer = (lambda obj=obj: copy(obj)) if copy is not None and level in (None, 0) else None
+            member = _Member(
+                size=obj.size, level=level, crc32=obj.crc32, source=open_source(index, obj), copy=offer
+            )
             yield entry.path, obj.last_modified, FILE_MODE, member, member.chunks()
 
     return _whole(stream_zip(members(), chunk_size=CHUNK_SIZE, extended_timestamps=True))

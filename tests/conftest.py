@@ -17,6 +17,7 @@ import structlog
 from archiver.aws import AwsClients, make_clients
 from archiver.demo import embedded_stack
 from archiver.settings import Settings, load_settings
+from tests.faultproxy import FaultProxy
 
 
 @pytest.fixture(scope="session")
@@ -172,3 +173,14 @@ def stack(aws: AwsClients, tmp_path: Any) -> Stack:
         dlq_url=dlq_url,
         health_file=str(tmp_path / "heartbeat"),
     )
+
+
+@pytest.fixture
+def fault_proxy(aws: AwsClients, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
+    """A proxy in front of moto; clients made during the test (`worker.connect`) go through it.
+
+    It asks for `aws` first so that the session's direct clients are never made through a proxy.
+    """
+    with FaultProxy(moto_endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        yield proxy

@@ -25,12 +25,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import BinaryIO, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
-Kind = Literal["500", "503", "cut"]
+Kind = Literal["500", "503", "cut", "501", "412"]
 Service = Literal["s3", "sqs"]
 
 RECORDED_HEADERS = (
     *("x-amz-expected-bucket-owner", "range", "if-match", "x-amz-target", "expect"),
     *("content-length", "transfer-encoding", "content-encoding", "x-amz-checksum-crc32"),
+    *("x-amz-copy-source", "x-amz-copy-source-range", "x-amz-copy-source-if-match"),
 )
 # Hop-by-hop headers (RFC 9110 §7.6.1) describe one connection and are never forwarded; Expect was
 # answered here already, and a body read here is re-sent with its own Content-Length.
@@ -39,7 +40,13 @@ HOP_BY_HOP = frozenset(
     | {"expect", "content-length"}
 )
 CHUNK = 64 * 1024
-S3_ERRORS = {500: ("InternalError", "We encountered an internal error."), 503: ("SlowDown", "Reduce rate.")}
+S3_ERRORS = {
+    500: ("InternalError", "We encountered an internal error."),
+    503: ("SlowDown", "Reduce rate."),
+    # What an S3-compatible server without UploadPartCopy answers, and a copy whose source changed.
+    501: ("NotImplemented", "A header you provided implies functionality that is not implemented."),
+    412: ("PreconditionFailed", "At least one of the pre-conditions you specified did not hold."),
+}
 SQS_ERRORS = {500: "InternalError", 503: "ServiceUnavailable"}
 S3_ERROR = (
     '<?xml version="1.0" encoding="UTF-8"?>\n'
@@ -64,6 +71,8 @@ class Seen:
         if self.service == "sqs":
             return self.headers.get("x-amz-target", "").rpartition(".")[2]
         if "uploadId" in self.query:
+            if self.method == "PUT" and "x-amz-copy-source" in self.headers:
+                return "UploadPartCopy"
             ops = {"PUT": "UploadPart", "POST": "CompleteMultipartUpload", "DELETE": "AbortMultipartUpload"}
             return ops.get(self.method, "ListParts")
         if "uploads" in self.query:
@@ -189,7 +198,7 @@ class _Handler(BaseHTTPRequestHandler):
         kind, faults = self.server.proxy.decide(seen)
         if faults and faults.latency:
             time.sleep(faults.latency)
-        if kind in ("500", "503"):
+        if kind is not None and kind != "cut":
             self._send_error(seen, int(kind))
             return
         upstream = http.client.HTTPConnection(*self.server.proxy.upstream, timeout=90)

@@ -10,7 +10,7 @@ import json
 import random
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +20,12 @@ import pytest
 from botocore.config import Config
 
 from archiver import worker
-from archiver.aws import AwsClients
 from archiver.settings import MiB
 from tests.conftest import Stack
 from tests.faultproxy import FaultProxy
 from tests.zipcheck import check_archive
 
 OWNER = "111122223333"
-
-
-@pytest.fixture
-def fault_proxy(aws: AwsClients, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
-    """A proxy in front of moto; clients made during the test (`worker.connect`) go through it.
-
-    It asks for `aws` first so that the session's direct clients are never made through a proxy.
-    """
-    with FaultProxy(moto_endpoint) as proxy:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        yield proxy
 
 
 def wait_for(condition: Callable[[], Any], *, timeout: float, interval: float = 0.2) -> Any:

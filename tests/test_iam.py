@@ -12,6 +12,7 @@ import pytest
 from archiver import worker
 from archiver.aws import AwsClients, make_clients
 from archiver.protection import IAM_ACTIONS as PROTECTION_ACTIONS
+from archiver.settings import MiB
 from tests.conftest import Stack
 
 DECLARED = json.loads((Path(__file__).parent.parent / "deploy" / "worker-actions.json").read_text())
@@ -24,6 +25,8 @@ ACTION_OF = {
     "s3:PutObject": "s3:PutObject",
     "s3:CreateMultipartUpload": "s3:PutObject",
     "s3:UploadPart": "s3:PutObject",
+    # Also s3:GetObject on the source, which HeadObject and GetObject already need.
+    "s3:UploadPartCopy": "s3:PutObject",
     "s3:CompleteMultipartUpload": "s3:PutObject",
     "s3:AbortMultipartUpload": "s3:AbortMultipartUpload",
     "s3:ListMultipartUploads": "s3:ListBucketMultipartUploads",
@@ -59,6 +62,7 @@ def test_every_worker_call_is_granted_and_every_grant_is_used(
     calls only granted actions, and uses every granted one."""
     clients, calls = recorded
     stack.put("a.txt", b"a")
+    stack.put("big.mp4", bytes(16 * MiB), ChecksumAlgorithm="CRC32")  # copied server-side
     stack.put("req.json", json.dumps({"request_id": "via-pointer", "files": [{"source": "a.txt"}]}).encode())
     s3 = stack.clients.s3
     s3.create_multipart_upload(Bucket=stack.destination_bucket, Key="download/stale/stale.zip")
@@ -71,14 +75,15 @@ def test_every_worker_call_is_granted_and_every_grant_is_used(
         {"request_id": "stale", "files": [{"source": "a.txt"}]},  # a duplicate: re-notified
         {"request_id": "skipping", "on_missing": "skip", "files": [{"source": "a.txt"}, {"source": "no"}]},
         {"request_id": "missing", "files": [{"source": "no"}]},
+        {"request_id": "copied", "files": [{"source": "a.txt"}, {"source": "big.mp4"}]},
         pointer,
     ):
         stack.send(body)
     stack.send(json.dumps({"request_id": "x", "files": [{"source": "a.txt", "name": "b.txt"}]}))
-    running = worker.connect(stack.settings(), clients)
+    running = worker.connect(stack.settings(server_side_copy_min_bytes=16 * MiB), clients)
     running.emit_metrics = False
     worker.run(running, burst=True)
-    assert len(stack.notifications(6)) == 6
+    assert len(stack.notifications(7)) == 7
     # And a release: a message whose notification cannot be sent (the queue is gone) is put back.
     stack.send({"request_id": "released", "files": [{"source": "a.txt"}]})
     broken = worker.connect(stack.settings(sqs_destination_queue=stack.destination_url + "-gone"), clients)

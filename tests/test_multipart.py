@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from archiver.assembly import HEAD_BYTES, NUMBERING_SLACK, Hole, Layout
 from archiver.errors import JobAbandoned, PermanentError
 from archiver.multipart import MAX_PARTS, choose_part_size, parts_of, upload_stream
 from archiver.settings import MiB
@@ -26,9 +27,38 @@ def test_part_size_grows_to_stay_under_10000_parts() -> None:
 def test_parts_are_exactly_part_size_except_the_last() -> None:
     """Chunks of any size regroup into equal parts; nothing is lost or reordered."""
     chunks = [os.urandom(n) for n in (10, 7000, 3, 65536, 1, 40000)]
-    parts = list(parts_of(iter(chunks), 4096, lambda: False))
+    numbered = list(parts_of(iter(chunks), 4096, lambda: False, Layout()))
+    assert [number for number, _ in numbered] == list(range(1, len(numbered) + 1))
+    parts = [body for _, body in numbered]
     assert b"".join(parts) == b"".join(chunks)
     assert all(len(p) == 4096 for p in parts[:-1]) and 0 < len(parts[-1]) <= 4096
+
+
+def test_a_copied_range_is_left_out_and_the_part_before_it_holds_the_head() -> None:
+    """The part ending where a copy starts is cut there, even past part_size, so it holds the whole 5 MiB
+    head and is never under S3's minimum; the copy's numbers are skipped; the stand-ins are dropped."""
+    layout = Layout()
+    prefix, head, tail = os.urandom(6 * MiB), os.urandom(HEAD_BYTES), os.urandom(MiB + 7)
+    copied = 20 * MiB
+
+    def stream() -> Iterator[bytes]:
+        yield from split(prefix)
+        first = layout.reserve()
+        start = layout.position + HEAD_BYTES
+        layout.holes.append(Hole(start=start, end=start + copied, first=first, last=first + 2))
+        yield from split(head)
+        yield from split(bytes(copied))
+        yield from split(tail)
+
+    numbered = [(number, bytes(body)) for number, body in parts_of(stream(), 8 * MiB, lambda: False, layout)]
+    assert numbered[0] == (1, prefix + head)
+    assert numbered[1:] == [(1 + NUMBERING_SLACK + 3, tail)]
+    assert layout.position == len(prefix) + len(head) + copied + len(tail)
+    assert not layout.holes
+
+
+def split(data: bytes) -> Iterator[bytes]:
+    return (data[start : start + 65536] for start in range(0, len(data), 65536))
 
 
 def test_upload_completes_with_parts_in_order(stack: Stack) -> None:

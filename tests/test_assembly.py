@@ -1,0 +1,224 @@
+"""Server-side assembly through the worker, over real HTTP to moto (behind the fault proxy, which records
+every request): big STORED entries copied with UploadPartCopy, the archive byte for byte the one
+streaming writes, and every way the copy can be refused falling back to streaming."""
+
+from __future__ import annotations
+
+import random
+import zipfile
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from archiver import worker
+from archiver.assembly import HEAD_BYTES, copy_ranges
+from archiver.settings import MiB
+from bench import servers
+from tests.conftest import Stack
+from tests.faultproxy import FaultProxy
+from tests.zipcheck import check_archive
+
+COPY_MIN = 16 * MiB
+PART_SIZE = 5 * MiB  # Stack.settings' part size
+CONCURRENCY = 4  # the default UPLOAD_CONCURRENCY
+
+
+def sources() -> dict[str, bytes]:
+    """Deflated text, three big media objects (two of them adjacent), and a small media file between."""
+    rng = random.Random(6)
+    return {
+        "notes.txt": b"a line of notes\n" * 20_000,
+        "clip.mp4": rng.randbytes(COPY_MIN + 1),
+        "scan.png": rng.randbytes(23 * MiB + 12_345),
+        "thumb.png": rng.randbytes(300_000),
+        "photo.jpg": rng.randbytes(17 * MiB + 7),
+    }
+
+
+BIG = ("clip.mp4", "scan.png", "photo.jpg")
+
+
+def put_all(stack: Stack, files: dict[str, bytes], *, with_crc: bool) -> None:
+    """With S3's full-object CRC-32 on each object, or with no checksum at all (as objects written by
+    older clients have; on AWS, big ones uploaded in parts carry a composite checksum, no better)."""
+    if with_crc:
+        for name, body in files.items():
+            stack.put(f"in/{name}", body, ChecksumAlgorithm="CRC32")
+        return
+    plain = boto3.session.Session().client("s3", config=Config(request_checksum_calculation="when_required"))
+    for name, body in files.items():
+        plain.put_object(Bucket=stack.source_bucket, Key=f"in/{name}", Body=body)
+        head = plain.head_object(Bucket=stack.source_bucket, Key=f"in/{name}", ChecksumMode="ENABLED")
+        assert "ChecksumCRC32" not in head
+
+
+def archive(stack: Stack, request_id: str, files: dict[str, bytes], **settings: Any) -> bytes:
+    """Run the worker on one request for `files`; its archive, after checking the notification."""
+    stack.send({"request_id": request_id, "files": [{"source": f"in/{name}"} for name in files]})
+    assert worker.run(worker.connect(stack.settings(**settings)), burst=True) == 0
+    notes = stack.notifications(1)
+    assert [note["status"] for note in notes] == ["completed"], notes
+    data = stack.download(f"download/{request_id}/{request_id}.zip")
+    assert notes[0]["archive"]["size"] == len(data)
+    assert stack.incomplete_uploads() == []
+    return data
+
+
+def expected_copies(files: dict[str, bytes], name: str) -> list[tuple[int, int]]:
+    size = len(files[name])
+    piece = max(PART_SIZE, -(-(size - HEAD_BYTES) // CONCURRENCY))
+    return copy_ranges(size, piece=piece)
+
+
+def test_copied_archive_is_the_streamed_archive(
+    stack: Stack, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """With S3's CRCs: big entries are copied (after a 5 MiB head each), nothing else of them is read,
+    CopySourceIfMatch holds their ETags, and the archive equals the streamed one byte for byte."""
+    files = sources()
+    put_all(stack, files, with_crc=True)
+    streamed = archive(stack, "streamed", files, server_side_copy_min_bytes=0)
+    assert fault_proxy.requests_matching(operation="UploadPartCopy") == []
+
+    since = fault_proxy.mark()
+    copied = archive(stack, "copied", files, server_side_copy_min_bytes=COPY_MIN)
+    assert copied == streamed
+    check_archive(copied, files, tmp_path)
+
+    for name in BIG:
+        etag = stack.clients.s3.head_object(Bucket=stack.source_bucket, Key=f"in/{name}")["ETag"]
+        copies = fault_proxy.requests_matching(
+            operation="UploadPartCopy", since=since, path_contains="copied"
+        )
+        mine = [c for c in copies if c.headers["x-amz-copy-source"].endswith(f"/in/{name}")]
+        ranges = sorted(c.headers["x-amz-copy-source-range"] for c in mine)
+        assert ranges == sorted(f"bytes={start}-{end - 1}" for start, end in expected_copies(files, name))
+        assert {c.headers["x-amz-copy-source-if-match"] for c in mine} == {etag}
+        gets = fault_proxy.requests_matching(operation="GetObject", since=since, path_contains=f"/in/{name}")
+        assert [g.headers.get("range") for g in gets] == [f"bytes=0-{HEAD_BYTES - 1}"]
+        assert [g.headers.get("if-match") for g in gets] == [etag]
+
+    # What passed through the worker: every uploaded part, against the archive's size.
+    uploads = fault_proxy.requests_matching(operation="UploadPart", since=since)
+    through = sum(int(u.headers.get("content-length", 0)) for u in uploads)
+    copied_bytes = sum(len(files[name]) - HEAD_BYTES for name in BIG)
+    assert through < len(copied) - copied_bytes + 64 * 1024  # content-length includes no more than framing
+
+
+def test_sources_without_crc_stream_when_copies_bring_no_checksums(
+    stack: Stack, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """moto answers UploadPartCopy without the part's CRC, so an object without its own CRC-32 cannot be
+    laid out from a copy: that entry is streamed, and the job streams the others without trying."""
+    files = sources()
+    put_all(stack, files, with_crc=False)
+    streamed = archive(stack, "streamed", files, server_side_copy_min_bytes=0)
+    since = fault_proxy.mark()
+    copied = archive(stack, "copied", files, server_side_copy_min_bytes=COPY_MIN)
+    assert copied == streamed
+    check_archive(copied, files, tmp_path)
+    copies = fault_proxy.requests_matching(operation="UploadPartCopy", since=since)
+    assert {c.headers["x-amz-copy-source"].rpartition("/")[2] for c in copies} == {"clip.mp4"}
+
+
+def test_a_server_refusing_uploadpartcopy_gets_every_entry_streamed(
+    stack: Stack, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """An S3-compatible server without UploadPartCopy (501 NotImplemented): the request still succeeds,
+    streamed, after one refused entry; the refused parts leave nothing behind."""
+    files = sources()
+    put_all(stack, files, with_crc=True)
+    streamed = archive(stack, "streamed", files, server_side_copy_min_bytes=0)
+    fault_proxy.configure(rate=1.0, kinds=("501",), match=lambda seen: seen.operation == "UploadPartCopy")
+    since = fault_proxy.mark()
+    copied = archive(stack, "refused", files, server_side_copy_min_bytes=COPY_MIN)
+    assert copied == streamed
+    check_archive(copied, files, tmp_path)
+    copies = fault_proxy.requests_matching(operation="UploadPartCopy", since=since)
+    assert copies and all(c.fault == "501" for c in copies)  # no retry of a refusal
+    assert {c.headers["x-amz-copy-source"].rpartition("/")[2] for c in copies} == {"clip.mp4"}
+
+
+def test_a_source_changed_before_its_copy_fails_the_attempt_without_an_archive(
+    stack: Stack, fault_proxy: FaultProxy
+) -> None:
+    """CopySourceIfMatch refused (412): the source changed since its HEAD, so this attempt stops, its
+    upload is aborted and the message goes back for a redelivery that HEADs afresh."""
+    files = {"clip.mp4": random.Random(2).randbytes(COPY_MIN + 1)}
+    put_all(stack, files, with_crc=True)
+    fault_proxy.configure(rate=1.0, kinds=("412",), match=lambda seen: seen.operation == "UploadPartCopy")
+    stack.send({"request_id": "changed", "files": [{"source": "in/clip.mp4"}]})
+    assert worker.run(worker.connect(stack.settings(server_side_copy_min_bytes=COPY_MIN)), burst=True) == 0
+    assert stack.queue_depth(stack.destination_url) == 0
+    assert stack.queue_depth() == 1  # released, not deleted
+    assert stack.archive_keys() == []
+    assert stack.incomplete_uploads() == []
+    assert fault_proxy.requests_matching(operation="AbortMultipartUpload")
+
+
+@pytest.fixture
+def seaweedfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
+    """SeaweedFS, a real S3 that returns the CRC-32 of each copied part, behind the recording proxy; the
+    worker's S3 calls go there (its SQS calls still to moto, which takes any credentials)."""
+    with servers.seaweedfs(tmp_path) as (s3_url, _), FaultProxy(s3_url) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", servers.ACCESS_KEY)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", servers.SECRET_KEY)
+        yield proxy
+
+
+@pytest.mark.slow
+def test_crc_from_copied_parts_on_a_server_that_returns_them(
+    stack: Stack, seaweedfs: FaultProxy, tmp_path: Path
+) -> None:
+    """Sources uploaded in parts carry a composite checksum, no full-object CRC-32: SeaweedFS returns each
+    copied part's CRC-32, the worker combines them with the head's, and writes the entries STORED with
+    that CRC, which every reader verifies against the bytes. A source with a full-object CRC-32 is
+    checked against its copied parts'."""
+    files = sources()
+    s3 = boto3.session.Session().client("s3", endpoint_url=seaweedfs.url)
+    for bucket in (stack.source_bucket, stack.destination_bucket):
+        s3.create_bucket(Bucket=bucket)
+    for name, body in files.items():
+        key = f"in/{name}"
+        if name == "photo.jpg":  # one PUT: a full-object CRC-32
+            s3.put_object(Bucket=stack.source_bucket, Key=key, Body=body, ChecksumAlgorithm="CRC32")
+            continue
+        upload = s3.create_multipart_upload(Bucket=stack.source_bucket, Key=key, ChecksumAlgorithm="CRC32")
+        parts = []
+        for number, start in enumerate(range(0, len(body), 8 * MiB), 1):
+            answer = s3.upload_part(
+                Bucket=stack.source_bucket,
+                Key=key,
+                UploadId=upload["UploadId"],
+                PartNumber=number,
+                Body=body[start : start + 8 * MiB],
+                ChecksumAlgorithm="CRC32",
+            )
+            parts.append(
+                {"PartNumber": number, "ETag": answer["ETag"], "ChecksumCRC32": answer["ChecksumCRC32"]}
+            )
+        s3.complete_multipart_upload(
+            Bucket=stack.source_bucket, Key=key, UploadId=upload["UploadId"], MultipartUpload={"Parts": parts}
+        )
+
+    stack.send({"request_id": "seaweed", "files": [{"source": f"in/{name}"} for name in files]})
+    assert worker.run(worker.connect(stack.settings(server_side_copy_min_bytes=COPY_MIN)), burst=True) == 0
+    notes = stack.notifications(1)
+    assert [note["status"] for note in notes] == ["completed"], notes
+    data = s3.get_object(Bucket=stack.destination_bucket, Key="download/seaweed/seaweed.zip")["Body"].read()
+    check_archive(data, files, tmp_path)
+    with zipfile.ZipFile(BytesIO(data)) as archive:
+        methods = {info.filename: info.compress_type for info in archive.infolist()}
+    assert {name: methods[name] for name in BIG} == dict.fromkeys(BIG, zipfile.ZIP_STORED)
+
+    copies = seaweedfs.requests_matching(operation="UploadPartCopy")
+    assert {c.headers["x-amz-copy-source"].rpartition("/")[2] for c in copies} == set(BIG)
+    for name in BIG:
+        gets = seaweedfs.requests_matching(operation="GetObject", path_contains=f"/in/{name}")
+        assert [g.headers.get("range") for g in gets] == [f"bytes=0-{HEAD_BYTES - 1}"]
