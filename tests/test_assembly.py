@@ -4,9 +4,13 @@ streaming writes, and every way the copy can be refused falling back to streamin
 
 from __future__ import annotations
 
+import itertools
 import random
 import zipfile
+import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -14,10 +18,15 @@ from typing import Any
 import boto3
 import pytest
 from botocore.config import Config
+from isal import isal_zlib
 
-from archiver import worker
-from archiver.assembly import HEAD_BYTES, copy_ranges
-from archiver.settings import MiB
+from archiver import crc, worker
+from archiver.assembly import HEAD_BYTES, CopiedEntry, Layout, UploadTarget, copy_ranges
+from archiver.models import SourceRef
+from archiver.multipart import parts_of
+from archiver.settings import MIN_PART_SIZE, MiB
+from archiver.sources import SourceObject
+from archiver.zipping import CHUNK_SIZE, ZipEntry, zip_chunks
 from bench import servers
 from tests.conftest import Stack
 from tests.faultproxy import FaultProxy
@@ -222,3 +231,96 @@ def test_crc_from_copied_parts_on_a_server_that_returns_them(
     for name in BIG:
         gets = seaweedfs.requests_matching(operation="GetObject", path_contains=f"/in/{name}")
         assert [g.headers.get("range") for g in gets] == [f"bytes=0-{HEAD_BYTES - 1}"]
+
+
+# ---------------------------------------------------------------------- the layout past 4 GiB, in memory
+
+
+@dataclass(frozen=True)
+class Synthetic:
+    """`size` bytes: one random 64 KiB block repeated, cut short at the end."""
+
+    name: str
+    size: int
+    seed: int
+
+    @property
+    def block(self) -> bytes:
+        return random.Random(self.seed).randbytes(CHUNK_SIZE)
+
+    def chunks(self, start: int = 0) -> Iterator[bytes]:
+        assert start % CHUNK_SIZE == 0
+        block = self.block
+        for position in range(start, self.size, CHUNK_SIZE):
+            yield block[: min(CHUNK_SIZE, self.size - position)]
+
+    def crc32(self, start: int = 0) -> int:
+        value = 0
+        for chunk in self.chunks(start):
+            value = isal_zlib.crc32(chunk, value)
+        return value
+
+    def source(self) -> SourceObject:
+        return SourceObject(
+            ref=SourceRef(source=f"s3://memory/{self.name}", bucket="memory", key=self.name),
+            size=self.size,
+            etag='"x"',
+            last_modified=datetime(2024, 5, 6, tzinfo=UTC),
+            content_type="video/mp4",
+            crc32=self.crc32(),
+        )
+
+
+@pytest.mark.slow
+def test_layout_past_4_gib_is_the_streamed_one() -> None:
+    """Copied entries before, across and past the 4 GiB mark (zip64 where streaming uses it), with small
+    entries around them: the streamed parts and the copied ranges, joined in part-number order, are the
+    streamed archive, compared by length and CRC-32 (no S3: the copies are the bytes they stand for)."""
+    GiB = 1024 * MiB
+    specs = [
+        Synthetic("a.mp4", 17 * MiB + 5, 1),
+        Synthetic("b.mp4", 3 * GiB + 12_345, 2),
+        Synthetic("c.mp4", 1536 * MiB + 1, 3),  # starts before 4 GiB, ends past it
+        Synthetic("small.mp4", 100_000, 4),
+        Synthetic("d.mp4", 40 * MiB + 3, 5),  # starts past 4 GiB: zip64
+    ]
+    entries = [ZipEntry(spec.name, spec.source()) for spec in specs]
+    by_key = {spec.name: spec for spec in specs}
+
+    def open_source(index: int, obj: SourceObject) -> Iterator[bytes]:
+        return specs[index].chunks()
+
+    streamed_crc, streamed_length = 0, 0
+    for chunk in zip_chunks(entries, open_source=open_source, compression="auto"):
+        streamed_crc, streamed_length = isal_zlib.crc32(chunk, streamed_crc), streamed_length + len(chunk)
+
+    layout = Layout(upload=UploadTarget("memory", "archive.zip", "upload"))
+    pieces: dict[int, tuple[int, int]] = {}  # part number -> (crc, length)
+
+    def copy(obj: SourceObject) -> CopiedEntry | None:
+        spec = by_key[obj.ref.key]
+        if obj.size < COPY_MIN:
+            return None
+        first = layout.reserve()
+        pieces[first] = (spec.crc32(HEAD_BYTES), spec.size - HEAD_BYTES)
+        head = list(itertools.islice(spec.chunks(), HEAD_BYTES // CHUNK_SIZE))
+        return CopiedEntry(
+            crc32=spec.crc32(),
+            head=head,
+            head_crc32=crc.joined((zlib.crc32(chunk), len(chunk)) for chunk in head),
+            size=spec.size,
+            first=first,
+            last=first,
+            layout=layout,
+        )
+
+    chunks = zip_chunks(entries, open_source=open_source, compression="auto", copy=copy)
+    for number, body in parts_of(chunks, 8 * MiB, lambda: False, layout):
+        assert number not in pieces
+        pieces[number] = (isal_zlib.crc32(body), len(body))
+    assert len([spec for spec in specs if spec.size >= COPY_MIN]) == 4
+    assert layout.position == streamed_length
+    assembled = [pieces[number] for number in sorted(pieces)]
+    assert all(length >= MIN_PART_SIZE for _, length in assembled[:-1])
+    assert sum(length for _, length in assembled) == streamed_length
+    assert crc.joined(assembled) == streamed_crc
