@@ -12,7 +12,7 @@ import botocore.exceptions
 import structlog
 
 from archiver import notify
-from archiver.assembly import NUMBERING_SLACK, CopiedEntry, Copier, Layout
+from archiver.assembly import HEAD_BYTES, NUMBERING_SLACK, CopiedEntry, Copier, Layout
 from archiver.aws import AwsClients, http_status, retry_transient
 from archiver.errors import PermanentError
 from archiver.models import (
@@ -25,7 +25,7 @@ from archiver.models import (
 )
 from archiver.multipart import choose_part_size, upload_stream
 from archiver.prefetch import Prefetcher
-from archiver.settings import MAX_PARTS, Settings
+from archiver.settings import MAX_PART_SIZE, MAX_PARTS, Settings
 from archiver.sources import SourceObject, head_sources, read_source
 from archiver.status import Progress
 from archiver.zipping import ZipEntry, archive_size_bound, is_uncompressed, zip_chunks
@@ -113,9 +113,17 @@ def build_archive(
         for index, entry in enumerate(entries)
         if min_copied and entry.source.size >= min_copied and is_uncompressed(entry, compression)
     )
+    # Thousands of big entries would crowd out the streamed parts with their spare part numbers; and the
+    # part that ends where a copy starts, up to part size + 5 MiB, must stay within S3's 5 GiB.
     if len(copyable) * COPY_EXTRA_PARTS > MAX_PARTS // 2:
-        # Thousands of big entries: their spare part numbers would crowd out the streamed parts.
-        min_copied, copyable = 0, frozenset()
+        copyable = frozenset()
+    part_size = choose_part_size(
+        archive_size_bound(entries), settings.part_size, extra_parts=COPY_EXTRA_PARTS * len(copyable)
+    )
+    if part_size + HEAD_BYTES > MAX_PART_SIZE:
+        copyable = frozenset()
+    if not copyable:
+        min_copied = 0
     copier = Copier(
         s3,
         layout,
@@ -151,11 +159,7 @@ def build_archive(
             zip_chunks(entries, open_source=counted, compression=compression, copy=copy),
             bucket=plan.bucket,
             key=plan.key,
-            part_size=choose_part_size(
-                archive_size_bound(entries),
-                settings.part_size,
-                extra_parts=COPY_EXTRA_PARTS * len(copyable),
-            ),
+            part_size=part_size,
             concurrency=settings.upload_concurrency,
             metadata={"request-id": plan.request_id, "entries": str(len(entries))},
             content_disposition=f"attachment; filename*=UTF-8''{quote(archive_name)}",
