@@ -8,8 +8,9 @@ Every measured method runs in its own subprocess, so its peak RSS is its own and
 | `bench/tuning.py` | part size, upload concurrency, prefetch in one place; archiver's defaults by default |
 | `bench/servers.py` | SeaweedFS and moto as subprocesses on free loopback ports; readiness; clean stop |
 | `bench/scenarios.py` | the scenarios, their generated sources, uploading them and clearing buckets |
-| `bench/methods.py` | the three methods (raw copy, in-memory zip, archiver), each a measured subprocess |
-| `bench/children.py` | the raw copy and in-memory zip as they run inside their subprocess |
+| `bench/methods.py` | the methods (raw, inmemory, download, archiver, archiver-stream), each a subprocess |
+| `bench/children.py` | the raw copy, in-memory zip and download as they run inside their subprocess |
+| `bench/meter.py` | counting the bytes a measured process's sockets receive and send |
 | `bench/verify.py` | downloading an archive and checking entries, sizes and CRCs |
 | `bench/profile.py` | an extra, unmeasured archiver run under py-spy, summarised as top frames |
 | `bench/report.py` | the tables, ratios, target checks and the JSON file in `bench/results/` |

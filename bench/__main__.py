@@ -1,7 +1,9 @@
-"""`python -m bench [--scenarios large,small,text,huge] [--quick] [--repeat N] [--profile NAMES|all]`.
+"""`python -m bench [--scenarios large,small,text,huge,xlarge] [--methods NAMES] [--quick] [--repeat N]
+[--profile NAMES|all]`.
 
-One run starts SeaweedFS and moto, then for each scenario uploads its sources, runs every method in its
-own subprocess, prints a table, and drops the scenario's buckets before the next. Results go to
+One run starts SeaweedFS and moto, then for each scenario uploads its sources, runs each of its methods
+(or those of --methods) in its own subprocess, prints a table, and drops the scenario's buckets before
+the next. Results go to
 `bench/results/<run id>.json` (rewritten after each scenario, so an interrupted run keeps what it
 measured), subprocess logs to `bench/results/<run id>/`.
 """
@@ -24,14 +26,15 @@ from typing import Any
 from bench import methods, profile, report, scenarios, servers
 from bench.report import MethodResult, ScenarioResult
 from bench.scenarios import SCENARIOS, Scenario
-from bench.tuning import Tuning
+from bench.tuning import Tuning, server_side_copy_min_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("raw", "inmemory", "archiver")
+METHODS = ("raw", "inmemory", "archiver", "archiver-stream", "download")
+ARCHIVER_METHODS = ("archiver", "archiver-stream")
 GiB = 1024**3
 # SeaweedFS frees deleted objects' space only when a bucket is dropped or volumes are vacuumed: a scenario
-# can hold its sources, three outputs and a downloaded copy at once.
-DISK_FACTOR = 5
+# can hold its sources, four outputs and a downloaded copy at once.
+DISK_FACTOR = 6
 DISK_MARGIN = 2 * GiB
 
 
@@ -76,8 +79,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--methods",
         type=lambda text: _names(text, METHODS, "method"),
-        default=list(METHODS),
-        help=f"comma-separated subset of {','.join(METHODS)} (default: all)",
+        default=None,
+        help=f"comma-separated subset of {','.join(METHODS)} for every scenario (default: each "
+        "scenario's own, see bench/README.md)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="1/16 of every scenario: a smoke run of the harness"
@@ -148,11 +152,18 @@ def environment(tuning: Tuning) -> dict[str, Any]:
         "archiver_commit": _git("rev-parse", "--short", "HEAD"),
         "archiver_uncommitted_changes": _git("status", "--porcelain", "--", "archiver").splitlines(),
         "tuning": tuning.as_dict(),
+        # What the `archiver` method runs with (`archiver-stream` sets it to 0), unless --worker-env says.
+        "server_side_copy_min_bytes": server_side_copy_min_bytes(),
     }
 
 
 def run_scenario(
-    ctx: methods.RunContext, scenario: Scenario, chosen_methods: list[str], *, profiled: bool, rounds: int
+    ctx: methods.RunContext,
+    scenario: Scenario,
+    chosen_methods: list[str] | None,
+    *,
+    profiled: bool,
+    rounds: int,
 ) -> ScenarioResult:
     result = ScenarioResult(
         name=scenario.name,
@@ -168,7 +179,7 @@ def run_scenario(
         log(f"{scenario.name}: sources ready in {result.setup_seconds:.1f} s")
         # Rounds interleave the methods, so a burst of load from elsewhere hits them alike.
         for round_number in range(1, rounds + 1):
-            for method in chosen_methods:
+            for method in chosen_methods or scenario.methods:
                 log(f"{scenario.name}: {method} (round {round_number}/{rounds}) ...")
                 outcome = _run_method(ctx, scenario, sources, method, round_number)
                 result.results.append(outcome)
@@ -200,8 +211,8 @@ def _run_method(
     if load > 2 * (os.cpu_count() or 1):
         log(f"{scenario.name}: {method}: load average {load:.1f} on {os.cpu_count()} cores; expect noise")
     try:
-        if method == "archiver":
-            outcome = methods.run_archiver(ctx, scenario, sources, attempt=str(round_number))
+        if method in ARCHIVER_METHODS:
+            outcome = methods.run_archiver(ctx, scenario, sources, method=method, attempt=str(round_number))
         else:
             outcome = methods.run_baseline(method, ctx, scenario, sources, round_number=round_number)
     except Exception as exc:  # one broken method must not cost the other methods' numbers

@@ -1,11 +1,13 @@
-"""The baselines, as they run inside their measured subprocess: `python -m bench.children raw|inmemory
-SPEC RESULT`. This module imports only what the methods need (boto3, zipfile), so the peak RSS measured
-is the method's own plus an interpreter's, like archiver's worker process.
+"""The baselines, as they run inside their measured subprocess: `python -m bench.children
+raw|inmemory|download SPEC RESULT`. This module imports only what the methods need (boto3, zipfile), so
+the peak RSS measured is the method's own plus an interpreter's, like archiver's worker process.
 
 - raw: the practical limit. GET every source and upload the concatenated bytes as ONE object with boto3's
   transfer manager at archiver's part size and concurrency. No zip, no checksum work beyond botocore's.
 - inmemory: the original service's design. `zipfile` into a `BytesIO` (each source read whole, as
   `writestr(name, body.read())` does), then one `upload_fileobj` of the buffer.
+- download: one plain download of the same bytes, what the server-side assembly target compares with.
+  Every source GET in turn on one connection, its body read to the end in 1 MiB chunks and dropped.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import IO, TYPE_CHECKING, Any, cast
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
+
+DOWNLOAD_CHUNK = 1024 * 1024
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -105,7 +109,19 @@ def in_memory_zip(spec: dict[str, Any]) -> dict[str, Any]:
     return {"work_seconds": seconds, "archive_bytes": size, "entries": len(spec["keys"])}
 
 
-METHODS = {"raw": raw_copy, "inmemory": in_memory_zip}
+def download(spec: dict[str, Any]) -> dict[str, Any]:
+    s3 = _client(spec)
+    started = time.monotonic()
+    downloaded = 0
+    for key in spec["keys"]:
+        body = s3.get_object(Bucket=spec["source_bucket"], Key=key)["Body"]
+        for chunk in body.iter_chunks(DOWNLOAD_CHUNK):
+            downloaded += len(chunk)
+    seconds = time.monotonic() - started
+    return {"work_seconds": seconds, "downloaded_bytes": downloaded}
+
+
+METHODS = {"raw": raw_copy, "inmemory": in_memory_zip, "download": download}
 
 
 def main(argv: list[str]) -> int:

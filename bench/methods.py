@@ -1,6 +1,7 @@
-"""The three methods, each run as one subprocess per scenario and measured from outside: wall time, and
+"""The methods, each run as one subprocess per scenario and measured from outside: wall time, and
 peak RSS from the kernel's own accounting of that one process (`wait4` → `ru_maxrss`, taken by
-bench/launch.py), which is exact and needs no polling."""
+bench/launch.py), which is exact and needs no polling. The bytes its sockets move are counted inside it,
+by bench/meter.py (see there for why)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,12 @@ SLOWEST_BYTES_PER_SECOND = 3_000_000
 # After the worker exits, how long a notification may still take to become visible.
 NOTIFICATION_GRACE = 10.0
 STOP_GRACE = 30.0  # archiver's SHUTDOWN_GRACE is 25 s
+# archiver's two paths: its defaults (server-side assembly for big uncompressed entries), and streaming
+# every byte. These win over --worker-env, which applies to both.
+ARCHIVER_ENV: dict[str, dict[str, str]] = {
+    "archiver": {},
+    "archiver-stream": {"SERVER_SIDE_COPY_MIN_BYTES": "0"},
+}
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,26 @@ class Measured:
 
 def timeout_for(scenario: Scenario) -> float:
     return BASE_TIMEOUT + scenario.total_bytes / SLOWEST_BYTES_PER_SECOND
+
+
+@dataclass(frozen=True)
+class SocketBytes:
+    received: int | None = None  # None: not recorded (the process did not exit normally)
+    sent: int | None = None
+
+
+def metered(socket_log: Path, module: str, *args: str) -> list[str]:
+    """`python -m MODULE ARGS` under bench/meter.py, which writes the socket byte counts to `socket_log`."""
+    socket_log.unlink(missing_ok=True)
+    return [sys.executable, "-m", "bench.meter", str(socket_log), module, *args]
+
+
+def read_socket_log(socket_log: Path) -> SocketBytes:
+    try:
+        counts = json.loads(socket_log.read_text())
+    except (OSError, ValueError):
+        return SocketBytes()
+    return SocketBytes(received=int(counts["received_bytes"]), sent=int(counts["sent_bytes"]))
 
 
 def run_measured(
@@ -148,7 +175,7 @@ def _tail(log: Path, lines: int = 25) -> str:
 def run_baseline(
     method: str, ctx: RunContext, scenario: Scenario, sources: list[Source], *, round_number: int = 1
 ) -> MethodResult:
-    """`raw` or `inmemory` (bench/children.py) in a subprocess against the scenario's sources."""
+    """`raw`, `inmemory` or `download` (bench/children.py) in a subprocess against the scenario's sources."""
     key = f"{method}/{ctx.run_id}-{round_number}.{'bin' if method == 'raw' else 'zip'}"
     spec = {
         "source_bucket": scenario.source_bucket,
@@ -165,8 +192,9 @@ def run_baseline(
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
     log = ctx.logdir / f"{scenario.name}-{method}-{round_number}.log"
+    socket_log = log.with_name(log.name + ".sockets.json")
     measured = run_measured(
-        [sys.executable, "-m", "bench.children", method, str(spec_path), str(result_path)],
+        metered(socket_log, "bench.children", method, str(spec_path), str(result_path)),
         env=child_env(ctx.endpoints.aws_env()),
         log=log,
         timeout=timeout_for(scenario),
@@ -175,12 +203,16 @@ def run_baseline(
     if problem:
         return _failed(method, scenario, measured, problem)
     result = json.loads(result_path.read_text())
-    details: dict[str, Any] = {}
+    details: dict[str, Any] = {"socket_log": str(socket_log)}
     if method == "raw" and result["archive_bytes"] != scenario.total_bytes:
         return _failed(method, scenario, measured, f"uploaded {result['archive_bytes']} bytes")
+    if method == "download" and result["downloaded_bytes"] != scenario.total_bytes:
+        return _failed(method, scenario, measured, f"downloaded {result['downloaded_bytes']} bytes")
     if method == "inmemory" and scenario.compressible:
         details["note"] = "ZIP_DEFLATED, zipfile's default level 6"
-    ctx.s3.delete_object(Bucket=scenario.destination_bucket, Key=key)  # free the disk for the next method
+    if method != "download":
+        ctx.s3.delete_object(Bucket=scenario.destination_bucket, Key=key)  # free the disk for the next one
+    sockets = read_socket_log(socket_log)
     return MethodResult(
         method=method,
         ok=True,
@@ -188,7 +220,9 @@ def run_baseline(
         work_seconds=result["work_seconds"],
         source_bytes=scenario.total_bytes,
         peak_rss_bytes=measured.peak_rss_bytes,
-        archive_bytes=result["archive_bytes"],
+        archive_bytes=result.get("archive_bytes"),
+        received_bytes=sockets.received,
+        sent_bytes=sockets.sent,
         details=details,
     )
 
@@ -222,8 +256,11 @@ class NotificationWaiter(threading.Thread):
             self.error = exc
 
 
-def worker_env(ctx: RunContext, scenario: Scenario, queues: tuple[str, str]) -> dict[str, str]:
-    """Everything the worker reads, explicit: the bench's knobs, its queues and buckets, JSON logs."""
+def worker_env(
+    ctx: RunContext, scenario: Scenario, queues: tuple[str, str], method: str = "archiver"
+) -> dict[str, str]:
+    """Everything the worker reads, explicit: the bench's knobs, its queues and buckets, JSON logs, and
+    the settings that make `method` one of archiver's paths."""
     return child_env(
         {
             **ctx.endpoints.aws_env(),
@@ -236,14 +273,21 @@ def worker_env(ctx: RunContext, scenario: Scenario, queues: tuple[str, str]) -> 
             "APP_DEBUG": "0",
             "DEV_MODE": "0",
             **dict(ctx.worker_extra_env),
+            **ARCHIVER_ENV[method],
         }
     )
 
 
-def parse_worker_log(log: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """The canonical `request.done` line and every warning or error the worker logged."""
-    done: dict[str, Any] | None = None
-    problems: list[dict[str, Any]] = []
+@dataclass
+class WorkerLog:
+    done: dict[str, Any] | None = None  # the canonical `request.done` line
+    assembled: dict[str, Any] | None = None  # `archive.assembled`: bytes, copied_bytes, streamed_bytes
+    problems: list[dict[str, Any]] = field(default_factory=list)  # every warning or error
+
+
+def parse_worker_log(log: Path) -> WorkerLog:
+    """The lines of the worker's log the bench reads."""
+    parsed = WorkerLog()
     for line in log.read_text(errors="replace").splitlines():
         if line.startswith("py-spy>"):
             continue  # a profiled run: py-spy's own messages share the log
@@ -251,15 +295,17 @@ def parse_worker_log(log: Path) -> tuple[dict[str, Any] | None, list[dict[str, A
             event = json.loads(line)
         except ValueError:
             if line.strip():
-                problems.append({"event": "unparsed", "line": line[:500]})
+                parsed.problems.append({"event": "unparsed", "line": line[:500]})
             continue
         if not isinstance(event, dict):
             continue
         if event.get("event") == "request.done":
-            done = event
+            parsed.done = event
+        elif event.get("event") == "archive.assembled":
+            parsed.assembled = event
         elif event.get("level") in ("warning", "error", "critical"):
-            problems.append(event)
-    return done, problems
+            parsed.problems.append(event)
+    return parsed
 
 
 def run_archiver(
@@ -267,13 +313,15 @@ def run_archiver(
     scenario: Scenario,
     sources: list[Source],
     *,
+    method: str = "archiver",
     attempt: str = "1",
     wrap: Callable[[list[str]], list[str]] | None = None,
     verify: bool = True,
 ) -> MethodResult:
     """Send one request, run `archiver worker --burst` in a subprocess, wait for the notification, then
-    download the archive and check it. `wrap` puts a profiler in front of the worker's command."""
-    tag = f"{scenario.name}-{attempt}-{ctx.run_id}"
+    download the archive and check it. `method` picks archiver's path (ARCHIVER_ENV); `wrap` puts a
+    profiler in front of the worker's command."""
+    tag = f"{scenario.name}-{method}-{attempt}-{ctx.run_id}"
     source_url = ctx.sqs.create_queue(QueueName=f"bench-{tag}-requests")["QueueUrl"]
     destination_url = ctx.sqs.create_queue(QueueName=f"bench-{tag}-notifications")["QueueUrl"]
     request_id = f"bench-{tag}"
@@ -283,8 +331,9 @@ def run_archiver(
         "compression": "auto",
     }
     ctx.sqs.send_message(QueueUrl=source_url, MessageBody=json.dumps(request))
-    log = ctx.logdir / f"{scenario.name}-archiver-{attempt}.log"
-    command = [sys.executable, "-m", "archiver", "worker", "--burst"]
+    log = ctx.logdir / f"{scenario.name}-{method}-{attempt}.log"
+    socket_log = log.with_name(log.name + ".sockets.json")
+    command = metered(socket_log, "archiver", "worker", "--burst")
     if wrap is not None:
         command = wrap(command)
     waiter = NotificationWaiter(ctx.sqs, destination_url)
@@ -293,7 +342,7 @@ def run_archiver(
     try:
         measured = run_measured(
             command,
-            env=worker_env(ctx, scenario, (source_url, destination_url)),
+            env=worker_env(ctx, scenario, (source_url, destination_url), method),
             log=log,
             timeout=timeout_for(scenario),
         )
@@ -303,12 +352,16 @@ def run_archiver(
         waiter.join()
         for url in (source_url, destination_url):
             ctx.sqs.delete_queue(QueueUrl=url)
-    done, problems = parse_worker_log(log)
+    worker_log = parse_worker_log(log)
+    done = worker_log.done
     details: dict[str, Any] = {
         "log": str(log),
+        "socket_log": str(socket_log),
+        "worker_env": ARCHIVER_ENV[method],
         "worker_exit_seconds": round(measured.wall_seconds, 2),
-        "worker_problems": problems[:20],
+        "worker_problems": worker_log.problems[:20],
         "request_done": done,
+        "archive_assembled": worker_log.assembled,
     }
     notification = waiter.notification
     if waiter.arrived is not None:
@@ -321,7 +374,7 @@ def run_archiver(
     if problem is None and notification is not None and notification.get("status") != "completed":
         problem = f"notification {json.dumps(notification)[:1000]}; worker log {log}"
     if problem is not None or notification is None:
-        return _failed("archiver", scenario, measured, problem or "no notification", **details)
+        return _failed(method, scenario, measured, problem or "no notification", **details)
     archive = notification["archive"]
     if verify:
         check = check_archive(
@@ -334,7 +387,7 @@ def run_archiver(
             check.problems.append(f"notified {archive['entries']} entries, expected {len(sources)}")
         if check.problems:
             return _failed(
-                "archiver",
+                method,
                 scenario,
                 measured,
                 "archive check failed: " + "; ".join(check.problems[:5]),
@@ -342,15 +395,48 @@ def run_archiver(
             )
         details["note"] = _describe_check(check.methods, check.compressed_ratio, check.data_checked)
     ctx.s3.delete_object(Bucket=archive["bucket"], Key=archive["key"])
+    sockets = read_socket_log(socket_log)
+    if worker_log.assembled is not None:
+        details["log_through_bytes"] = _log_through_bytes(worker_log.assembled, scenario.total_bytes)
+        details["bytes_note"] = _describe_bytes(worker_log.assembled, scenario.total_bytes, sockets)
     return MethodResult(
-        method="archiver",
+        method=method,
         ok=True,
         wall_seconds=measured.wall_seconds,
         work_seconds=float(done["duration_s"]) if done and "duration_s" in done else None,
         source_bytes=scenario.total_bytes,
         peak_rss_bytes=measured.peak_rss_bytes,
         archive_bytes=int(archive["size"]),
+        received_bytes=sockets.received,
+        sent_bytes=sockets.sent,
         details=details,
+    )
+
+
+def _log_through_bytes(assembled: dict[str, Any], source_bytes: int) -> dict[str, int]:
+    """What archiver's `archive.assembled` line implies passed through it: it uploaded `streamed_bytes`
+    of the archive, and downloaded every source byte that S3 did not copy (entries here are STORED or
+    deflate level 0, so a copied archive byte is a source byte). HTTP and SQS overhead come on top."""
+    downloaded = source_bytes - int(assembled["copied_bytes"])
+    return {"downloaded": downloaded, "uploaded": int(assembled["streamed_bytes"])}
+
+
+def _describe_bytes(assembled: dict[str, Any], source_bytes: int, sockets: SocketBytes) -> str:
+    expected = _log_through_bytes(assembled, source_bytes)
+    mib = 1024 * 1024
+    copied, uploaded, downloaded = (
+        int(assembled["copied_bytes"]) / mib,
+        expected["uploaded"] / mib,
+        expected["downloaded"] / mib,
+    )
+    text = (
+        f"archive.assembled: {copied:,.1f} MiB copied in S3, {uploaded:,.1f} MiB uploaded by the worker "
+        f"(so {downloaded:,.1f} MiB of sources downloaded)"
+    )
+    if sockets.received is None or sockets.sent is None:
+        return text + "; sockets not counted"
+    return text + (
+        f"; sockets: {sockets.received / mib:,.1f} MiB received, {sockets.sent / mib:,.1f} MiB sent"
     )
 
 

@@ -15,11 +15,19 @@ RAW_RATIO_TARGET = 0.9  # throughput vs the raw copy, on incompressible data
 INMEMORY_RATIO_TARGET = 3.0  # throughput vs the in-memory design, on the 2,000 small files
 RSS_LIMIT_MIB = 150.0
 FLAT_RSS_TOLERANCE = 0.10
+# Issue #6, server-side assembly, measured on the 4 × 1 GiB scenario: the worker moves (downloads plus
+# uploads) less than this fraction of the archive's bytes, and takes less time than one plain download.
+SERVER_SIDE_TARGET_SCENARIOS = ("xlarge",)
+THROUGH_FRACTION_TARGET = 0.02
+# Targets for archiver's own limits hold for both of its paths.
+ARCHIVER_METHODS = ("archiver", "archiver-stream")
 
 METHOD_LABELS = {
     "raw": "raw copy",  # GETs concatenated into one upload_fileobj
     "inmemory": "in-memory zipfile",  # zipfile into BytesIO, then upload_fileobj
-    "archiver": "archiver worker",  # `archiver worker --burst`, request sent through SQS
+    "archiver": "archiver worker",  # `archiver worker --burst`, request sent through SQS; default settings
+    "archiver-stream": "archiver, streaming",  # the same with SERVER_SIDE_COPY_MIN_BYTES=0
+    "download": "plain download",  # every source GET in turn, bytes dropped
 }
 LABEL_WIDTH = 22
 
@@ -38,8 +46,26 @@ class MethodResult:
     source_bytes: int
     peak_rss_bytes: int
     archive_bytes: int | None = None
+    # What the process's sockets received and sent, counted inside it by bench/meter.py (None: not
+    # recorded, e.g. the process was killed). HTTP headers and SQS traffic included.
+    received_bytes: int | None = None
+    sent_bytes: int | None = None
     error: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def through_bytes(self) -> int | None:
+        """Bytes that passed through the process: downloaded plus uploaded."""
+        if self.received_bytes is None or self.sent_bytes is None:
+            return None
+        return self.received_bytes + self.sent_bytes
+
+    @property
+    def through_fraction(self) -> float | None:
+        """Bytes through the process per byte of the archive it made."""
+        if self.through_bytes is None or not self.archive_bytes:
+            return None
+        return self.through_bytes / self.archive_bytes
 
     @property
     def mb_per_s(self) -> float | None:
@@ -55,6 +81,8 @@ class MethodResult:
         data = asdict(self)
         data["mb_per_s"] = _round(self.mb_per_s)
         data["peak_rss_mib"] = round(self.peak_rss_mib, 1)
+        data["through_bytes"] = self.through_bytes
+        data["through_fraction"] = _round(self.through_fraction, 5)
         return data
 
 
@@ -89,6 +117,21 @@ class ScenarioResult:
             return None
         return mine.mb_per_s / theirs.mb_per_s
 
+    def time_ratio(self, method: str, baseline: str, *, wall: bool = False) -> float | None:
+        """Time of `method` over that of `baseline`, medians (<1: `method` finishes sooner). Work seconds
+        unless `wall`."""
+        mine, theirs = self.get(method), self.get(baseline)
+        if mine is None or theirs is None:
+            return None
+        if wall:
+            return mine.wall_seconds / theirs.wall_seconds if theirs.wall_seconds else None
+        return mine.work_seconds / theirs.work_seconds if mine.work_seconds and theirs.work_seconds else None
+
+    def through_fraction(self, method: str) -> float | None:
+        """The highest bytes-through-the-process / archive-bytes over the successful runs of `method`."""
+        fractions = [r.through_fraction for r in self.runs(method) if r.ok and r.through_fraction is not None]
+        return max(fractions) if fractions else None
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -100,6 +143,16 @@ class ScenarioResult:
             "ratios": {
                 "archiver_vs_raw": _round(self.ratio("archiver", "raw"), 3),
                 "archiver_vs_inmemory": _round(self.ratio("archiver", "inmemory"), 3),
+                "archiver_stream_vs_raw": _round(self.ratio("archiver-stream", "raw"), 3),
+                "server_side_vs_streaming_time": _round(self.time_ratio("archiver", "archiver-stream"), 3),
+                "server_side_vs_download_time": _round(self.time_ratio("archiver", "download"), 3),
+                "server_side_vs_streaming_wall": _round(
+                    self.time_ratio("archiver", "archiver-stream", wall=True), 3
+                ),
+                "server_side_vs_download_wall": _round(self.time_ratio("archiver", "download", wall=True), 3),
+                "through_fraction": {
+                    method: _round(self.through_fraction(method), 5) for method in ARCHIVER_METHODS
+                },
             },
             "profile": self.profile,
         }
@@ -120,31 +173,58 @@ def print_scenario(result: ScenarioResult, out: TextIO) -> None:
         file=out,
     )
     header = f"{'method':<{LABEL_WIDTH}} {'wall s':>8} {'work s':>8} {'MB/s':>8} "
-    header += f"{'peak RSS MiB':>13} {'archive MiB':>12}"
+    header += f"{'peak RSS MiB':>13} {'archive MiB':>12} {'through MiB':>12}"
     print(header, file=out)
     print("-" * len(header), file=out)
     repeated = any(row.details.get("round", 1) > 1 for row in result.results)
     for row in result.results:
         archive = None if row.archive_bytes is None else row.archive_bytes / MiB
+        through = None if row.through_bytes is None else row.through_bytes / MiB
         label = METHOD_LABELS.get(row.method, row.method)
         if repeated:
             label = f"{label} #{row.details.get('round', 1)}"
         print(
             f"{label:<{LABEL_WIDTH}} {row.wall_seconds:>8.1f} "
             f"{_fmt(row.work_seconds, '.1f'):>8} {_fmt(row.mb_per_s, '.1f'):>8} "
-            f"{row.peak_rss_mib:>13.1f} {_fmt(archive, ',.1f'):>12}",
+            f"{row.peak_rss_mib:>13.1f} {_fmt(archive, ',.1f'):>12} {_fmt(through, ',.1f'):>12}",
             file=out,
         )
         if not row.ok:
             print(f"    FAILED: {row.error}", file=out)
-        elif row.details.get("note"):
-            print(f"    {row.details['note']}", file=out)
+        for note in ("note", "bytes_note"):
+            if row.ok and row.details.get(note):
+                print(f"    {row.details[note]}", file=out)
     raw, inmemory = result.ratio("archiver", "raw"), result.ratio("archiver", "inmemory")
-    print(
-        ("medians: " if repeated else "") + f"archiver/raw throughput {_fmt(raw, '.2f')}×, "
-        f"archiver/in-memory throughput {_fmt(inmemory, '.2f')}×",
-        file=out,
+    line = (
+        f"archiver/raw throughput {_fmt(raw, '.2f')}×, archiver/in-memory throughput {_fmt(inmemory, '.2f')}×"
     )
+    if result.runs("archiver-stream"):
+        line += f", streaming/raw throughput {_fmt(result.ratio('archiver-stream', 'raw'), '.2f')}×"
+    print(("medians: " if repeated else "") + line, file=out)
+    _print_server_side(result, out)
+
+
+def _print_server_side(result: ScenarioResult, out: TextIO) -> None:
+    """Server-side assembly against streaming and a plain download, where those ran."""
+    if not result.runs("archiver-stream") and not result.runs("download"):
+        return
+    times = [
+        f"server-side/{name} {_fmt(result.time_ratio('archiver', baseline), '.2f')}× "
+        f"({_fmt(result.time_ratio('archiver', baseline, wall=True), '.2f')}×)"
+        for name, baseline in (("streaming", "archiver-stream"), ("download", "download"))
+        if result.runs(baseline)
+    ]
+    print("time, work s (wall s): " + ", ".join(times), file=out)
+    fractions = [
+        f"{name} {_fmt(_percent(result.through_fraction(method)), '.2f')}%"
+        for name, method in (("server-side", "archiver"), ("streaming", "archiver-stream"))
+        if result.runs(method)
+    ]
+    print("through the worker / archive bytes: " + ", ".join(fractions), file=out)
+
+
+def _percent(fraction: float | None) -> float | None:
+    return None if fraction is None else 100 * fraction
 
 
 @dataclass
@@ -177,7 +257,7 @@ def targets(results: list[ScenarioResult], flat: FlatMemory | None) -> list[tupl
     """(target, met or None when not measured in this run, what was measured)."""
     checks: list[tuple[str, bool | None, str]] = []
     for result in results:
-        if result.name in ("large", "huge"):
+        if result.name in ("large", "huge", "xlarge"):
             ratio = result.ratio("archiver", "raw")
             checks.append(
                 (
@@ -195,17 +275,20 @@ def targets(results: list[ScenarioResult], flat: FlatMemory | None) -> list[tupl
                     f"{_fmt(ratio, '.2f')}×",
                 )
             )
-        archiver_runs = result.runs("archiver")
-        peak = result.peak_rss_mib("archiver")
-        if archiver_runs and peak is not None:
-            all_ok = all(r.ok for r in archiver_runs)
-            checks.append(
-                (
-                    f"{result.name}: archiver peak RSS ≤ {RSS_LIMIT_MIB:g} MiB",
-                    all_ok and peak <= RSS_LIMIT_MIB,
-                    f"{peak:.1f} MiB" + ("" if all_ok else " (a run failed)"),
+        if result.name in SERVER_SIDE_TARGET_SCENARIOS:
+            checks.extend(_server_side_targets(result))
+        for method in ARCHIVER_METHODS:
+            archiver_runs = result.runs(method)
+            peak = result.peak_rss_mib(method)
+            if archiver_runs and peak is not None:
+                all_ok = all(r.ok for r in archiver_runs)
+                checks.append(
+                    (
+                        f"{result.name}: {method} peak RSS ≤ {RSS_LIMIT_MIB:g} MiB",
+                        all_ok and peak <= RSS_LIMIT_MIB,
+                        f"{peak:.1f} MiB" + ("" if all_ok else " (a run failed)"),
+                    )
                 )
-            )
     if flat is not None:
         checks.append(
             (
@@ -215,6 +298,36 @@ def targets(results: list[ScenarioResult], flat: FlatMemory | None) -> list[tupl
             )
         )
     return checks
+
+
+def _server_side_targets(result: ScenarioResult) -> list[tuple[str, bool | None, str]]:
+    """Issue #6: server-side assembly moves < 2% of the archive through the worker (the worst run), and
+    finishes sooner than one plain download of the same bytes (medians, work seconds)."""
+    runs = result.runs("archiver")
+    fraction = result.through_fraction("archiver")
+    all_ok = bool(runs) and all(r.ok for r in runs)
+    moved = (
+        None if fraction is None else fraction < THROUGH_FRACTION_TARGET and all_ok,
+        f"{_fmt(_percent(fraction), '.2f')}% of the archive"
+        + ("" if all_ok or not runs else " (a run failed)"),
+    )
+    mine, download = result.get("archiver"), result.get("download")
+    ratio = result.time_ratio("archiver", "download")
+    faster = (
+        None if ratio is None else ratio < 1,
+        "-"
+        if mine is None or download is None
+        else f"{mine.work_seconds or 0:.1f} s vs {download.work_seconds or 0:.1f} s ({ratio or 0:.2f}×); "
+        f"wall {mine.wall_seconds:.1f} s vs {download.wall_seconds:.1f} s",
+    )
+    return [
+        (
+            f"{result.name}: server-side assembly moves < {THROUGH_FRACTION_TARGET:.0%} of the archive's "
+            "bytes through the worker",
+            *moved,
+        ),
+        (f"{result.name}: server-side assembly takes less time than one download", *faster),
+    ]
 
 
 def print_summary(

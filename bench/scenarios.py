@@ -25,11 +25,16 @@ if TYPE_CHECKING:
 KiB = 1024
 MiB = 1024 * KiB
 # Sources of at least this size go up as multipart (like any big object uploaded with an SDK). On
-# SeaweedFS, as on S3 with boto3's defaults, they then carry a COMPOSITE CRC-32, not a full-object one,
-# so archiver cannot write them STORED with a known CRC and uses deflate level 0 instead; small sources
-# (single PUTs) get a full-object CRC-32 and are STORED. Both paths are thus measured.
+# SeaweedFS, as on S3 with boto3's defaults, they then carry a COMPOSITE CRC-32, not a full-object one:
+# when archiver streams them it cannot write them STORED with a known CRC and uses deflate level 0
+# instead, and when it copies them server-side (SERVER_SIDE_COPY_MIN_BYTES and up) it takes the CRC from
+# the copied parts' checksums. Small sources (single PUTs) get a full-object CRC-32 and are STORED.
 MULTIPART_SOURCE_THRESHOLD = 8 * MiB
 QUICK_FACTOR = 16
+# The methods a scenario runs unless --methods names others (bench/__main__.py lists them all).
+DEFAULT_METHODS = ("raw", "inmemory", "archiver")
+# Both of archiver's paths, next to the copy and the download they are compared with.
+SERVER_SIDE_METHODS = ("raw", "archiver", "archiver-stream", "download")
 
 Kind = Literal["random", "text"]
 
@@ -55,6 +60,7 @@ class Scenario:
     kind: Kind
     extension: str
     content_type: str
+    methods: tuple[str, ...] = DEFAULT_METHODS
 
     @property
     def total_bytes(self) -> int:
@@ -89,7 +95,14 @@ SCENARIOS: dict[str, Scenario] = {
     scenario.name: scenario
     for scenario in (
         Scenario(
-            "large", "4 × 256 MiB incompressible (.mp4), 1 GiB", 4, 256 * MiB, "random", "mp4", "video/mp4"
+            "large",
+            "4 × 256 MiB incompressible (.mp4), 1 GiB",
+            4,
+            256 * MiB,
+            "random",
+            "mp4",
+            "video/mp4",
+            methods=("raw", "inmemory", "archiver", "archiver-stream", "download"),
         ),
         Scenario(
             "small",
@@ -103,6 +116,17 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("text", "1 × 512 MiB pseudo-English text (.txt)", 1, 512 * MiB, "text", "txt", "text/plain"),
         Scenario(
             "huge", "12 × 256 MiB incompressible (.mp4), 3 GiB", 12, 256 * MiB, "random", "mp4", "video/mp4"
+        ),
+        # Issue #6's measurement of server-side assembly. No in-memory zip: it would hold 4 GiB, twice.
+        Scenario(
+            "xlarge",
+            "4 × 1 GiB incompressible (.mp4), 4 GiB",
+            4,
+            1024 * MiB,
+            "random",
+            "mp4",
+            "video/mp4",
+            methods=SERVER_SIDE_METHODS,
         ),
     )
 }

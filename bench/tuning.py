@@ -18,6 +18,12 @@ def _archiver_default(name: str) -> Any:
     return None if field is None else field.default
 
 
+def server_side_copy_min_bytes() -> int | None:
+    """archiver's default SERVER_SIDE_COPY_MIN_BYTES (None: a version without server-side assembly)."""
+    value = _archiver_default("server_side_copy_min_bytes")
+    return None if value is None else int(value)
+
+
 @dataclass(frozen=True)
 class Tuning:
     part_size: int
