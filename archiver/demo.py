@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from archiver import queue
+from archiver.assembly import HEAD_BYTES
 from archiver.aws import AwsClients, make_clients
 from archiver.settings import Settings, load_settings
 
@@ -103,6 +104,10 @@ def create_resources(s3: S3Client, sqs: SQSClient) -> None:
     sqs.create_queue(QueueName=DESTINATION_QUEUE)
 
 
+# The smallest threshold allowed, so a sample of a few MiB shows server-side assembly.
+DEMO_COPY_MIN_BYTES = 16 * 1024 * 1024
+
+
 def demo_settings(**overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "sqs_source_queue": SOURCE_QUEUE,
@@ -112,6 +117,7 @@ def demo_settings(**overrides: Any) -> Settings:
         "allowed_source_buckets": f"{SOURCE_BUCKET},{PARTNER_BUCKET}",
         "health_file": os.path.join(os.environ.get("TMPDIR", "/tmp"), "archiver-demo.heartbeat"),  # noqa: S108
         "part_size": 5 * 1024 * 1024,
+        "server_side_copy_min_bytes": DEMO_COPY_MIN_BYTES,
     }
     values.update(overrides)
     return load_settings(**values)
@@ -151,6 +157,8 @@ SAMPLES: dict[tuple[str, str], bytes] = {
     (SOURCE_BUCKET, "voyages/東京/夜景.png"): png(200, 200, 4),
     (SOURCE_BUCKET, "trip-a/photo.jpg"): os.urandom(300_000),
     (SOURCE_BUCKET, "trip-b/photo.jpg"): os.urandom(200_000),
+    # Big enough for server-side assembly at the demo's threshold (DEMO_COPY_MIN_BYTES).
+    (SOURCE_BUCKET, "films/rushes.mp4"): os.urandom(24 * 1024 * 1024 + 321),
 }
 
 
@@ -161,6 +169,7 @@ class DemoCase:
     # entry path -> (bucket, key) of the sample it must hold; empty for an expected failure
     expected: dict[str, tuple[str, str]]
     expected_error: str | None = None
+    copied: str | None = None  # the source key S3 must copy server-side, all but its first 5 MiB
 
 
 CASES = (
@@ -203,6 +212,18 @@ CASES = (
             "photo.jpg": (SOURCE_BUCKET, "trip-a/photo.jpg"),
             "photo (1).jpg": (SOURCE_BUCKET, "trip-b/photo.jpg"),
         },
+    ),
+    DemoCase(
+        title="a 24 MiB video copied inside S3 (UploadPartCopy): only its first 5 MiB pass the worker",
+        request={
+            "request_id": "rushes",
+            "files": [{"source": "films/rushes.mp4"}, {"source": "example-directory/readme.txt"}],
+        },
+        expected={
+            "rushes.mp4": (SOURCE_BUCKET, "films/rushes.mp4"),
+            "readme.txt": (SOURCE_BUCKET, "example-directory/readme.txt"),
+        },
+        copied="films/rushes.mp4",
     ),
     DemoCase(
         title="a typo ('file' for 'files') is rejected with a clear reason, nothing archived",
@@ -271,6 +292,7 @@ def run_demo(*, verbose: bool = False, out: Any = None) -> int:
             request_ids[case.request.get("request_id", message_id)] = case
         print(f"sent {len(CASES)} requests to {SOURCE_QUEUE}; running the worker in burst mode", file=out)
 
+        copies = _count_copies(clients.s3)
         embedded = worker.connect(settings, clients)
         embedded.emit_metrics = False  # the demo prints notifications; metric lines would bury them
         worker.run(embedded, burst=True)
@@ -288,6 +310,11 @@ def run_demo(*, verbose: bool = False, out: Any = None) -> int:
                 continue
             print(json.dumps(notification, indent=2, ensure_ascii=False), file=out)
             problems = _check_case(case, notification)
+            if case.copied is not None:
+                copied = copies.get(case.copied, 0)
+                print(f"  copied inside S3 (UploadPartCopy): {copied} bytes of {case.copied}", file=out)
+                if copied != len(SAMPLES[(SOURCE_BUCKET, case.copied)]) - HEAD_BYTES:
+                    problems.append(f"expected all but the first {HEAD_BYTES} bytes copied server-side")
             for problem in problems:
                 print(f"  FAIL: {problem}", file=out)
             if not problems:
@@ -300,6 +327,19 @@ def run_demo(*, verbose: bool = False, out: Any = None) -> int:
         return 1
     print(f"\ndemo passed: {len(CASES)} requests, every archive downloaded and verified", file=out)
     return 0
+
+
+def _count_copies(s3: S3Client) -> dict[str, int]:
+    """Bytes copied server-side per source key, seen in the worker's own UploadPartCopy calls."""
+    copied: dict[str, int] = {}
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        first, last = params["CopySourceRange"].removeprefix("bytes=").split("-")
+        key = params["CopySource"]["Key"]
+        copied[key] = copied.get(key, 0) + int(last) - int(first) + 1
+
+    s3.meta.events.register("provide-client-params.s3.UploadPartCopy", record)
+    return copied
 
 
 def _describe(case: DemoCase, notification: dict[str, Any]) -> str:

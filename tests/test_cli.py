@@ -1,15 +1,19 @@
-"""The `archiver` command line (contract §6): schema, check, submit."""
+"""The `archiver` command line (contract §6): schema, check, submit, demo."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from archiver.assembly import HEAD_BYTES
 from archiver.cli import HEALTH_MAX_AGE, main
+from archiver.settings import MiB
 from tests.conftest import Stack
 from tests.zipcheck import check_with_zipfile
 
@@ -122,3 +126,21 @@ def test_submit_offloads_a_request_too_big_for_the_queue(
         stack.download(note["archive"]["key"]),
         {f"a-rather-long-folder-name/file-{i:03}.txt": f"folder/file-{i:03}.txt".encode() for i in range(40)},
     )
+
+
+def test_demo_runs_every_case_and_checks_it(tmp_path: Path) -> None:
+    """`archiver demo` (what `make demo` runs) in its own process, without the session's AWS settings:
+    its own embedded stack, every request checked, the video copied server-side."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
+    env["TMPDIR"] = str(tmp_path)
+    demo = subprocess.run(
+        [sys.executable, "-m", "archiver", "demo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "demo passed: 4 requests" in demo.stdout
+    assert f"copied inside S3 (UploadPartCopy): {24 * MiB + 321 - HEAD_BYTES} bytes" in demo.stdout
