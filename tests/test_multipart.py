@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from archiver.assembly import HEAD_BYTES, NUMBERING_SLACK, Hole, Layout
 from archiver.errors import JobAbandoned, PermanentError
 from archiver.multipart import MAX_PARTS, choose_part_size, parts_of, upload_stream
-from archiver.settings import MiB
+from archiver.settings import MIN_PART_SIZE, MiB
 from tests.conftest import Stack
 
 
@@ -55,10 +58,6 @@ def test_a_copied_range_is_left_out_and_the_part_before_it_holds_the_head() -> N
     assert numbered[1:] == [(1 + NUMBERING_SLACK + 3, tail)]
     assert layout.position == len(prefix) + len(head) + copied + len(tail)
     assert not layout.holes
-
-
-def split(data: bytes) -> Iterator[bytes]:
-    return (data[start : start + 65536] for start in range(0, len(data), 65536))
 
 
 def test_upload_completes_with_parts_in_order(stack: Stack) -> None:
@@ -152,3 +151,78 @@ def test_a_complete_whose_answer_is_lost_counts_as_done(stack: Stack) -> None:
     assert result.size == len(body)
     assert stack.download("lost.zip") == body
     assert stack.incomplete_uploads() == []
+
+
+@st.composite
+def archive_layouts(draw: st.DrawFn) -> list[tuple[int, int]]:
+    """Runs of streamed bytes, each maybe followed by a copied entry: (streamed, copied) lengths."""
+    count = draw(st.integers(min_value=1, max_value=4))
+    return [
+        (
+            draw(st.integers(min_value=30, max_value=12 * MiB)),
+            draw(st.sampled_from([0, 0, 5 * MiB, 5 * MiB + 1, 40 * MiB + 17])),
+        )
+        for _ in range(count)
+    ]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    layout_runs=archive_layouts(),
+    part_size=st.sampled_from([5 * MiB, 8 * MiB, 6 * MiB + 3]),
+    chunk=st.sampled_from([1000, 65536, 3 * MiB]),
+    tail=st.integers(min_value=0, max_value=6 * MiB),
+)
+def test_parts_around_copies_obey_s3s_rules(
+    layout_runs: list[tuple[int, int]], part_size: int, chunk: int, tail: int
+) -> None:
+    """Streamed parts around any copies: numbers rising and clear of the copies', every part but the
+    last between 5 MiB and part size + 5 MiB, the streamed bytes all there in order, the copied ones not."""
+    layout = Layout()
+    rng = random.Random(len(layout_runs) + part_size + chunk + tail)
+    streamed_bytes: list[bytes] = []
+    copied_numbers: list[range] = []
+
+    def literal(length: int) -> Iterator[bytes]:
+        data = rng.randbytes(length)
+        streamed_bytes.append(data)
+        return split(data, chunk)
+
+    def stream() -> Iterator[bytes]:
+        # stream-zip holds back up to a block of output while it prepares the next entry: the end of a
+        # copy's stand-ins may reach the assembler only after the next copy has reserved its numbers.
+        held: list[bytes] = []
+        for streamed, copied in layout_runs:
+            if copied:
+                first = layout.reserve()  # as the copier does before the entry's header goes out
+            yield from held
+            held = []
+            if not copied:
+                yield from literal(streamed)
+                continue
+            yield from literal(streamed)  # the run ends with the entry's local header
+            start = layout.position + HEAD_BYTES
+            layout.holes.append(Hole(start=start, end=start + copied, first=first, last=first + 1))
+            copied_numbers.append(range(first, first + 2))
+            yield from literal(HEAD_BYTES)
+            *stand_ins, last = split(bytes(copied), chunk)
+            yield from stand_ins
+            held = [last]
+        yield from held
+        yield from literal(tail)
+
+    numbered = [
+        (number, bytes(body)) for number, body in parts_of(stream(), part_size, lambda: False, layout)
+    ]
+    numbers = [number for number, _ in numbered]
+    assert numbers == sorted(set(numbers))
+    assert not any(number in taken for number in numbers for taken in copied_numbers)
+    sizes = [len(body) for _, body in numbered]
+    assert all(MIN_PART_SIZE <= size <= part_size + MIN_PART_SIZE for size in sizes[:-1])
+    assert b"".join(body for _, body in numbered) == b"".join(streamed_bytes)
+    copied_total = sum(copied for _, copied in layout_runs)
+    assert layout.position == len(b"".join(streamed_bytes)) + copied_total
+
+
+def split(data: bytes, size: int = 65536) -> Iterator[bytes]:
+    return (data[start : start + size] for start in range(0, len(data), size))
