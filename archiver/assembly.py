@@ -49,8 +49,10 @@ log = structlog.get_logger(__name__)
 # Streamed from the start of each copied object: the part ending where its copy begins holds these bytes
 # plus whatever came before, so it is never under S3's minimum part size.
 HEAD_BYTES = MIN_PART_SIZE
-# Copied parts are cut evenly into pieces of [piece, 2 x piece): at most 2 GiB keeps them under S3's 5 GiB.
-MAX_COPY_PIECE = 2048 * MiB
+# Copied parts are cut evenly into pieces of [piece, 2 x piece): at most 2.5 GiB keeps them under S3's
+# 5 GiB. Archives whose part size is bigger are not copied (job.py), so copies never take more part
+# numbers than streaming the same bytes would.
+MAX_COPY_PIECE = 2560 * MiB
 # Streamed parts that may still come before a copy once it is sent: the one being filled, one the local
 # header may complete, and the one that ends where the copy starts.
 NUMBERING_SLACK = 3
@@ -139,9 +141,11 @@ def stand_in(length: int, crc_before: int, crc_after: int) -> Iterator[bytes]:
     yield bytes(rest) + forged
 
 
-def copy_ranges(size: int, *, piece: int) -> list[tuple[int, int]]:
-    """The object's bytes after its head, cut evenly into parts of at least `piece` bytes."""
+def copy_ranges(size: int, *, part_size: int, concurrency: int) -> list[tuple[int, int]]:
+    """The object's bytes after its head, cut evenly into parts of at least `part_size` and at least a
+    `concurrency`-th of them (so they copy in parallel), each under S3's 5 GiB."""
     length = size - HEAD_BYTES
+    piece = min(MAX_COPY_PIECE, max(part_size, -(-length // concurrency)))
     count = max(1, length // piece)
     bounds = [HEAD_BYTES + length * index // count for index in range(count + 1)]
     return list(itertools.pairwise(bounds))
@@ -207,8 +211,7 @@ class Copier:
         if not self.wants(obj) or self._layout.upload is None:
             return None
         target = self._layout.upload
-        piece = min(MAX_COPY_PIECE, max(self._part_size, -(-(obj.size - HEAD_BYTES) // self._concurrency)))
-        ranges = copy_ranges(obj.size, piece=piece)
+        ranges = copy_ranges(obj.size, part_size=self._part_size, concurrency=self._concurrency)
         first = self._layout.reserve()
         last = first + len(ranges) - 1
         if last > MAX_PARTS:

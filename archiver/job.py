@@ -12,7 +12,7 @@ import botocore.exceptions
 import structlog
 
 from archiver import notify
-from archiver.assembly import HEAD_BYTES, NUMBERING_SLACK, CopiedEntry, Copier, Layout
+from archiver.assembly import MAX_COPY_PIECE, NUMBERING_SLACK, CopiedEntry, Copier, Layout
 from archiver.aws import AwsClients, http_status, retry_transient
 from archiver.errors import PermanentError
 from archiver.models import (
@@ -25,7 +25,7 @@ from archiver.models import (
 )
 from archiver.multipart import choose_part_size, upload_stream
 from archiver.prefetch import Prefetcher
-from archiver.settings import MAX_PART_SIZE, MAX_PARTS, Settings
+from archiver.settings import MAX_PARTS, Settings
 from archiver.sources import SourceObject, head_sources, read_source
 from archiver.status import Progress
 from archiver.zipping import ZipEntry, archive_size_bound, is_uncompressed, zip_chunks
@@ -113,14 +113,15 @@ def build_archive(
         for index, entry in enumerate(entries)
         if min_copied and entry.source.size >= min_copied and is_uncompressed(entry, compression)
     )
-    # Thousands of big entries would crowd out the streamed parts with their spare part numbers; and the
-    # part that ends where a copy starts, up to part size + 5 MiB, must stay within S3's 5 GiB.
+    # Thousands of big entries would crowd out the streamed parts with their spare part numbers; and
+    # with parts over 2.5 GiB (PART_SIZE set so, or archives of terabytes) copies could need more part
+    # numbers than streaming, and the part ending where a copy starts (part size + 5 MiB) could pass 5 GiB.
     if len(copyable) * COPY_EXTRA_PARTS > MAX_PARTS // 2:
         copyable = frozenset()
     part_size = choose_part_size(
         archive_size_bound(entries), settings.part_size, extra_parts=COPY_EXTRA_PARTS * len(copyable)
     )
-    if part_size + HEAD_BYTES > MAX_PART_SIZE:
+    if part_size > MAX_COPY_PIECE:
         copyable = frozenset()
     if not copyable:
         min_copied = 0

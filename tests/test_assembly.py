@@ -79,9 +79,7 @@ def archive(stack: Stack, request_id: str, files: dict[str, bytes], **settings: 
 
 
 def expected_copies(files: dict[str, bytes], name: str) -> list[tuple[int, int]]:
-    size = len(files[name])
-    piece = max(PART_SIZE, -(-(size - HEAD_BYTES) // CONCURRENCY))
-    return copy_ranges(size, piece=piece)
+    return copy_ranges(len(files[name]), part_size=PART_SIZE, concurrency=CONCURRENCY)
 
 
 def test_copied_archive_is_the_streamed_archive(

@@ -1,13 +1,16 @@
-"""CRC-32 arithmetic, checked against zlib.crc32 over the real bytes."""
+"""CRC-32 arithmetic, checked against zlib.crc32 over the real bytes; and how copied objects are cut."""
 
 from __future__ import annotations
 
+import itertools
 import zlib
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from archiver import crc
+from archiver.assembly import HEAD_BYTES, MAX_COPY_PIECE, copy_ranges
+from archiver.settings import MAX_PART_SIZE, MIN_COPIED_OBJECT, MIN_PART_SIZE
 
 blobs = st.binary(max_size=300)
 
@@ -33,3 +36,19 @@ def test_forged_bytes_bring_the_crc_to_the_target(prefix: bytes, target: int) ->
     forged = crc.forge(zlib.crc32(prefix), target)
     assert len(forged) == 4
     assert zlib.crc32(prefix + forged) == target
+
+
+@given(
+    size=st.integers(min_value=MIN_COPIED_OBJECT, max_value=5 * 1024**4),
+    part_size=st.integers(min_value=MIN_PART_SIZE, max_value=MAX_COPY_PIECE),  # larger: not copied
+    concurrency=st.integers(min_value=1, max_value=64),
+)
+def test_copy_ranges_cover_the_object_after_its_head_in_valid_parts(
+    size: int, part_size: int, concurrency: int
+) -> None:
+    ranges = copy_ranges(size, part_size=part_size, concurrency=concurrency)
+    assert ranges[0][0] == HEAD_BYTES and ranges[-1][1] == size
+    assert all(end == start for (_, end), (start, _) in itertools.pairwise(ranges))
+    assert all(MIN_PART_SIZE <= end - start <= MAX_PART_SIZE for start, end in ranges)
+    # Never more parts than streaming the same bytes would take: the part-number budget counts on it.
+    assert len(ranges) <= -(-(size - HEAD_BYTES) // part_size)
