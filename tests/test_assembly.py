@@ -4,7 +4,9 @@ streaming writes, and every way the copy can be refused falling back to streamin
 
 from __future__ import annotations
 
+import io
 import itertools
+import json
 import random
 import zipfile
 import zlib
@@ -22,6 +24,7 @@ from isal import isal_zlib
 
 from archiver import crc, worker
 from archiver.assembly import HEAD_BYTES, CopiedEntry, Layout, UploadTarget, copy_ranges
+from archiver.logs import configure_logging
 from archiver.models import SourceRef
 from archiver.multipart import parts_of
 from archiver.settings import MIN_PART_SIZE, MiB
@@ -93,9 +96,21 @@ def test_copied_archive_is_the_streamed_archive(
     assert fault_proxy.requests_matching(operation="UploadPartCopy") == []
 
     since = fault_proxy.mark()
+    logs = io.StringIO()
+    configure_logging(debug=False, dev_mode=False, stream=logs)
     copied = archive(stack, "copied", files, server_side_copy_min_bytes=COPY_MIN)
     assert copied == streamed
     check_archive(copied, files, tmp_path)
+    (assembled,) = [
+        event
+        for event in map(json.loads, logs.getvalue().splitlines())
+        if event["event"] == "archive.assembled"
+    ]
+    copied_bytes = sum(len(files[name]) - HEAD_BYTES for name in BIG)
+    assert assembled["request_id"] == "copied"
+    assert assembled["archive_key"] == "download/copied/copied.zip"
+    assert (assembled["bytes"], assembled["copied_bytes"]) == (len(copied), copied_bytes)
+    assert assembled["streamed_bytes"] == len(copied) - copied_bytes
 
     for name in BIG:
         etag = stack.clients.s3.head_object(Bucket=stack.source_bucket, Key=f"in/{name}")["ETag"]
@@ -112,9 +127,7 @@ def test_copied_archive_is_the_streamed_archive(
 
     # What passed through the worker: every uploaded part, against the archive's size.
     uploads = fault_proxy.requests_matching(operation="UploadPart", since=since)
-    through = sum(int(u.headers.get("content-length", 0)) for u in uploads)
-    copied_bytes = sum(len(files[name]) - HEAD_BYTES for name in BIG)
-    assert through < len(copied) - copied_bytes + 64 * 1024  # content-length includes no more than framing
+    assert sum(int(u.headers["content-length"]) for u in uploads) == len(copied) - copied_bytes
 
 
 def test_sources_without_crc_stream_when_copies_bring_no_checksums(
@@ -126,9 +139,21 @@ def test_sources_without_crc_stream_when_copies_bring_no_checksums(
     put_all(stack, files, with_crc=False)
     streamed = archive(stack, "streamed", files, server_side_copy_min_bytes=0)
     since = fault_proxy.mark()
+    logs = io.StringIO()
+    configure_logging(debug=False, dev_mode=False, stream=logs)
     copied = archive(stack, "copied", files, server_side_copy_min_bytes=COPY_MIN)
     assert copied == streamed
     check_archive(copied, files, tmp_path)
+    (assembled,) = [
+        event
+        for event in map(json.loads, logs.getvalue().splitlines())
+        if event["event"] == "archive.assembled"
+    ]
+    copied_bytes = sum(len(files[name]) - HEAD_BYTES for name in BIG)
+    assert assembled["request_id"] == "copied"
+    assert assembled["archive_key"] == "download/copied/copied.zip"
+    assert (assembled["bytes"], assembled["copied_bytes"]) == (len(copied), copied_bytes)
+    assert assembled["streamed_bytes"] == len(copied) - copied_bytes
     copies = fault_proxy.requests_matching(operation="UploadPartCopy", since=since)
     assert {c.headers["x-amz-copy-source"].rpartition("/")[2] for c in copies} == {"clip.mp4"}
 
