@@ -26,7 +26,7 @@ import base64
 import itertools
 import zlib
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,7 +36,7 @@ import structlog
 
 from archiver import crc
 from archiver.aws import error_code, http_status, is_transient, retry_transient
-from archiver.errors import TransientError
+from archiver.errors import JobAbandoned, TransientError
 from archiver.settings import MAX_PARTS, MIN_PART_SIZE, MiB
 from archiver.sources import SourceObject, read_source
 
@@ -57,6 +57,7 @@ MAX_COPY_PIECE = 2560 * MiB
 # header may complete, and the one that ends where the copy starts.
 NUMBERING_SLACK = 3
 STAND_IN = bytes(64 * 1024)
+CANCEL_POLL = 1.0  # seconds between looks at the job's stop flag while copies run
 
 
 @dataclass(frozen=True)
@@ -190,9 +191,16 @@ class Copier:
     reaches it, its parts in parallel."""
 
     def __init__(
-        self, s3: S3Client, layout: Layout, *, min_bytes: int, part_size: int, concurrency: int
+        self,
+        s3: S3Client,
+        layout: Layout,
+        *,
+        min_bytes: int,
+        part_size: int,
+        concurrency: int,
+        cancelled: Callable[[], bool],
     ) -> None:
-        self._s3, self._layout = s3, layout
+        self._s3, self._layout, self._cancelled = s3, layout, cancelled
         self._min_bytes, self._part_size, self._concurrency = min_bytes, part_size, concurrency
         self._pool = ThreadPoolExecutor(max_workers=concurrency + 1, thread_name_prefix="copy")
         self.rejected = False  # the server refused a copy: this job streams the rest
@@ -223,7 +231,7 @@ class Copier:
         ]
         # Every copy must have finished, one way or the other, before its number can be reused.
         started: list[Future[Any]] = [head, *copies]
-        wait(started)
+        self._wait(started)
         if not self._all_copied(started, obj):
             return None
         head_chunks = head.result()
@@ -262,6 +270,17 @@ class Copier:
             layout=self._layout,
         )
 
+    def _wait(self, futures: Sequence[Future[Any]]) -> None:
+        """Until every copy has finished, or the job is stopped: a shutdown must not wait for S3 to copy
+        gigabytes. The copies left running then fail against the aborted upload."""
+        pending: set[Future[Any]] = set(futures)
+        while pending:
+            _, pending = wait(pending, timeout=CANCEL_POLL)
+            if pending and self._cancelled():
+                for future in pending:
+                    future.cancel()
+                raise JobAbandoned("the job was stopped while its sources were being copied")
+
     def _all_copied(self, futures: Sequence[Future[Any]], obj: SourceObject) -> bool:
         """False when the server refused a copy (this job then streams); other errors are raised."""
         errors = [error for error in (future.exception() for future in futures) if error is not None]
@@ -275,4 +294,4 @@ class Copier:
         return True
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -131,6 +131,7 @@ def build_archive(
         min_bytes=min_copied,
         part_size=settings.part_size,
         concurrency=settings.upload_concurrency,
+        cancelled=cancelled,
     )
     prefetcher = Prefetcher(
         [entry.source for entry in entries],

@@ -6,8 +6,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,3 +185,12 @@ def fault_proxy(aws: AwsClients, moto_endpoint: str, monkeypatch: pytest.MonkeyP
     with FaultProxy(moto_endpoint) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         yield proxy
+
+
+def wait_for(condition: Callable[[], Any], *, timeout: float, interval: float = 0.2) -> Any:
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"condition not met within {timeout}s"
+        time.sleep(interval)
+    return result

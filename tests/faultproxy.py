@@ -92,6 +92,7 @@ class Faults:
     limit: int | None = None  # at most this many faults, e.g. 1 for "only the first GET"
     cut_after: int = 1024 * 1024  # body bytes sent before a cut; at most half of a shorter body
     latency: float = 0.0  # seconds before a matching request is forwarded
+    hold: threading.Event | None = None  # matching requests wait for it to be set before being forwarded
     throttle: int | None = None  # bytes per second for matching response bodies
     seed: int = 0
 
@@ -104,6 +105,7 @@ class FaultProxy:
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self._lock = threading.Lock()
         self._seen: list[Seen] = []
+        self._forwarded: list[Seen] = []
         self.configure(faults or Faults())
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.proxy = self
@@ -138,6 +140,15 @@ class FaultProxy:
                 self._injected += kind is not None
             self._seen.append(dataclasses.replace(seen, fault=kind))
             return kind, (faults if applies else None)
+
+    def forwarded(self, seen: Seen) -> None:
+        """Note a request as passed on to the upstream (after any latency or hold)."""
+        with self._lock:
+            self._forwarded.append(seen)
+
+    def requests_forwarded(self, operation: str) -> list[Seen]:
+        with self._lock:
+            return [seen for seen in self._forwarded if seen.operation == operation]
 
     def mark(self) -> int:
         """A position in the record, for `requests_matching(since=...)`; `reset()` starts it over."""
@@ -198,9 +209,12 @@ class _Handler(BaseHTTPRequestHandler):
         kind, faults = self.server.proxy.decide(seen)
         if faults and faults.latency:
             time.sleep(faults.latency)
+        if faults and faults.hold is not None:
+            faults.hold.wait()
         if kind is not None and kind != "cut":
             self._send_error(seen, int(kind))
             return
+        self.server.proxy.forwarded(seen)
         upstream = http.client.HTTPConnection(*self.server.proxy.upstream, timeout=90)
         try:
             # Headers are copied one by one, Host included: a dict would fold repeated ones.

@@ -21,20 +21,11 @@ from botocore.config import Config
 
 from archiver import worker
 from archiver.settings import MiB
-from tests.conftest import Stack
+from tests.conftest import Stack, wait_for
 from tests.faultproxy import FaultProxy
 from tests.zipcheck import check_archive
 
 OWNER = "111122223333"
-
-
-def wait_for(condition: Callable[[], Any], *, timeout: float, interval: float = 0.2) -> Any:
-    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"condition not met within {timeout}s"
-        time.sleep(interval)
-    return result
 
 
 def drain(stack: Stack) -> list[dict[str, Any]]:
