@@ -28,7 +28,7 @@ from archiver.prefetch import Prefetcher
 from archiver.settings import MAX_PARTS, Settings
 from archiver.sources import SourceObject, head_sources, read_source
 from archiver.status import Progress
-from archiver.zipping import ZipEntry, archive_size_bound, is_uncompressed, zip_chunks
+from archiver.zipping import Compression, ZipEntry, archive_size_bound, is_uncompressed, zip_chunks
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -74,6 +74,30 @@ def _read_pointer(s3: S3Client, bucket: str, key: str) -> str:
     return response["Body"].read().decode("utf-8", errors="replace")
 
 
+def plan_copies(
+    entries: list[ZipEntry], settings: Settings, compression: Compression
+) -> tuple[frozenset[int], int]:
+    """The entries S3 may copy server-side, and the part size that leaves room for their part numbers.
+
+    None when thousands of big entries would crowd out the streamed parts with their spare numbers, or
+    when parts would be over 2.5 GiB (PART_SIZE set so, or an archive of terabytes): copies could then
+    take more numbers than streaming, and the part ending where a copy starts (part size + 5 MiB) could
+    pass S3's 5 GiB."""
+    least = settings.server_side_copy_min_bytes
+    copyable = frozenset(
+        index
+        for index, entry in enumerate(entries)
+        if least and entry.source.size >= least and is_uncompressed(entry, compression)
+    )
+    if len(copyable) * COPY_EXTRA_PARTS > MAX_PARTS // 2:
+        copyable = frozenset()
+    bound = archive_size_bound(entries)
+    part_size = choose_part_size(bound, settings.part_size, extra_parts=COPY_EXTRA_PARTS * len(copyable))
+    if part_size > MAX_COPY_PIECE:
+        return frozenset(), choose_part_size(bound, settings.part_size)
+    return copyable, part_size
+
+
 def build_archive(
     clients: AwsClients,
     settings: Settings,
@@ -106,29 +130,12 @@ def build_archive(
     progress.files_total, progress.bytes_total = len(entries), total
 
     compression = plan.request.compression
+    copyable, part_size = plan_copies(entries, settings, compression)
     layout = Layout()
-    min_copied = settings.server_side_copy_min_bytes
-    copyable = frozenset(
-        index
-        for index, entry in enumerate(entries)
-        if min_copied and entry.source.size >= min_copied and is_uncompressed(entry, compression)
-    )
-    # Thousands of big entries would crowd out the streamed parts with their spare part numbers; and
-    # with parts over 2.5 GiB (PART_SIZE set so, or archives of terabytes) copies could need more part
-    # numbers than streaming, and the part ending where a copy starts (part size + 5 MiB) could pass 5 GiB.
-    if len(copyable) * COPY_EXTRA_PARTS > MAX_PARTS // 2:
-        copyable = frozenset()
-    part_size = choose_part_size(
-        archive_size_bound(entries), settings.part_size, extra_parts=COPY_EXTRA_PARTS * len(copyable)
-    )
-    if part_size > MAX_COPY_PIECE:
-        copyable = frozenset()
-    if not copyable:
-        min_copied = 0
     copier = Copier(
         s3,
         layout,
-        min_bytes=min_copied,
+        min_bytes=settings.server_side_copy_min_bytes if copyable else 0,
         part_size=settings.part_size,
         concurrency=settings.upload_concurrency,
         cancelled=cancelled,

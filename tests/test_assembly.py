@@ -4,6 +4,7 @@ streaming writes, and every way the copy can be refused falling back to streamin
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
@@ -25,10 +26,11 @@ from isal import isal_zlib
 
 from archiver import crc, worker
 from archiver.assembly import HEAD_BYTES, CopiedEntry, Layout, UploadTarget, copy_ranges
+from archiver.job import COPY_EXTRA_PARTS, plan_copies
 from archiver.logs import configure_logging
 from archiver.models import SourceRef
 from archiver.multipart import parts_of
-from archiver.settings import MIN_PART_SIZE, MiB
+from archiver.settings import MAX_PARTS, MIN_PART_SIZE, MiB
 from archiver.sources import SourceObject
 from archiver.zipping import CHUNK_SIZE, ZipEntry, zip_chunks
 from bench import servers
@@ -365,3 +367,24 @@ def test_a_shutdown_during_copies_does_not_wait_for_them(stack: Stack, fault_pro
         assert stack.archive_keys() == []
     finally:
         hold.set()
+
+
+def test_plan_copies_picks_big_uncompressed_entries_within_s3s_limits(stack: Stack) -> None:
+    """Big media (or anything under `store`) is copied; text, small files, a threshold of 0, thousands
+    of big entries, or parts over 2.5 GiB mean streaming."""
+
+    def entry(name: str, size: int) -> ZipEntry:
+        kind = "text/plain" if name.endswith(".txt") else "video/mp4"
+        return ZipEntry(name, dataclasses.replace(Synthetic(name, size, 0).source(), content_type=kind))
+
+    entries = [entry("a.mp4", COPY_MIN), entry("b.txt", COPY_MIN), entry("c.mp4", COPY_MIN - 1)]
+    on = stack.settings(server_side_copy_min_bytes=COPY_MIN)
+    assert plan_copies(entries, on, "auto")[0] == {0}
+    assert plan_copies(entries, on, "store")[0] == {0, 1}
+    assert plan_copies(entries, on, "deflate")[0] == set()
+    assert plan_copies(entries, stack.settings(server_side_copy_min_bytes=0), "auto")[0] == set()
+    many = [entry(f"{index}.mp4", COPY_MIN) for index in range(MAX_PARTS // 2 // COPY_EXTRA_PARTS + 1)]
+    assert plan_copies(many, on, "auto")[0] == set()
+    assert plan_copies(many[:-1], on, "auto")[0] == set(range(len(many) - 1))
+    huge_parts = stack.settings(server_side_copy_min_bytes=COPY_MIN, part_size=3 * 1024 * MiB)
+    assert plan_copies(entries, huge_parts, "auto") == (set(), 3 * 1024 * MiB)
