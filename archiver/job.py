@@ -178,6 +178,7 @@ def build_archive(
     finally:
         prefetcher.close()
         copier.close()
+    progress.bytes_copied = uploaded.copied_bytes
     log.info(
         "archive.assembled",
         bytes=uploaded.size,

@@ -36,6 +36,7 @@ def emit_request(
     size: int | None,
     entries: int | None,
     extensions: int,
+    copied: int | None = None,
     properties: dict[str, Any],
 ) -> None:
     """One EMF line for one settled request (completed, duplicate, failed or released)."""
@@ -58,6 +59,8 @@ def emit_request(
         metrics.put_metric("ArchiveBytes", size, Unit.BYTES.value)
     if entries is not None:
         metrics.put_metric("ArchiveEntries", entries, Unit.COUNT.value)
+    if copied is not None:  # archive bytes S3 copied itself, which never passed through the worker
+        metrics.put_metric("CopiedBytes", copied, Unit.BYTES.value)
     for key, value in properties.items():
         metrics.set_property(key, value)
     metrics.flush_sync()

@@ -44,6 +44,9 @@ class Progress:
     files_done: int = 0
     bytes_done: int = 0
     started_at: str = field(default_factory=utc_timestamp)
+    bytes_copied: int = (
+        0  # of the archive, copied by S3 (server-side assembly); a metric, not in the document
+    )
 
 
 @retry_transient

@@ -259,6 +259,7 @@ def _emit_metrics(
             queue_latency_s=latency,
             size=outcome.get("size"),
             entries=outcome.get("entries"),
+            copied=outcome.get("copied_bytes"),
             extensions=worker.extensions,
             properties={"request_id": request_id},
         )
@@ -310,6 +311,7 @@ def _archive_once(
         "outcome": "completed",
         "size": notification.archive.size,
         "entries": notification.archive.entries,
+        "copied_bytes": progress.bytes_copied,
         "skipped": len(notification.skipped),
         "renamed": len(notification.renamed),
     }

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from archiver.assembly import HEAD_BYTES
+from archiver.settings import MiB
 from tests.conftest import Stack
 
 
@@ -139,6 +141,7 @@ def test_one_emf_line_per_request(stack: Stack) -> None:
     assert ok["Requests"] == 1
     assert ok["ArchiveEntries"] == 1
     assert ok["ArchiveBytes"] > 1000 // 10
+    assert ok["CopiedBytes"] == 0
     assert ok["QueueLatency"] >= 0
     assert ok["Duration"] > 0
     assert bad["Outcome"] == "failed"
@@ -167,3 +170,15 @@ def test_protection_is_renewed_when_it_gets_old(agent: tuple[Agent, str]) -> Non
     outside_ecs.protect()
     assert outside_ecs.protected is False  # no agent: nothing sent, nothing claimed
     assert len(state.puts) == 3
+
+
+def test_copied_bytes_metric(stack: Stack) -> None:
+    """Server-side assembly shows as CopiedBytes: the archive's bytes S3 copied without the worker."""
+    stack.put("film.mp4", bytes(16 * MiB + 9), ChecksumAlgorithm="CRC32")
+    stack.send({"request_id": "m-copied", "files": [{"source": "film.mp4"}]})
+    done = run_worker(stack, SERVER_SIDE_COPY_MIN_BYTES=str(16 * MiB))
+    assert done.returncode == 0, done.stderr
+    (line,) = emf_lines(done.stdout)
+    assert_valid_emf(line)
+    assert line["CopiedBytes"] == 16 * MiB + 9 - HEAD_BYTES
+    assert line["ArchiveBytes"] > line["CopiedBytes"]
