@@ -4,11 +4,13 @@ It tells producers how a request is going (processing, completed, failed, with p
 how a worker knows whether a request_id is already done (re-send the notification, do not rebuild) or
 being worked on right now by another worker (a `processing` document refreshed within the last
 VISIBILITY_TIMEOUT seconds): a lease, so a duplicate delivery does not build the same archive twice.
-No document means the request is queued or unknown.
+The lease is taken with a conditional write on what was read (`claim`), so two workers that read the
+same document at once cannot both take it. No document means the request is queued or unknown.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -44,9 +46,8 @@ class Progress:
     files_done: int = 0
     bytes_done: int = 0
     started_at: str = field(default_factory=utc_timestamp)
-    bytes_copied: int = (
-        0  # of the archive, copied by S3 (server-side assembly); a metric, not in the document
-    )
+    # Of the archive, copied by S3 (server-side assembly): for the metrics, not in the document.
+    bytes_copied: int = 0
 
 
 @retry_transient
@@ -60,7 +61,10 @@ def write_status(
     progress: Progress,
     error: dict[str, Any] | None = None,
     notification: dict[str, Any] | None = None,
+    condition: dict[str, str] | None = None,
 ) -> None:
+    """Write the document; `condition` (IfMatch / IfNoneMatch) makes S3 refuse it with 412 when the
+    document is no longer the one it names."""
     document = {
         "request_id": request_id,
         "status": status,
@@ -81,23 +85,62 @@ def write_status(
         Body=json.dumps(document).encode(),
         ContentType="application/json",
         CacheControl="no-store",
+        **(condition or {}),  # type: ignore[arg-type]
     )
 
 
-@retry_transient
+@dataclass(frozen=True)
+class Stored:
+    document: dict[str, Any] | None  # None when absent or unreadable
+    etag: str | None  # the object's ETag whenever it exists, readable or not
+
+
 def read_status(s3: S3Client, *, bucket: str, archive_key: str) -> dict[str, Any] | None:
+    return read_stored(s3, bucket=bucket, archive_key=archive_key).document
+
+
+@retry_transient
+def read_stored(s3: S3Client, *, bucket: str, archive_key: str) -> Stored:
     try:
-        body = s3.get_object(Bucket=bucket, Key=status_key(archive_key))["Body"].read()
+        response = s3.get_object(Bucket=bucket, Key=status_key(archive_key))
     except botocore.exceptions.ClientError as exc:
         # 403 is what S3 says for a missing key when the role may not list the bucket.
         if http_status(exc) in (403, 404):
-            return None
+            return Stored(document=None, etag=None)
         raise
+    etag = str(response["ETag"])
     try:
-        document = json.loads(body)
+        document = json.loads(response["Body"].read())
     except ValueError:
-        return None  # unreadable: treat as absent and rebuild
-    return document if isinstance(document, dict) else None
+        return Stored(document=None, etag=etag)  # unreadable: treat as absent and rebuild
+    return Stored(document=document if isinstance(document, dict) else None, etag=etag)
+
+
+def claim(
+    s3: S3Client, *, bucket: str, archive_key: str, request_id: str, progress: Progress, seen: Stored
+) -> bool:
+    """Write this worker's `processing` document only if the status is still the one read (or still
+    absent): of two workers that read the same document at the same moment, one gets the lease and the
+    other False. A server without conditional writes (501) gets the document unconditionally."""
+    write = functools.partial(
+        write_status,
+        s3,
+        bucket=bucket,
+        archive_key=archive_key,
+        request_id=request_id,
+        status="processing",
+        progress=progress,
+    )
+    try:
+        write(condition={"IfMatch": seen.etag} if seen.etag else {"IfNoneMatch": "*"})
+    except botocore.exceptions.ClientError as exc:
+        # 412: the document changed since it was read; 409: S3 is settling a concurrent conditional write.
+        if http_status(exc) in (409, 412):
+            return False
+        if http_status(exc) != 501:
+            raise
+        write()
+    return True
 
 
 def seconds_since(timestamp: str) -> float:

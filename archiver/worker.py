@@ -273,7 +273,8 @@ def _archive_once(
     """Build the archive unless this request_id is already done (re-send its notification) or being
     built by another live worker (release and come back later)."""
     s3 = worker.clients.s3
-    previous = status.read_status(s3, bucket=plan.bucket, archive_key=plan.key)
+    stored = status.read_stored(s3, bucket=plan.bucket, archive_key=plan.key)
+    previous = stored.document
     if previous is not None and previous.get("status") == "completed":
         notification = _previous_notification(worker, plan, previous)
         if notification is not None:
@@ -282,11 +283,13 @@ def _archive_once(
         raise RequestBusy(
             f"request {plan.request_id} is being archived by {previous and previous.get('worker')}"
         )
+    progress = status.Progress(files_total=len(plan.entries))
+    # Claimed before anything else: a worker that lost the race must not abort the winner's upload.
+    if not _claim(worker, plan, progress, stored):
+        raise RequestBusy(f"request {plan.request_id} was claimed by another worker just now")
     aborted = status.abort_stale_uploads(s3, bucket=plan.bucket, key=plan.key)
     if aborted:
         log.info("request.stale_uploads_aborted", count=aborted)
-    progress = status.Progress(files_total=len(plan.entries))
-    _record_status(worker, plan, "processing", progress=progress)
     with _heartbeat(
         worker, message, on_tick=lambda: _record_status(worker, plan, "processing", progress=progress)
     ):
@@ -361,6 +364,23 @@ def _record_status(
         )
     except Exception:
         log.warning("status.write_failed", state=state, exc_info=True)
+
+
+def _claim(worker: Worker, plan: ArchivePlan, progress: status.Progress, stored: status.Stored) -> bool:
+    """The lease, or False if another worker took it since the status was read. Like every status
+    write, best effort: a claim that fails otherwise is logged and the build goes ahead."""
+    try:
+        return status.claim(
+            worker.clients.s3,
+            bucket=plan.bucket,
+            archive_key=plan.key,
+            request_id=plan.request_id,
+            progress=progress,
+            seen=stored,
+        )
+    except Exception:
+        log.warning("status.write_failed", state="processing", exc_info=True)
+        return True
 
 
 def _fail_permanently(

@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from archiver import queue, worker
+import pytest
+
+from archiver import queue, status, worker
 from archiver.models import utc_timestamp
 from tests.conftest import Stack
+from tests.faultproxy import FaultProxy
 from tests.zipcheck import check_archive
 
 
@@ -88,6 +91,79 @@ def test_a_live_lease_defers_the_duplicate(stack: Stack) -> None:
     worker.run(w, burst=True)
     assert stack.archive_keys() == ["download/leased/leased.zip"]
     assert stack.notifications(1)[0]["status"] == "completed"
+
+
+@pytest.mark.parametrize("seen", ["absent", "stale"])
+def test_of_two_workers_reading_the_same_status_one_builds(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, seen: str
+) -> None:
+    """The lease is taken with a conditional write: a worker whose read is overtaken by another worker's
+    claim (here: that claim and its upload were made between the read and the write) releases the
+    message, and neither builds nor aborts the winner's upload."""
+    stack.put("a.txt", b"alpha")
+    key, status_key = "download/raced/raced.zip", "download/raced/status.json"
+    s3 = stack.clients.s3
+    before = None
+    if seen == "stale":
+        old = {"request_id": "raced", "status": "failed", "updated_at": "2020-01-01T00:00:00Z"}
+        s3.put_object(Bucket=stack.destination_bucket, Key=status_key, Body=json.dumps(old).encode())
+        before = status.read_stored(s3, bucket=stack.destination_bucket, archive_key=key)
+    # The winner's claim and upload, made after this worker's read.
+    winner = {
+        "request_id": "raced",
+        "status": "processing",
+        "worker": "winner-1",
+        "updated_at": utc_timestamp(),
+    }
+    s3.put_object(Bucket=stack.destination_bucket, Key=status_key, Body=json.dumps(winner).encode())
+    upload = s3.create_multipart_upload(Bucket=stack.destination_bucket, Key=key)
+    read_then = before or status.Stored(document=None, etag=None)
+    monkeypatch.setattr(status, "read_stored", lambda *_, **__: read_then)
+
+    stack.send({"request_id": "raced", "files": [{"source": "a.txt"}]})
+    worker.run(worker.connect(stack.settings()), burst=True)
+    assert stack.status("raced")["worker"] == "winner-1"
+    assert stack.incomplete_uploads() == [key]  # the winner's upload, untouched
+    assert stack.archive_keys() == []
+    assert stack.queue_depth() == 1  # released for later
+    s3.abort_multipart_upload(Bucket=stack.destination_bucket, Key=key, UploadId=upload["UploadId"])
+
+
+def test_claim_is_conditional(stack: Stack) -> None:
+    """A claim succeeds on the status it read (or on none), and fails once it changed."""
+    s3, bucket, key = stack.clients.s3, stack.destination_bucket, "download/claim/claim.zip"
+    progress = status.Progress()
+
+    def claim(seen: status.Stored) -> bool:
+        return status.claim(
+            s3, bucket=bucket, archive_key=key, request_id="claim", progress=progress, seen=seen
+        )
+
+    absent = status.Stored(document=None, etag=None)
+    assert claim(absent)
+    assert not claim(absent)  # someone claimed since
+    current = status.read_stored(s3, bucket=bucket, archive_key=key)
+    assert current.document is not None and current.document["status"] == "processing"
+    progress.files_done = 1  # so the document, and its ETag, change
+    assert claim(current)
+    assert not claim(current)  # the ETag it names is gone
+
+
+def test_a_server_without_conditional_writes_still_builds(stack: Stack, fault_proxy: FaultProxy) -> None:
+    """An S3-compatible server that answers a conditional PutObject with 501 gets the lease written
+    plainly (the lease is then read-then-write, as without conditions), and the request completes."""
+    stack.put("a.txt", b"alpha")
+    fault_proxy.configure(
+        rate=1.0,
+        kinds=("501",),
+        match=lambda seen: seen.operation == "PutObject" and "if-none-match" in seen.headers,
+    )
+    stack.send({"request_id": "plain", "files": [{"source": "a.txt"}]})
+    worker.run(worker.connect(stack.settings()), burst=True)
+    assert [n["status"] for n in stack.notifications(1)] == ["completed"]
+    puts = fault_proxy.requests_matching(operation="PutObject", path_contains="/download/plain/status.json")
+    assert [p.fault for p in puts[:2]] == ["501", None]
+    assert "if-none-match" not in puts[1].headers
 
 
 def test_a_dead_workers_upload_is_aborted(stack: Stack) -> None:
