@@ -74,8 +74,10 @@ class Worker:
 
 
 def connect(settings: Settings, clients: AwsClients | None = None) -> Worker:
+    # One connection per thread that may call S3 at once: part uploads, copies (and the head read beside
+    # them), HEADs or read-ahead, and a few for the job, heartbeat and status writes.
     clients = clients or make_clients(
-        max_connections=settings.upload_concurrency + job.HEAD_CONCURRENCY + 4,
+        max_connections=2 * settings.upload_concurrency + 1 + job.HEAD_CONCURRENCY + 4,
         expected_bucket_owner=settings.expected_bucket_owner,
     )
     source_url = queue.resolve_queue_url(clients.sqs, settings.sqs_source_queue)
