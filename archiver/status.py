@@ -95,10 +95,6 @@ class Stored:
     etag: str | None  # the object's ETag whenever it exists, readable or not
 
 
-def read_status(s3: S3Client, *, bucket: str, archive_key: str) -> dict[str, Any] | None:
-    return read_stored(s3, bucket=bucket, archive_key=archive_key).document
-
-
 @retry_transient
 def read_stored(s3: S3Client, *, bucket: str, archive_key: str) -> Stored:
     try:
