@@ -188,31 +188,26 @@ def _decode_crc(value: str | None) -> int | None:
 
 class Copier:
     """Copies the data of big STORED entries into the upload, one entry at a time as the zip writer
-    reaches it, its parts in parallel."""
+    reaches it, its parts in parallel. Which entries are offered is the caller's choice
+    (job.plan_copies); the copier only declines what this server has shown it cannot do."""
 
     def __init__(
         self,
         s3: S3Client,
         layout: Layout,
         *,
-        min_bytes: int,
         part_size: int,
         concurrency: int,
         cancelled: Callable[[], bool],
     ) -> None:
         self._s3, self._layout, self._cancelled = s3, layout, cancelled
-        self._min_bytes, self._part_size, self._concurrency = min_bytes, part_size, concurrency
+        self._part_size, self._concurrency = part_size, concurrency
         self._pool = ThreadPoolExecutor(max_workers=concurrency + 1, thread_name_prefix="copy")
         self.rejected = False  # the server refused a copy: this job streams the rest
         self.unchecksummed = False  # copies came back without checksums: objects without a CRC stream
 
     def wants(self, obj: SourceObject) -> bool:
-        return (
-            self._min_bytes > 0
-            and obj.size >= self._min_bytes
-            and not self.rejected
-            and (obj.crc32 is not None or not self.unchecksummed)
-        )
+        return not self.rejected and (obj.crc32 is not None or not self.unchecksummed)
 
     def copy(self, obj: SourceObject) -> CopiedEntry | None:
         """Copy the object's data after its head into the upload; None when it must be streamed."""

@@ -135,7 +135,6 @@ def build_archive(
     copier = Copier(
         s3,
         layout,
-        min_bytes=settings.server_side_copy_min_bytes if copyable else 0,
         part_size=settings.part_size,
         concurrency=settings.upload_concurrency,
         cancelled=cancelled,
@@ -148,7 +147,9 @@ def build_archive(
         skip=copyable,
     )
 
-    def copy(obj: SourceObject) -> CopiedEntry | None:
+    def copy(index: int, obj: SourceObject) -> CopiedEntry | None:
+        if index not in copyable:
+            return None
         copied = copier.copy(obj)
         if copied is not None:
             progress.bytes_done += obj.size

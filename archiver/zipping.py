@@ -177,7 +177,7 @@ def zip_chunks(
     *,
     open_source: Callable[[int, SourceObject], Iterator[bytes]],
     compression: Compression,
-    copy: Callable[[SourceObject], CopiedEntry | None] | None = None,
+    copy: Callable[[int, SourceObject], CopiedEntry | None] | None = None,
 ) -> Iterator[bytes]:
     """The archive as 64 KiB chunks. Members are generated lazily: stream-zip asks for entry i's bytes
     only once entry i-1 is written, so sources are consumed strictly in order. `copy` is offered every
@@ -187,7 +187,11 @@ def zip_chunks(
         for index, entry in enumerate(entries):
             obj = entry.source
             level = choose_level(entry, compression)
-            offer = (lambda obj=obj: copy(obj)) if copy is not None and level in (None, 0) else None
+            offer = (
+                (lambda index=index, obj=obj: copy(index, obj))
+                if copy is not None and level in (None, 0)
+                else None
+            )
             member = _Member(
                 size=obj.size, level=level, crc32=obj.crc32, source=open_source(index, obj), copy=offer
             )

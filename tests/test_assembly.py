@@ -311,7 +311,7 @@ def test_layout_past_4_gib_is_the_streamed_one() -> None:
     layout = Layout(upload=UploadTarget("memory", "archive.zip", "upload"))
     pieces: dict[int, tuple[int, int]] = {}  # part number -> (crc, length)
 
-    def copy(obj: SourceObject) -> CopiedEntry | None:
+    def copy(index: int, obj: SourceObject) -> CopiedEntry | None:
         spec = by_key[obj.ref.key]
         if obj.size < COPY_MIN:
             return None
