@@ -22,7 +22,6 @@ out of CompleteMultipartUpload, which discards them.
 
 from __future__ import annotations
 
-import base64
 import itertools
 import zlib
 from collections import deque
@@ -179,13 +178,6 @@ def _copy_part(
     return response["CopyPartResult"]
 
 
-def _decode_crc(value: str | None) -> int | None:
-    if not value:
-        return None
-    raw = base64.b64decode(value)
-    return int.from_bytes(raw, "big") if len(raw) == 4 else None
-
-
 class Copier:
     """Copies the data of big STORED entries into the upload, one entry at a time as the zip writer
     reaches it, its parts in parallel. Which entries are offered is the caller's choice
@@ -234,7 +226,7 @@ class Copier:
         for chunk in head_chunks:
             head_crc = zlib.crc32(chunk, head_crc)
         results = [future.result() for future in copies]
-        part_crcs = [_decode_crc(result.get("ChecksumCRC32")) for result in results]
+        part_crcs = [crc.from_base64(result.get("ChecksumCRC32")) for result in results]
         entry_crc = obj.crc32
         if all(value is not None for value in part_crcs):
             pieces = [

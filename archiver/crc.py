@@ -7,10 +7,22 @@ joining, and forging solves a 32x32 linear system.
 
 from __future__ import annotations
 
+import base64
 import zlib
 from collections.abc import Iterable
 
 from isal import isal_zlib
+
+
+def from_base64(value: str | None) -> int | None:
+    """A CRC-32 as S3 sends it (`ChecksumCRC32`: base64 of 4 big-endian bytes); None if it is not one."""
+    if not value:
+        return None
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        return None
+    return int.from_bytes(raw, "big") if len(raw) == 4 else None
 
 
 def combine(crc: int, next_crc: int, next_length: int) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING
 import botocore.exceptions
 import structlog
 
+from archiver import crc
 from archiver.aws import error_code, http_status, is_transient, retry_transient
 from archiver.errors import PermanentError, TransientError
 from archiver.models import SourceRef
@@ -43,11 +43,7 @@ def _full_object_crc32(head: dict[str, object]) -> int | None:
         return None
     if "-" in value:  # "<b64>-<parts>": a checksum of part checksums, not of the bytes
         return None
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except ValueError:
-        return None
-    return int.from_bytes(raw, "big") if len(raw) == 4 else None
+    return crc.from_base64(value)
 
 
 @retry_transient

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 import zlib
 
@@ -52,3 +53,15 @@ def test_copy_ranges_cover_the_object_after_its_head_in_valid_parts(
     assert all(MIN_PART_SIZE <= end - start <= MAX_PART_SIZE for start, end in ranges)
     # Never more parts than streaming the same bytes would take: the part-number budget counts on it.
     assert len(ranges) <= -(-(size - HEAD_BYTES) // part_size)
+
+
+@given(value=st.integers(min_value=0, max_value=0xFFFFFFFF))
+def test_from_base64_reads_s3s_checksum_form(value: int) -> None:
+    assert crc.from_base64(base64.b64encode(value.to_bytes(4, "big")).decode()) == value
+
+
+def test_from_base64_refuses_what_is_not_a_crc32() -> None:
+    assert crc.from_base64(None) is None
+    assert crc.from_base64("") is None
+    assert crc.from_base64("not base64!") is None
+    assert crc.from_base64(base64.b64encode(bytes(8)).decode()) is None  # a CRC-64
