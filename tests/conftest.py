@@ -187,10 +187,12 @@ def fault_proxy(aws: AwsClients, moto_endpoint: str, monkeypatch: pytest.MonkeyP
         yield proxy
 
 
-def wait_for(condition: Callable[[], Any], *, timeout: float, interval: float = 0.2) -> Any:
-    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+def wait_for(
+    condition: Callable[[], Any], *, timeout: float, what: str = "the condition", interval: float = 0.1
+) -> Any:
+    """Poll `condition` until it returns something truthy; fail naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not (result := condition()):
-        assert time.monotonic() < deadline, f"condition not met within {timeout}s"
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
         time.sleep(interval)
     return result

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +18,11 @@ import pytest
 
 from archiver import queue, worker
 from archiver.aws import make_clients
-from tests.conftest import Stack
+from tests.conftest import Stack, wait_for
 from tests.faultproxy import FaultProxy, Faults, Seen
 from tests.zipcheck import check_archive
 
 MiB = 1024 * 1024
-
-
-def wait_until(condition: Callable[[], Any], *, timeout: float, what: str) -> Any:
-    """Poll `condition` until it is truthy; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture
@@ -91,7 +80,7 @@ def test_long_job_is_not_redelivered_meanwhile(
     busy = worker_through(slow_sources, stack, visibility_timeout=10)
     thread = threading.Thread(target=worker.run, args=(busy,), kwargs={"burst": True})
     thread.start()
-    wait_until(lambda: slow_sources.requests_matching(operation="GetObject"), timeout=30, what="the GET")
+    wait_for(lambda: slow_sources.requests_matching(operation="GetObject"), timeout=30, what="the GET")
     stolen = []
     while thread.is_alive():  # a second worker polls all along
         response = stack.clients.sqs.receive_message(
@@ -112,7 +101,7 @@ def test_sigterm_lets_a_short_job_finish(stack: Stack, slow_sources: FaultProxy,
     stack.put("six.bin", body)
     stack.send({"request_id": "graceful", "files": [{"source": "six.bin"}]})
     process = start_worker(stack, slow_sources.url, SHUTDOWN_GRACE="60")
-    wait_until(lambda: slow_sources.requests_matching(operation="GetObject"), timeout=30, what="the GET")
+    wait_for(lambda: slow_sources.requests_matching(operation="GetObject"), timeout=30, what="the GET")
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
@@ -128,7 +117,7 @@ def test_sigterm_past_the_grace_aborts_and_releases(stack: Stack, slow_sources: 
     stack.put("big.bin", os.urandom(40 * MiB))
     stack.send({"request_id": "cut-short", "files": [{"source": "big.bin"}]})
     process = start_worker(stack, slow_sources.url, SHUTDOWN_GRACE="2", VISIBILITY_TIMEOUT="300")
-    wait_until(lambda: uploaded_parts(slow_sources), timeout=60, what="a first uploaded part")
+    wait_for(lambda: uploaded_parts(slow_sources), timeout=60, what="a first uploaded part")
     signalled = time.monotonic()
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=60)
@@ -147,9 +136,9 @@ def test_second_signal_stops_at_once(stack: Stack, slow_sources: FaultProxy) -> 
     stack.put("big.bin", os.urandom(40 * MiB))
     stack.send({"request_id": "twice-signalled", "files": [{"source": "big.bin"}]})
     process = start_worker(stack, slow_sources.url, SHUTDOWN_GRACE="600", VISIBILITY_TIMEOUT="300")
-    wait_until(lambda: slow_sources.requests_matching(operation="GetObject"), timeout=30, what="the GET")
+    wait_for(lambda: slow_sources.requests_matching(operation="GetObject"), timeout=30, what="the GET")
     process.send_signal(signal.SIGTERM)
-    wait_until(lambda: uploaded_parts(slow_sources), timeout=60, what="a first uploaded part")
+    wait_for(lambda: uploaded_parts(slow_sources), timeout=60, what="a first uploaded part")
     signalled = time.monotonic()
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=60)
@@ -164,7 +153,7 @@ def test_second_signal_stops_at_once(stack: Stack, slow_sources: FaultProxy) -> 
 def test_sigterm_while_idle_exits_promptly(stack: Stack, moto_endpoint: str) -> None:
     """An idle worker in a 20 s long poll leaves it at once on SIGTERM and exits 0."""
     process = start_worker(stack, moto_endpoint)
-    wait_until(lambda: Path(stack.health_file).exists(), timeout=30, what="the first poll")
+    wait_for(lambda: Path(stack.health_file).exists(), timeout=30, what="the first poll")
     signalled = time.monotonic()
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=30)
@@ -183,12 +172,12 @@ def test_killed_worker_leaves_nothing_and_is_redone(
     stack.put("twelve.bin", body)
     stack.send({"request_id": "killed", "files": [{"source": "twelve.bin"}]})
     process = start_worker(stack, slow_sources.url, VISIBILITY_TIMEOUT="10")
-    wait_until(lambda: uploaded_parts(slow_sources), timeout=60, what="a first uploaded part")
+    wait_for(lambda: uploaded_parts(slow_sources), timeout=60, what="a first uploaded part")
     process.kill()
     process.communicate(timeout=30)
     assert stack.archive_keys() == []
     # The dead worker's upload is there, incomplete (moto may still be taking in a part it was sent).
-    wait_until(
+    wait_for(
         lambda: stack.incomplete_uploads() == ["download/killed/killed.zip"],
         timeout=30,
         what="the dead upload",
@@ -200,7 +189,7 @@ def test_killed_worker_leaves_nothing_and_is_redone(
         worker.run(survivor, burst=True)
         return stack.notifications(1, max_polls=1)
 
-    (note,) = wait_until(redone, timeout=90, what="another worker to complete the request")
+    (note,) = wait_for(redone, timeout=90, what="another worker to complete the request")
     assert note["status"] == "completed"
     check_archive(stack.download("download/killed/killed.zip"), {"twelve.bin": body}, tmp_path)
     assert stack.incomplete_uploads() == []
@@ -222,7 +211,7 @@ def test_a_source_changed_mid_job_is_archived_afresh(
     message = queue.receive(stack.clients.sqs, stack.source_url, wait_seconds=1, visibility_timeout=10)
     thread = threading.Thread(target=worker.handle, args=(busy, message))
     thread.start()
-    wait_until(
+    wait_for(
         lambda: slow_sources.requests_matching(operation="GetObject", path_contains="first.bin"),
         timeout=30,
         what="the first source's GET",
@@ -239,7 +228,7 @@ def test_a_source_changed_mid_job_is_archived_afresh(
         worker.run(worker.connect(stack.settings()), burst=True)
         return stack.notifications(1, max_polls=1)
 
-    (note,) = wait_until(redone, timeout=60, what="the redelivery")
+    (note,) = wait_for(redone, timeout=60, what="the redelivery")
     assert note["status"] == "completed"
     check_archive(
         stack.download("download/changed/changed.zip"), {"first.bin": first, "second.bin": new}, tmp_path
@@ -262,6 +251,6 @@ def test_job_timeout_aborts_and_releases_with_backoff(stack: Stack, slow_sources
     assert stack.incomplete_uploads() == []
     assert stack.status("timed-out")["status"] == "queued"
     assert visible_now(stack) == 0  # released with a delay of 2^1 s, not at once
-    back = wait_until(lambda: visible_now(stack), timeout=30, what="the message to come back")
+    back = wait_for(lambda: visible_now(stack), timeout=30, what="the message to come back")
     assert back == 1
     assert not busy.abandon.is_set()  # the timeout abandoned that job, not the worker
