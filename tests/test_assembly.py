@@ -4,7 +4,6 @@ streaming writes, and every way the copy can be refused falling back to streamin
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import itertools
 import json
@@ -13,8 +12,6 @@ import threading
 import zipfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -28,7 +25,6 @@ from archiver import crc, worker
 from archiver.assembly import HEAD_BYTES, CopiedEntry, Layout, UploadTarget, copy_ranges
 from archiver.job import COPY_EXTRA_PARTS, plan_copies
 from archiver.logs import configure_logging
-from archiver.models import SourceRef
 from archiver.multipart import parts_of
 from archiver.settings import MAX_PARTS, MIN_PART_SIZE, MiB
 from archiver.sources import SourceObject
@@ -36,6 +32,7 @@ from archiver.zipping import CHUNK_SIZE, ZipEntry, zip_chunks
 from bench import servers
 from tests.conftest import Stack, wait_for
 from tests.faultproxy import FaultProxy
+from tests.synthetic import Synthetic
 from tests.zipcheck import check_archive
 
 COPY_MIN = 16 * MiB
@@ -250,41 +247,6 @@ def test_crc_from_copied_parts_on_a_server_that_returns_them(
 # ---------------------------------------------------------------------- the layout past 4 GiB, in memory
 
 
-@dataclass(frozen=True)
-class Synthetic:
-    """`size` bytes: one random 64 KiB block repeated, cut short at the end."""
-
-    name: str
-    size: int
-    seed: int
-
-    @property
-    def block(self) -> bytes:
-        return random.Random(self.seed).randbytes(CHUNK_SIZE)
-
-    def chunks(self, start: int = 0) -> Iterator[bytes]:
-        assert start % CHUNK_SIZE == 0
-        block = self.block
-        for position in range(start, self.size, CHUNK_SIZE):
-            yield block[: min(CHUNK_SIZE, self.size - position)]
-
-    def crc32(self, start: int = 0) -> int:
-        value = 0
-        for chunk in self.chunks(start):
-            value = isal_zlib.crc32(chunk, value)
-        return value
-
-    def source(self) -> SourceObject:
-        return SourceObject(
-            ref=SourceRef(source=f"s3://memory/{self.name}", bucket="memory", key=self.name),
-            size=self.size,
-            etag='"x"',
-            last_modified=datetime(2024, 5, 6, tzinfo=UTC),
-            content_type="video/mp4",
-            crc32=self.crc32(),
-        )
-
-
 @pytest.mark.slow
 def test_layout_past_4_gib_is_the_streamed_one() -> None:
     """Copied entries before, across and past the 4 GiB mark (zip64 where streaming uses it), with small
@@ -292,17 +254,17 @@ def test_layout_past_4_gib_is_the_streamed_one() -> None:
     streamed archive, compared by length and CRC-32 (no S3: the copies are the bytes they stand for)."""
     GiB = 1024 * MiB
     specs = [
-        Synthetic("a.mp4", 17 * MiB + 5, 1),
-        Synthetic("b.mp4", 3 * GiB + 12_345, 2),
-        Synthetic("c.mp4", 1536 * MiB + 1, 3),  # starts before 4 GiB, ends past it
-        Synthetic("small.mp4", 100_000, 4),
-        Synthetic("d.mp4", 40 * MiB + 3, 5),  # starts past 4 GiB: zip64
+        Synthetic("a.mp4", "video/mp4", size=17 * MiB + 5, known_crc=True),
+        Synthetic("b.mp4", "video/mp4", size=3 * GiB + 12_345, known_crc=True),
+        # Starts before 4 GiB, ends past it.
+        Synthetic("c.mp4", "video/mp4", size=1536 * MiB + 1, known_crc=True),
+        Synthetic("small.mp4", "video/mp4", size=100_000, known_crc=True),
+        Synthetic("d.mp4", "video/mp4", size=40 * MiB + 3, known_crc=True),  # starts past 4 GiB: zip64
     ]
-    entries = [ZipEntry(spec.name, spec.source()) for spec in specs]
-    by_key = {spec.name: spec for spec in specs}
+    entries = [ZipEntry(spec.path, spec.source(index)) for index, spec in enumerate(specs)]
 
     def open_source(index: int, obj: SourceObject) -> Iterator[bytes]:
-        return specs[index].chunks()
+        return specs[index].chunks(index)
 
     streamed_crc, streamed_length = 0, 0
     for chunk in zip_chunks(entries, open_source=open_source, compression="auto"):
@@ -312,14 +274,15 @@ def test_layout_past_4_gib_is_the_streamed_one() -> None:
     pieces: dict[int, tuple[int, int]] = {}  # part number -> (crc, length)
 
     def copy(index: int, obj: SourceObject) -> CopiedEntry | None:
-        spec = by_key[obj.ref.key]
+        spec = specs[index]
         if obj.size < COPY_MIN:
             return None
         first = layout.reserve()
-        pieces[first] = (spec.crc32(HEAD_BYTES), spec.size - HEAD_BYTES)
-        head = list(itertools.islice(spec.chunks(), HEAD_BYTES // CHUNK_SIZE))
+        pieces[first] = (spec.crc32(index, skip_chunks=HEAD_BYTES // CHUNK_SIZE), spec.size - HEAD_BYTES)
+        head = list(itertools.islice(spec.chunks(index), HEAD_BYTES // CHUNK_SIZE))
+        assert obj.crc32 is not None
         return CopiedEntry(
-            crc32=spec.crc32(),
+            crc32=obj.crc32,
             head=head,
             head_crc32=crc.joined((zlib.crc32(chunk), len(chunk)) for chunk in head),
             size=spec.size,
@@ -375,7 +338,7 @@ def test_plan_copies_picks_big_uncompressed_entries_within_s3s_limits(stack: Sta
 
     def entry(name: str, size: int) -> ZipEntry:
         kind = "text/plain" if name.endswith(".txt") else "video/mp4"
-        return ZipEntry(name, dataclasses.replace(Synthetic(name, size, 0).source(), content_type=kind))
+        return ZipEntry(name, Synthetic(name, kind, size=size).source(0))
 
     entries = [entry("a.mp4", COPY_MIN), entry("b.txt", COPY_MIN), entry("c.mp4", COPY_MIN - 1)]
     on = stack.settings(server_side_copy_min_bytes=COPY_MIN)

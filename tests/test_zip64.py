@@ -9,27 +9,24 @@ archive size is held in the test's memory (moto, in this process, does hold the 
 
 from __future__ import annotations
 
-import random
 import shutil
 import struct
 import subprocess
 import zipfile
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import boto3
 import pytest
 from botocore.config import Config
 
-from archiver.models import SourceRef
 from archiver.multipart import choose_part_size, upload_stream
 from archiver.settings import MiB
 from archiver.sources import SourceObject
-from archiver.zipping import CHUNK_SIZE, ZipEntry, archive_size_bound, zip_chunks
+from archiver.zipping import ZipEntry, archive_size_bound, zip_chunks
 from tests.conftest import Stack
+from tests.synthetic import Synthetic
 from tests.zipcheck import seven_zip
 
 GiB = 1024 * MiB
@@ -37,16 +34,10 @@ FOUR_GIB = 4 * GiB  # the first offset zip32 cannot express is 0xFFFFFFFF + 1
 ZIP32_MAX_ENTRIES = 0xFFFF
 PART_SIZE = 32 * MiB
 CONCURRENCY = 3
-MODIFIED = datetime(2024, 5, 6, 7, 8, 10, tzinfo=UTC)
 JAVA_CHECK = Path(__file__).parent / "java" / "ZipCheck.java"
 READER_TIMEOUT = 240
 # Each 4 GiB archive goes through moto (in this process) at ~40-60 MB/s on this shared 2-core machine.
 BIG_ARCHIVE_TIMEOUT = 600
-
-# One pseudo-random (incompressible) block, cut into stream-zip sized chunks once: synthetic sources cycle
-# through these, starting at a chunk that depends on the entry's index so entries differ from each other.
-BLOCK = random.Random(20240506).randbytes(MiB)
-BLOCK_CHUNKS = tuple(BLOCK[start : start + CHUNK_SIZE] for start in range(0, MiB, CHUNK_SIZE))
 
 ZIP64_EXTRA_ID = 0x0001
 DATA_DESCRIPTOR_FLAG = 0x0008
@@ -54,53 +45,6 @@ LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 END_OF_CENTRAL_DIRECTORY = struct.Struct("<4sHHHHIIH")
 ZIP64_LOCATOR = struct.Struct("<4sIQI")
 ZIP64_END_OF_CENTRAL_DIRECTORY = struct.Struct("<4sQHHIIQQQQ")
-
-
-# ------------------------------------------------------------------------------------------ synthetic sources
-
-
-@dataclass(frozen=True)
-class Synthetic:
-    """One source object: `text` when given, else `size` bytes cycled from BLOCK."""
-
-    path: str
-    content_type: str
-    size: int = 0
-    text: bytes | None = None
-    known_crc: bool = False  # whether "S3" gave its CRC-32 (media with one is STORED, without one deflated)
-
-    @property
-    def length(self) -> int:
-        return len(self.text) if self.text is not None else self.size
-
-    def chunks(self, index: int) -> Iterator[bytes]:
-        if self.text is not None:
-            yield self.text
-            return
-        remaining, position = self.size, index
-        while remaining > 0:
-            chunk = BLOCK_CHUNKS[position % len(BLOCK_CHUNKS)]
-            if len(chunk) > remaining:
-                chunk = chunk[:remaining]
-            remaining -= len(chunk)
-            position += 1
-            yield chunk
-
-    def crc32(self, index: int) -> int:
-        crc = 0
-        for chunk in self.chunks(index):
-            crc = zlib.crc32(chunk, crc)
-        return crc
-
-    def source(self, index: int) -> SourceObject:
-        return SourceObject(
-            ref=SourceRef(source=f"s3://synthetic/{self.path}", bucket="synthetic", key=self.path),
-            size=self.length,
-            etag='"x"',
-            last_modified=MODIFIED,
-            content_type=self.content_type,
-            crc32=self.crc32(index) if self.known_crc else None,
-        )
 
 
 @dataclass(frozen=True)
