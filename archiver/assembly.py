@@ -23,7 +23,6 @@ out of CompleteMultipartUpload, which discards them.
 from __future__ import annotations
 
 import itertools
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -222,9 +221,7 @@ class Copier:
         if not self._all_copied(started, obj):
             return None
         head_chunks = head.result()
-        head_crc = 0
-        for chunk in head_chunks:
-            head_crc = zlib.crc32(chunk, head_crc)
+        head_crc = crc.of(head_chunks)
         results = [future.result() for future in copies]
         part_crcs = [crc.from_base64(result.get("ChecksumCRC32")) for result in results]
         entry_crc = obj.crc32

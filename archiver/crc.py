@@ -25,6 +25,14 @@ def from_base64(value: str | None) -> int | None:
     return int.from_bytes(raw, "big") if len(raw) == 4 else None
 
 
+def of(chunks: Iterable[bytes]) -> int:
+    """The CRC-32 of chunks held in memory, one after another."""
+    crc = 0
+    for chunk in chunks:
+        crc = zlib.crc32(chunk, crc)
+    return crc
+
+
 def combine(crc: int, next_crc: int, next_length: int) -> int:
     """The CRC-32 of A + B, from the CRC-32 of A, that of B, and the length of B."""
     return int(isal_zlib.crc32_combine(crc, next_crc, next_length))

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from isal import isal_zlib
 from stream_zip import NO_COMPRESSION_32, NO_COMPRESSION_64, ZIP_32, ZIP_64, ZIP_AUTO, Method, stream_zip
 
+from archiver import crc
 from archiver.assembly import CopiedEntry
 from archiver.sources import SourceObject
 
@@ -136,10 +137,9 @@ class _Member(Method):
             self._level, self._crc32 = None, self._copied.crc32
         if self._level is not None and past and self._size <= BUFFER_LIMIT:
             self._buffered = list(self._source)
-            crc = 0
-            for chunk in self._buffered:
-                crc = zlib.crc32(chunk, crc)
-            chosen = NO_COMPRESSION_64(self._size, crc)._get(offset, default_get_compressobj)
+            chosen = NO_COMPRESSION_64(self._size, crc.of(self._buffered))._get(
+                offset, default_get_compressobj
+            )
         elif self._level is None:
             zip64 = past or self._size >= ZIP32_LIMIT
             stored = NO_COMPRESSION_64 if zip64 else NO_COMPRESSION_32
