@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from boto3.s3.transfer import TransferConfig
+
 from archiver import queue
 from archiver.assembly import HEAD_BYTES
 from archiver.aws import AwsClients, make_clients
@@ -104,6 +106,8 @@ def create_resources(s3: S3Client, sqs: SQSClient) -> None:
     sqs.create_queue(QueueName=DESTINATION_QUEUE)
 
 
+# What the AWS CLI and boto3's upload_file do with anything over 8 MiB.
+IN_PARTS = TransferConfig(multipart_threshold=8 * 1024 * 1024, multipart_chunksize=8 * 1024 * 1024)
 # The smallest threshold allowed, so a sample of a few MiB shows server-side assembly.
 DEMO_COPY_MIN_BYTES = 16 * 1024 * 1024
 
@@ -159,7 +163,10 @@ SAMPLES: dict[tuple[str, str], bytes] = {
     (SOURCE_BUCKET, "trip-b/photo.jpg"): os.urandom(200_000),
     # Big enough for server-side assembly at the demo's threshold (DEMO_COPY_MIN_BYTES).
     (SOURCE_BUCKET, "films/rushes.mp4"): os.urandom(24 * 1024 * 1024 + 321),
+    # Uploaded in 8 MiB parts, as `aws s3 cp` does: its checksum is a composite, not its CRC-32.
+    (SOURCE_BUCKET, "films/trailer.mp4"): os.urandom(12 * 1024 * 1024 + 17),
 }
+UPLOADED_IN_PARTS = frozenset({(SOURCE_BUCKET, "films/trailer.mp4")})
 
 
 @dataclass(frozen=True)
@@ -214,13 +221,21 @@ CASES = (
         },
     ),
     DemoCase(
-        title="a 24 MiB video copied inside S3 (UploadPartCopy): only its first 5 MiB pass the worker",
+        title=(
+            "a 24 MiB video copied inside S3 (UploadPartCopy): only its first 5 MiB pass the worker;"
+            " a 12 MiB one uploaded in parts, streamed"
+        ),
         request={
             "request_id": "rushes",
-            "files": [{"source": "films/rushes.mp4"}, {"source": "example-directory/readme.txt"}],
+            "files": [
+                {"source": "films/rushes.mp4"},
+                {"source": "films/trailer.mp4"},
+                {"source": "example-directory/readme.txt"},
+            ],
         },
         expected={
             "rushes.mp4": (SOURCE_BUCKET, "films/rushes.mp4"),
+            "trailer.mp4": (SOURCE_BUCKET, "films/trailer.mp4"),
             "readme.txt": (SOURCE_BUCKET, "example-directory/readme.txt"),
         },
         copied="films/rushes.mp4",
@@ -281,7 +296,10 @@ def run_demo(*, verbose: bool = False, out: Any = None) -> int:
         clients: AwsClients = make_clients()
         create_resources(clients.s3, clients.sqs)
         for (bucket, key), body in SAMPLES.items():
-            clients.s3.put_object(Bucket=bucket, Key=key, Body=body)
+            if (bucket, key) in UPLOADED_IN_PARTS:
+                clients.s3.upload_fileobj(io.BytesIO(body), bucket, key, Config=IN_PARTS)
+            else:
+                clients.s3.put_object(Bucket=bucket, Key=key, Body=body)
         print(f"uploaded {len(SAMPLES)} sample objects to {SOURCE_BUCKET} and {PARTNER_BUCKET}", file=out)
 
         settings = demo_settings()

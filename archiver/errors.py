@@ -45,3 +45,12 @@ class SettingsError(ArchiverError, ValueError):
 
 class JobAbandoned(TransientError):
     """The job was stopped from outside (shutdown grace or JOB_TIMEOUT ran out); its message is released."""
+
+
+class ChecksumMismatch(TransientError):
+    """A source's bytes do not have the CRC-32 S3 reported for it: the attempt starts over without S3's
+    CRCs (job.build_archive), so it never becomes a retry loop."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__(f"{source}: its bytes do not have the CRC-32 S3 reported")
+        self.source = source

@@ -5,6 +5,7 @@ decides what happens to the message."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -14,7 +15,7 @@ import structlog
 from archiver import notify
 from archiver.assembly import MAX_COPY_PIECE, NUMBERING_SLACK, CopiedEntry, Copier, Layout
 from archiver.aws import AwsClients, http_status, retry_transient
-from archiver.errors import PermanentError
+from archiver.errors import ChecksumMismatch, PermanentError
 from archiver.models import (
     ArchiveInfo,
     ArchivePlan,
@@ -23,7 +24,7 @@ from archiver.models import (
     decode_body,
     extended_client_pointer,
 )
-from archiver.multipart import choose_part_size, upload_stream
+from archiver.multipart import UploadedObject, choose_part_size, upload_stream
 from archiver.prefetch import Prefetcher
 from archiver.settings import MAX_PARTS, Settings
 from archiver.sources import SourceObject, head_sources, read_source
@@ -128,7 +129,49 @@ def build_archive(
             f"the sources add up to {total} bytes; MAX_ARCHIVE_BYTES is {settings.max_archive_bytes}",
         )
     progress.files_total, progress.bytes_total = len(entries), total
+    try:
+        uploaded = _upload_archive(clients, settings, plan, entries, progress=progress, cancelled=cancelled)
+    except ChecksumMismatch as exc:
+        # A CRC-32 S3 called the object's is not: this server's are not to be trusted, and the next
+        # delivery would fail the same way. Start over in this attempt, computing every CRC here.
+        log.warning("source.crc_mismatch", source=exc.source)
+        entries = [replace(entry, source=replace(entry.source, crc32=None)) for entry in entries]
+        progress.files_done = progress.bytes_done = 0
+        uploaded = _upload_archive(clients, settings, plan, entries, progress=progress, cancelled=cancelled)
+    progress.bytes_copied = uploaded.copied_bytes
+    log.info(
+        "archive.assembled",
+        bytes=uploaded.size,
+        copied_bytes=uploaded.copied_bytes,
+        streamed_bytes=uploaded.size - uploaded.copied_bytes,
+    )
+    kept = {entry.path for entry in entries}
+    return notify.completed(
+        request_id=plan.request_id,
+        archive=ArchiveInfo(
+            bucket=uploaded.bucket,
+            key=uploaded.key,
+            url=notify.archive_url(clients.presign, settings, bucket=uploaded.bucket, key=uploaded.key),
+            size=uploaded.size,
+            entries=len(entries),
+        ),
+        skipped=[SkippedSource(source=source, reason="not_found") for source in missing],
+        renamed=[renamed for renamed in plan.renamed if renamed.name in kept],
+        metadata=plan.request.metadata,
+    )
 
+
+def _upload_archive(
+    clients: AwsClients,
+    settings: Settings,
+    plan: ArchivePlan,
+    entries: list[ZipEntry],
+    *,
+    progress: Progress,
+    cancelled: Callable[[], bool],
+) -> UploadedObject:
+    """Zip `entries` into the archive's multipart upload, copying big uncompressed ones inside S3."""
+    s3 = clients.s3
     compression = plan.request.compression
     copyable, part_size = plan_copies(entries, settings, compression)
     layout = Layout()
@@ -164,7 +207,7 @@ def build_archive(
 
     archive_name = plan.key.rsplit("/", 1)[-1]
     try:
-        uploaded = upload_stream(
+        return upload_stream(
             s3,
             zip_chunks(entries, open_source=counted, compression=compression, copy=copy),
             bucket=plan.bucket,
@@ -179,24 +222,3 @@ def build_archive(
     finally:
         prefetcher.close()
         copier.close()
-    progress.bytes_copied = uploaded.copied_bytes
-    log.info(
-        "archive.assembled",
-        bytes=uploaded.size,
-        copied_bytes=uploaded.copied_bytes,
-        streamed_bytes=uploaded.size - uploaded.copied_bytes,
-    )
-    kept = {entry.path for entry in entries}
-    return notify.completed(
-        request_id=plan.request_id,
-        archive=ArchiveInfo(
-            bucket=uploaded.bucket,
-            key=uploaded.key,
-            url=notify.archive_url(clients.presign, settings, bucket=uploaded.bucket, key=uploaded.key),
-            size=uploaded.size,
-            entries=len(entries),
-        ),
-        skipped=[SkippedSource(source=source, reason="not_found") for source in missing],
-        renamed=[renamed for renamed in plan.renamed if renamed.name in kept],
-        metadata=plan.request.metadata,
-    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,11 +37,21 @@ class SourceObject:
     crc32: int | None  # S3's full-object CRC-32 when the object has one (not a composite checksum)
 
 
-def _full_object_crc32(head: dict[str, object]) -> int | None:
+def full_object_crc32(head: Mapping[str, object]) -> int | None:
+    """S3's CRC-32 of the whole object, where S3 documents it as that. An object uploaded in parts (the
+    AWS CLI and boto3 do so above 8 MiB) may carry a COMPOSITE checksum instead, a CRC of its parts'
+    CRCs: S3 marks it with `ChecksumType` and a `-N` suffix, but moto sends it bare, so without a
+    `ChecksumType` the value is trusted only on an object written in one piece (an ETag without a part
+    count). Anything else is streamed as an object without a CRC would be."""
     value = head.get("ChecksumCRC32")
-    if not isinstance(value, str) or head.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
+    if not isinstance(value, str) or "-" in value:  # "<b64>-<parts>": a checksum of part checksums
         return None
-    if "-" in value:  # "<b64>-<parts>": a checksum of part checksums, not of the bytes
+    kind = head.get("ChecksumType")
+    if kind is None:
+        etag = str(head.get("ETag") or "").strip('"')
+        if not etag or "-" in etag:
+            return None
+    elif kind != "FULL_OBJECT":
         return None
     return crc.from_base64(value)
 
@@ -66,7 +76,7 @@ def head_source(s3: S3Client, ref: SourceRef) -> SourceObject | None:
         etag=str(head["ETag"]),
         last_modified=head["LastModified"],
         content_type=str(head.get("ContentType") or ""),
-        crc32=_full_object_crc32(dict(head)),
+        crc32=full_object_crc32(head),
     )
 
 

@@ -22,6 +22,7 @@ from stream_zip import NO_COMPRESSION_32, NO_COMPRESSION_64, ZIP_32, ZIP_64, ZIP
 
 from archiver import crc
 from archiver.assembly import CopiedEntry
+from archiver.errors import ChecksumMismatch
 from archiver.sources import SourceObject
 
 CHUNK_SIZE = 64 * 1024
@@ -110,9 +111,11 @@ class _Member(Method):
         level: int | None,
         crc32: int | None,
         source: Iterator[bytes],
+        name: str,
         copy: Callable[[], CopiedEntry | None] | None = None,
     ) -> None:
         self._size, self._level, self._crc32, self._source = size, level, crc32, source
+        self._name = name  # the source as requested, for errors
         self._copy = copy
         self._copied: CopiedEntry | None = None
         self._buffered: list[bytes] | None = None
@@ -123,11 +126,21 @@ class _Member(Method):
             yield from self._copied.chunks()
             return
         if self._buffered is None:
-            yield from self._source
+            yield from self._checked(self._source) if self._level is None else self._source
             return
         self._buffered.reverse()  # pop from the end: each chunk is freed once written
         while self._buffered:
             yield self._buffered.pop()
+
+    def _checked(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        """A STORED entry's bytes, checked against the CRC-32 S3 reported before stream-zip checks them:
+        its error would not say which source, nor that S3's CRC, not the archive, was wrong."""
+        value = 0
+        for chunk in chunks:
+            value = isal_zlib.crc32(chunk, value)
+            yield chunk
+        if value != self._crc32:
+            raise ChecksumMismatch(self._name)
 
     def _get(self, offset: int, default_get_compressobj: Any) -> Any:
         past = offset >= ZIP32_LIMIT
@@ -193,7 +206,12 @@ def zip_chunks(
                 else None
             )
             member = _Member(
-                size=obj.size, level=level, crc32=obj.crc32, source=open_source(index, obj), copy=offer
+                size=obj.size,
+                level=level,
+                crc32=obj.crc32,
+                source=open_source(index, obj),
+                name=obj.ref.source,
+                copy=offer,
             )
             yield entry.path, obj.last_modified, FILE_MODE, member, member.chunks()
 

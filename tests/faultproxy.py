@@ -94,6 +94,9 @@ class Faults:
     latency: float = 0.0  # seconds before a matching request is forwarded
     hold: threading.Event | None = None  # matching requests wait for it to be set before being forwarded
     throttle: int | None = None  # bytes per second for matching response bodies
+    # Response headers of matching requests replaced (a value) or dropped (None): a server that reports
+    # other metadata than moto does.
+    response_headers: tuple[tuple[str, str | None], ...] = ()
     seed: int = 0
 
 
@@ -259,8 +262,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._drop()  # nothing to cut into: the whole response is lost (after upstream acted on it)
             return
         self.send_response_only(response.status, response.reason)
+        replaced = {name.lower(): value for name, value in faults.response_headers}
         for name, value in response.getheaders():
-            if name.lower() not in HOP_BY_HOP:
+            if name.lower() not in HOP_BY_HOP and name.lower() not in replaced:
+                self.send_header(name, value)
+        for name, value in faults.response_headers:
+            if value is not None:
                 self.send_header(name, value)
         if length is not None:
             self.send_header("Content-Length", length)

@@ -244,6 +244,35 @@ def test_crc_from_copied_parts_on_a_server_that_returns_them(
         assert [g.headers.get("range") for g in gets] == [f"bytes=0-{HEAD_BYTES - 1}"]
 
 
+@pytest.mark.slow
+def test_copied_parts_overrule_a_full_object_crc_that_is_not_the_bytes(
+    stack: Stack, seaweedfs: FaultProxy, tmp_path: Path
+) -> None:
+    """A HEAD whose FULL_OBJECT CRC-32 is not the object's (here forged at the proxy): the copied parts'
+    checksums, taken under CopySourceIfMatch, are the bytes', so the entry gets theirs and the request
+    completes on its first delivery instead of failing every delivery the same way."""
+    files = {"photo.jpg": random.Random(3).randbytes(COPY_MIN + 99), "a.txt": b"alpha\n" * 100}
+    s3 = boto3.session.Session().client("s3", endpoint_url=seaweedfs.url)
+    for bucket in (stack.source_bucket, stack.destination_bucket):
+        s3.create_bucket(Bucket=bucket)
+    for name, body in files.items():
+        s3.put_object(Bucket=stack.source_bucket, Key=f"in/{name}", Body=body, ChecksumAlgorithm="CRC32")
+    seaweedfs.configure(
+        match=lambda seen: seen.operation == "HeadObject" and seen.path.endswith("/in/photo.jpg"),
+        response_headers=(("x-amz-checksum-crc32", "AAAAAA=="), ("x-amz-checksum-type", "FULL_OBJECT")),
+    )
+    stack.send({"request_id": "forged", "files": [{"source": f"in/{name}"} for name in files]})
+    assert worker.run(worker.connect(stack.settings(server_side_copy_min_bytes=COPY_MIN)), burst=True) == 0
+    assert [note["status"] for note in stack.notifications(1)] == ["completed"]
+    assert stack.queue_depth() == 0
+    data = s3.get_object(Bucket=stack.destination_bucket, Key="download/forged/forged.zip")["Body"].read()
+    check_archive(data, files, tmp_path)
+    assert {
+        c.headers["x-amz-copy-source"].rpartition("/")[2]
+        for c in seaweedfs.requests_matching(operation="UploadPartCopy")
+    } == {"photo.jpg"}
+
+
 # ---------------------------------------------------------------------- the layout past 4 GiB, in memory
 
 
