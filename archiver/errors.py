@@ -11,6 +11,19 @@ from __future__ import annotations
 from typing import Literal
 
 ErrorCode = Literal["invalid_request", "forbidden_source", "source_not_found", "too_large", "internal"]
+# Messages quote request text, which may be hundreds of kilobytes: they go into notifications (an SQS
+# message) and log lines, so they are cut to this many characters.
+MAX_ERROR_MESSAGE = 1000
+QUOTE_LIMIT = 100
+
+
+def clip(message: str, limit: int = MAX_ERROR_MESSAGE) -> str:
+    return message if len(message) <= limit else message[: limit - 1] + "…"
+
+
+def shown(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """`text` quoted for a message (repr, so control characters show), its first `limit` characters."""
+    return repr(text[:limit]) + ("…" if len(text) > limit else "")
 
 
 class ArchiverError(Exception):
@@ -26,6 +39,7 @@ class PermanentError(ArchiverError):
     retryable = False
 
     def __init__(self, code: ErrorCode, message: str) -> None:
+        message = clip(message)
         super().__init__(message)
         self.code = code
         self.message = message
@@ -35,6 +49,7 @@ class TransientError(ArchiverError):
     """S3 or SQS could not do it now (throttling, 5xx, timeouts, a source that changed meanwhile)."""
 
     def __init__(self, message: str) -> None:
+        message = clip(message)
         super().__init__(message)
         self.message = message
 

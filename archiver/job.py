@@ -15,7 +15,7 @@ import structlog
 from archiver import notify
 from archiver.assembly import MAX_COPY_PIECE, NUMBERING_SLACK, CopiedEntry, Copier, Layout
 from archiver.aws import AwsClients, http_status, retry_transient
-from archiver.errors import ChecksumMismatch, PermanentError
+from archiver.errors import ChecksumMismatch, PermanentError, shown
 from archiver.models import (
     ArchiveInfo,
     ArchivePlan,
@@ -52,7 +52,7 @@ def load_document(s3: S3Client, settings: Settings, body: str) -> Any:
     bucket, key = pointer
     if bucket not in settings.source_buckets:
         raise PermanentError(
-            "forbidden_source", f"request pointer names bucket {bucket!r}, which is not allowed"
+            "forbidden_source", f"request pointer names bucket {shown(bucket)}, which is not allowed"
         )
     return decode_body(_read_pointer(s3, bucket, key))
 

@@ -23,7 +23,7 @@ from pydantic import (
     field_validator,
 )
 
-from archiver.errors import ErrorCode, PermanentError
+from archiver.errors import MAX_ERROR_MESSAGE, ErrorCode, PermanentError, clip, shown
 from archiver.names import UnsafeNameError, check_entry_path, deduplicate, entry_path
 from archiver.settings import Settings
 
@@ -134,8 +134,13 @@ class RenamedEntry(BaseModel):
 
 class ErrorInfo(BaseModel):
     code: ErrorCode
-    message: str
+    message: str = Field(max_length=MAX_ERROR_MESSAGE)
     retryable: bool
+
+    @field_validator("message", mode="before")
+    @classmethod
+    def _clipped(cls, value: Any) -> Any:
+        return clip(value) if isinstance(value, str) else value
 
 
 class CompletedNotification(BaseModel):
@@ -150,7 +155,10 @@ class CompletedNotification(BaseModel):
     created_at: str
     truncated: bool = Field(
         default=False,
-        description="true when `skipped`/`renamed` were cut to fit an SQS message; status.json has them all",
+        description=(
+            "true when `skipped`/`renamed` were cut to fit an SQS message (status.json has them all), or"
+            " the metadata left out because SQS refused the full notification"
+        ),
     )
 
 
@@ -162,6 +170,10 @@ class FailedNotification(BaseModel):
     error: ErrorInfo
     metadata: dict[str, Any] = Field(default_factory=dict)
     created_at: str
+    truncated: bool = Field(
+        default=False,
+        description="true when the metadata was left out because SQS refused the full notification",
+    )
 
 
 Notification = Annotated[CompletedNotification | FailedNotification, Field(discriminator="status")]
@@ -178,7 +190,7 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise ValueError(f"duplicate key {key!r}")
+            raise ValueError(f"duplicate key {shown(key)}")
         result[key] = value
     return result
 
@@ -217,10 +229,36 @@ def describe_validation_error(exc: ValidationError, *, limit: int = 5) -> str:
     return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def not_text(document: Any) -> str | None:
+    """Where a decoded body holds a lone surrogate (`"\\ud800"` is valid JSON, and what a producer that
+    cuts a UTF-16 string inside an emoji sends), as `metadata.user`; None when it is all text. Such a
+    string can be neither a key nor echoed: UTF-8 has no encoding for it."""
+    stack: list[tuple[Any, str]] = [(document, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if found := _SURROGATE.search(value):
+                point = f"U+{ord(found.group()):04X}"
+                return f"{where or 'body'}: holds {point}, a lone surrogate, which is not text"
+        elif isinstance(value, dict):
+            for key, child in value.items():
+                path = f"{where}.{key}" if where else str(key)
+                stack.append((child, path))
+                stack.append((key, path))
+        elif isinstance(value, list):
+            stack.extend((child, f"{where}.{index}") for index, child in enumerate(value))
+    return None
+
+
 def parse_request(document: Any) -> Request:
     """Validate a decoded body into a `Request`, or raise a permanent `invalid_request` error."""
     if not isinstance(document, dict):
         raise PermanentError("invalid_request", "the body must be a JSON object")
+    if (problem := not_text(document)) is not None:
+        raise PermanentError("invalid_request", problem)
     try:
         return Request.model_validate(document)
     except ValidationError as exc:
@@ -228,6 +266,8 @@ def parse_request(document: Any) -> Request:
 
 
 def _echoable(metadata: dict[str, Any]) -> bool:
+    if not_text(metadata) is not None:
+        return False
     try:
         Request.model_validate({"files": [{"source": "x"}], "metadata": metadata})
     except ValidationError:
@@ -280,11 +320,11 @@ def parse_source(source: str, *, default_bucket: str) -> SourceRef:
     if source.startswith("s3://"):
         bucket, _, key = source[len("s3://") :].partition("/")
         if not bucket or not key:
-            raise PermanentError("invalid_request", f"source {source!r} is not s3://bucket/key")
+            raise PermanentError("invalid_request", f"source {shown(source)} is not s3://bucket/key")
     else:
         bucket, key = default_bucket, source
     if len(key.encode("utf-8")) > MAX_KEY_BYTES:
-        raise PermanentError("invalid_request", f"source key {key[:64]!r}… is over {MAX_KEY_BYTES} bytes")
+        raise PermanentError("invalid_request", f"source key {shown(key, 64)} is over {MAX_KEY_BYTES} bytes")
     return SourceRef(source=source, bucket=bucket, key=key)
 
 
@@ -305,7 +345,8 @@ def plan_archive(request: Request, *, settings: Settings, message_id: str) -> Ar
         ref = parse_source(spec.source, default_bucket=settings.s3_source_bucket)
         if ref.bucket not in allowed:
             raise PermanentError(
-                "forbidden_source", f"files[{index}]: bucket {ref.bucket!r} is not an allowed source bucket"
+                "forbidden_source",
+                f"files[{index}]: bucket {shown(ref.bucket)} is not an allowed source bucket",
             )
         name = spec.name if spec.name is not None else ref.key.rsplit("/", 1)[-1]
         try:

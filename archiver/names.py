@@ -8,6 +8,8 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Iterable, Sequence
 
+from archiver.errors import shown
+
 MAX_PATH_BYTES = 1024
 _DOUBLE_EXTENSIONS = (".tar.gz", ".tar.bz2", ".tar.xz", ".tar.zst")
 
@@ -18,11 +20,11 @@ class UnsafeNameError(ValueError):
 
 def _check_segment(segment: str, path: str) -> None:
     if segment == "":
-        raise UnsafeNameError(f"{path!r} has an empty path segment")
+        raise UnsafeNameError(f"{shown(path)} has an empty path segment")
     if segment in (".", ".."):
-        raise UnsafeNameError(f"{path!r} has a {segment!r} segment")
+        raise UnsafeNameError(f"{shown(path)} has a {shown(segment)} segment")
     if len(segment) >= 2 and segment[1] == ":" and segment[0].isascii() and segment[0].isalpha():
-        raise UnsafeNameError(f"{path!r} starts a segment with a drive letter")
+        raise UnsafeNameError(f"{shown(path)} starts a segment with a drive letter")
 
 
 def check_entry_path(path: str) -> str:
@@ -30,12 +32,12 @@ def check_entry_path(path: str) -> str:
     if path == "":
         raise UnsafeNameError("the entry name is empty")
     if path.startswith("/"):
-        raise UnsafeNameError(f"{path!r} is an absolute path")
+        raise UnsafeNameError(f"{shown(path)} is an absolute path")
     if "\\" in path:
-        raise UnsafeNameError(f"{path!r} contains a backslash")
+        raise UnsafeNameError(f"{shown(path)} contains a backslash")
     for char in path:
         if unicodedata.category(char) in ("Cc", "Cs"):
-            raise UnsafeNameError(f"{path!r} contains a control character (U+{ord(char):04X})")
+            raise UnsafeNameError(f"{shown(path)} contains a control character (U+{ord(char):04X})")
     for segment in path.split("/"):
         _check_segment(segment, path)
     if len(path.encode("utf-8")) > MAX_PATH_BYTES:
@@ -46,7 +48,7 @@ def check_entry_path(path: str) -> str:
 def entry_path(destination: str | None, name: str) -> str:
     """Join a destination folder and a file name into one entry path, checking both."""
     if name == "" or "/" in name:
-        raise UnsafeNameError(f"file name {name!r} must be one non-empty path segment")
+        raise UnsafeNameError(f"file name {shown(name)} must be one non-empty path segment")
     folder = destination or ""
     if len(folder) > 1 and folder.endswith("/"):
         folder = folder[:-1]  # "album_1/" is a natural way to write a folder

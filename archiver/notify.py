@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import re
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
+import botocore.exceptions
+import structlog
+
 from archiver import queue
-from archiver.errors import ErrorCode
+from archiver.aws import http_status, is_transient
+from archiver.errors import ErrorCode, clip
 from archiver.models import (
     ArchiveInfo,
     CompletedNotification,
@@ -21,6 +26,9 @@ from archiver.settings import Settings
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_sqs import SQSClient
+
+log = structlog.get_logger(__name__)
+Notice = TypeVar("Notice", CompletedNotification, FailedNotification)
 
 
 def archive_url(presign: S3Client, settings: Settings, *, bucket: str, key: str) -> str:
@@ -72,7 +80,7 @@ def fit(
     """Cut the `skipped` and `renamed` lists (50,000 renames would be megabytes) until the notification
     fits one SQS message, and say so; the status document keeps the full lists."""
     fitted = notification
-    while len(fitted.model_dump_json().encode()) > max_bytes and (fitted.skipped or fitted.renamed):
+    while len(encode(fitted).encode()) > max_bytes and (fitted.skipped or fitted.renamed):
         fitted = fitted.model_copy(
             update={
                 "skipped": fitted.skipped[: len(fitted.skipped) // 2],
@@ -83,9 +91,38 @@ def fit(
     return fitted
 
 
-def send_notification(
-    sqs: SQSClient, queue_url: str, notification: CompletedNotification | FailedNotification
-) -> str:
+# SQS accepts only these characters in a message (#x9 | #xA | #xD | #x20-#xD7FF | #xE000-#xFFFD |
+# #x10000-#x10FFFF). Outside JSON's own escapes they can only occur inside strings, where a \uXXXX escape
+# carries the same text.
+_OUTSIDE_SQS = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def encode(notification: CompletedNotification | FailedNotification) -> str:
+    """The notification as a message body SQS accepts: JSON with non-ASCII text as is, and U+FFFE,
+    U+FFFF and the like escaped."""
+    return _OUTSIDE_SQS.sub(lambda found: f"\\u{ord(found.group()):04x}", notification.model_dump_json())
+
+
+def reduced(notification: Notice) -> Notice:
+    """The same answer without what the request echoed: what is left is bounded by archiver itself."""
+    update: dict[str, Any] = {"metadata": {}, "truncated": True}
+    if isinstance(notification, CompletedNotification):
+        update.update(skipped=[], renamed=[])
+    return notification.model_copy(update=update)
+
+
+def send_notification(sqs: SQSClient, queue_url: str, notification: Notice) -> str:
+    """Send the notification; if SQS refuses it for its content (too big for this queue, a character it
+    will not take), send the reduced one instead: retrying the same bytes would fail every time, and the
+    producer would hear nothing."""
     if isinstance(notification, CompletedNotification):
         notification = fit(notification)
-    return queue.send(sqs, queue_url, notification.model_dump_json())
+    try:
+        return queue.send(sqs, queue_url, encode(notification))
+    except (ValueError, botocore.exceptions.ClientError) as exc:
+        if isinstance(exc, botocore.exceptions.ClientError) and (
+            is_transient(exc) or http_status(exc) != 400
+        ):
+            raise
+        log.warning("notification.reduced", reason=clip(str(exc), 200))
+    return queue.send(sqs, queue_url, encode(reduced(notification)))
