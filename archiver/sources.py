@@ -56,6 +56,33 @@ def full_object_crc32(head: Mapping[str, object]) -> int | None:
     return crc.from_base64(value)
 
 
+# Storage classes and Intelligent-Tiering tiers whose objects cannot be read until restored.
+ARCHIVE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
+ARCHIVE_TIERS = frozenset({"ARCHIVE_ACCESS", "DEEP_ARCHIVE_ACCESS"})
+
+
+def needs_restore(head: Mapping[str, object]) -> bool:
+    """An object in an archive tier that has no finished restore: its GET would answer 403
+    InvalidObjectState. (GLACIER_IR, Glacier Instant Retrieval, reads like any other class.)"""
+    archived = head.get("StorageClass") in ARCHIVE_CLASSES or head.get("ArchiveStatus") in ARCHIVE_TIERS
+    return archived and 'ongoing-request="false"' not in str(head.get("Restore") or "")
+
+
+def archived_message(source: str) -> str:
+    return f"{source} is in an archive storage class and must be restored before it can be archived"
+
+
+def refused_read(exc: botocore.exceptions.ClientError, source: str) -> PermanentError | None:
+    """The permanent error for a 403 on a source's GET or copy, which its HEAD did not foresee: an
+    archived object (InvalidObjectState), or one whose KMS key this role may not use (AccessDenied).
+    Retrying would get the same answer on every delivery."""
+    if http_status(exc) != 403:
+        return None
+    if error_code(exc) == "InvalidObjectState":
+        return PermanentError("source_archived", archived_message(source))
+    return PermanentError("forbidden_source", f"access denied reading {source} ({error_code(exc) or 403})")
+
+
 @retry_transient
 def head_source(s3: S3Client, ref: SourceRef) -> SourceObject | None:
     """The object's metadata, or None if it does not exist."""
@@ -70,6 +97,8 @@ def head_source(s3: S3Client, ref: SourceRef) -> SourceObject | None:
             # for missing sources to be told apart from forbidden ones.
             raise PermanentError("forbidden_source", f"access denied to {ref.source}") from None
         raise
+    if needs_restore(head):
+        raise PermanentError("source_archived", archived_message(ref.source))
     return SourceObject(
         ref=ref,
         size=int(head["ContentLength"]),
@@ -102,6 +131,8 @@ def _open(s3: S3Client, obj: SourceObject, start: int, end: int) -> Iterator[byt
             # Changed or deleted since its HEAD: this attempt cannot finish, but a redelivery that
             # HEADs it afresh can.
             raise TransientError(f"{obj.ref.source} changed while being archived") from None
+        if (refused := refused_read(exc, obj.ref.source)) is not None:
+            raise refused from None
         raise
     return response["Body"].iter_chunks(READ_CHUNK)
 

@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import BinaryIO, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
-Kind = Literal["500", "503", "cut", "501", "412"]
+Kind = Literal["500", "503", "cut", "501", "412", "403"]
 Service = Literal["s3", "sqs"]
 
 RECORDED_HEADERS = (
@@ -46,6 +46,8 @@ S3_ERRORS = {
     # What an S3-compatible server without UploadPartCopy answers, and a copy whose source changed.
     501: ("NotImplemented", "A header you provided implies functionality that is not implemented."),
     412: ("PreconditionFailed", "At least one of the pre-conditions you specified did not hold."),
+    # What a GET of an SSE-KMS object answers when the role may not use its key.
+    403: ("AccessDenied", "User is not authorized to perform: kms:Decrypt"),
 }
 SQS_ERRORS = {500: "InternalError", 503: "ServiceUnavailable"}
 S3_ERROR = (
