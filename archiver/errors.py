@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-ErrorCode = Literal["invalid_request", "forbidden_source", "source_not_found", "too_large", "internal"]
+ErrorCode = Literal[
+    "invalid_request", "forbidden_source", "source_not_found", "source_archived", "too_large", "internal"
+]
 # Messages quote request text, which may be hundreds of kilobytes: they go into notifications (an SQS
 # message) and log lines, so they are cut to this many characters.
 MAX_ERROR_MESSAGE = 1000

@@ -106,9 +106,11 @@ def build_archive(
     *,
     progress: Progress,
     cancelled: Callable[[], bool],
+    confirm: Callable[[], None] = lambda: None,
 ) -> CompletedNotification:
     """HEAD every source, check what must fail before any upload, then stream the archive to S3 and
-    describe it in the completed notification. Progress is counted as source bytes are written."""
+    describe it in the completed notification. Progress is counted as source bytes are written;
+    `confirm` runs before the upload is completed and may stop it by raising."""
     s3 = clients.s3
     objects = head_sources(s3, [entry.ref for entry in plan.entries], concurrency=HEAD_CONCURRENCY)
     missing = [entry.ref.source for entry, obj in zip(plan.entries, objects, strict=True) if obj is None]
@@ -130,14 +132,18 @@ def build_archive(
         )
     progress.files_total, progress.bytes_total = len(entries), total
     try:
-        uploaded = _upload_archive(clients, settings, plan, entries, progress=progress, cancelled=cancelled)
+        uploaded = _upload_archive(
+            clients, settings, plan, entries, progress=progress, cancelled=cancelled, confirm=confirm
+        )
     except ChecksumMismatch as exc:
         # A CRC-32 S3 called the object's is not: this server's are not to be trusted, and the next
         # delivery would fail the same way. Start over in this attempt, computing every CRC here.
         log.warning("source.crc_mismatch", source=exc.source)
         entries = [replace(entry, source=replace(entry.source, crc32=None)) for entry in entries]
         progress.files_done = progress.bytes_done = 0
-        uploaded = _upload_archive(clients, settings, plan, entries, progress=progress, cancelled=cancelled)
+        uploaded = _upload_archive(
+            clients, settings, plan, entries, progress=progress, cancelled=cancelled, confirm=confirm
+        )
     progress.bytes_copied = uploaded.copied_bytes
     log.info(
         "archive.assembled",
@@ -169,6 +175,7 @@ def _upload_archive(
     *,
     progress: Progress,
     cancelled: Callable[[], bool],
+    confirm: Callable[[], None],
 ) -> UploadedObject:
     """Zip `entries` into the archive's multipart upload, copying big uncompressed ones inside S3."""
     s3 = clients.s3
@@ -218,6 +225,7 @@ def _upload_archive(
             content_disposition=f"attachment; filename*=UTF-8''{quote(archive_name)}",
             cancelled=cancelled,
             layout=layout,
+            confirm=confirm,
         )
     finally:
         prefetcher.close()

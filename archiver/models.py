@@ -7,6 +7,7 @@ call is made.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -310,6 +311,7 @@ class PlannedEntry:
 class ArchivePlan:
     request: Request
     request_id: str
+    digest: str  # of the request as validated: a request_id is bound to one request
     bucket: str
     key: str
     entries: tuple[PlannedEntry, ...]
@@ -326,6 +328,13 @@ def parse_source(source: str, *, default_bucket: str) -> SourceRef:
     if len(key.encode("utf-8")) > MAX_KEY_BYTES:
         raise PermanentError("invalid_request", f"source key {shown(key, 64)} is over {MAX_KEY_BYTES} bytes")
     return SourceRef(source=source, bucket=bucket, key=key)
+
+
+def request_digest(request: Request) -> str:
+    """SHA-256 of the request in a canonical form (keys sorted, defaults filled in): two bodies that ask
+    for the same thing have the same digest, whatever their key order or spacing."""
+    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def archive_key(prefix: str, request_id: str, archive_name: str) -> str:
@@ -371,6 +380,7 @@ def plan_archive(request: Request, *, settings: Settings, message_id: str) -> Ar
     return ArchivePlan(
         request=request,
         request_id=request_id,
+        digest=request_digest(request),
         bucket=settings.s3_destination_bucket,
         key=key,
         entries=tuple(PlannedEntry(ref=ref, path=path) for ref, path in zip(refs, final_paths, strict=True)),

@@ -125,10 +125,13 @@ def upload_stream(
     content_disposition: str | None = None,
     cancelled: Callable[[], bool] = _never,
     layout: Layout | None = None,
+    confirm: Callable[[], None] = lambda: None,
 ) -> UploadedObject:
     """Upload `chunks` as one object. At most `concurrency` parts are in flight and one more is being
     filled, which bounds memory at (concurrency + 1) x part_size whatever the archive's size. With a
-    `layout`, ranges that S3 copies server-side (archiver.assembly) are left out of the streamed parts."""
+    `layout`, ranges that S3 copies server-side (archiver.assembly) are left out of the streamed parts.
+    `confirm` runs right before the upload is completed, the one step that cannot be undone: if it
+    raises, the upload is aborted instead."""
     layout = layout if layout is not None else Layout()
     extra = {"ContentDisposition": content_disposition} if content_disposition else {}
     upload_id = retry_transient(s3.create_multipart_upload)(
@@ -148,6 +151,7 @@ def upload_stream(
             concurrency=concurrency,
         )
         parts = sorted([*streamed, *layout.copied_parts], key=lambda part: part["PartNumber"])
+        confirm()
         etag = _complete(
             s3,
             bucket=bucket,

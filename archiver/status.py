@@ -10,18 +10,18 @@ same document at once cannot both take it. No document means the request is queu
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import socket
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 import botocore.exceptions
 
 from archiver.aws import http_status, retry_transient
+from archiver.errors import TransientError
 from archiver.models import utc_timestamp
 
 if TYPE_CHECKING:
@@ -50,21 +50,22 @@ class Progress:
     bytes_copied: int = 0
 
 
-@retry_transient
-def write_status(
-    s3: S3Client,
+class LeaseLost(TransientError):
+    """Another worker took over this request's status document: this one must stop writing and building."""
+
+
+def _document(
     *,
-    bucket: str,
-    archive_key: str,
     request_id: str,
+    archive_key: str,
     status: Status,
     progress: Progress,
-    error: dict[str, Any] | None = None,
-    notification: dict[str, Any] | None = None,
-    condition: dict[str, str] | None = None,
-) -> None:
-    """Write the document; `condition` (IfMatch / IfNoneMatch) makes S3 refuse it with 412 when the
-    document is no longer the one it names."""
+    lease: LeaseTerms,
+    error: dict[str, Any] | None,
+    notification: dict[str, Any] | None,
+) -> bytes:
+    now = datetime.now(UTC)
+    live = status == "processing"
     document = {
         "request_id": request_id,
         "status": status,
@@ -74,19 +75,28 @@ def write_status(
         "bytes_total": progress.bytes_total,
         "bytes_done": progress.bytes_done,
         "started_at": progress.started_at,
-        "updated_at": utc_timestamp(),
+        "updated_at": utc_timestamp(now),
         "worker": WORKER_ID,
+        # The lease: while `processing`, no other worker builds this request before this moment. Written
+        # by the holder, so a reader never judges it by its own VISIBILITY_TIMEOUT.
+        "lease_expires_at": utc_timestamp(now + timedelta(seconds=lease.seconds)) if live else None,
+        "lease_id": lease.lease_id,
+        "message_id": lease.message_id,
+        "request_digest": lease.digest,
         "error": error,
         "notification": notification,
     }
-    s3.put_object(
-        Bucket=bucket,
-        Key=status_key(archive_key),
-        Body=json.dumps(document).encode(),
-        ContentType="application/json",
-        CacheControl="no-store",
-        **(condition or {}),  # type: ignore[arg-type]
-    )
+    return json.dumps(document).encode()
+
+
+@dataclass(frozen=True)
+class LeaseTerms:
+    """What a lease on one request is: who holds it, for which message and request body, for how long."""
+
+    message_id: str
+    digest: str
+    seconds: int
+    lease_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclass(frozen=True)
@@ -112,49 +122,136 @@ def read_stored(s3: S3Client, *, bucket: str, archive_key: str) -> Stored:
     return Stored(document=document if isinstance(document, dict) else None, etag=etag)
 
 
+@dataclass
+class Lease:
+    """This worker's hold on a request's status document. Every write is conditional on the document
+    still being the one this worker wrote last (its ETag): a worker that stalled past its lease (a GC
+    pause, SIGSTOP, a partition) and resumes finds the document changed, and stops, instead of writing
+    over the new holder's status."""
+
+    s3: S3Client
+    bucket: str
+    archive_key: str
+    request_id: str
+    terms: LeaseTerms
+    etag: str | None
+    conditional: bool = True  # False on a server that answered a conditional write with 501
+
+    def write(
+        self,
+        status: Status,
+        progress: Progress,
+        *,
+        error: dict[str, Any] | None = None,
+        notification: dict[str, Any] | None = None,
+    ) -> None:
+        """Write the document if the lease is still this worker's, else raise `LeaseLost`."""
+        body = _document(
+            request_id=self.request_id,
+            archive_key=self.archive_key,
+            status=status,
+            progress=progress,
+            lease=self.terms,
+            error=error,
+            notification=notification,
+        )
+        for _ in range(2):
+            condition = {"IfMatch": self.etag} if self.conditional and self.etag else {}
+            try:
+                self.etag = _put(self.s3, self.bucket, self.archive_key, body, condition)
+                return
+            except botocore.exceptions.ClientError as exc:
+                if http_status(exc) == 501 and condition:
+                    self.conditional = False
+                    continue
+                if http_status(exc) not in (409, 412):
+                    raise
+            # Changed since this worker's last write: still ours if this lease wrote it (a write whose
+            # answer was lost, then retried), else another worker's.
+            current = read_stored(self.s3, bucket=self.bucket, archive_key=self.archive_key)
+            if current.document is None or current.document.get("lease_id") != self.terms.lease_id:
+                raise LeaseLost(f"request {self.request_id}: the status document is another worker's now")
+            self.etag = current.etag
+        raise LeaseLost(f"request {self.request_id}: the status document keeps changing")
+
+
+@retry_transient
+def _put(s3: S3Client, bucket: str, archive_key: str, body: bytes, condition: dict[str, str]) -> str:
+    response = s3.put_object(
+        Bucket=bucket,
+        Key=status_key(archive_key),
+        Body=body,
+        ContentType="application/json",
+        CacheControl="no-store",
+        **condition,  # type: ignore[arg-type]
+    )
+    return str(response["ETag"])
+
+
 def claim(
-    s3: S3Client, *, bucket: str, archive_key: str, request_id: str, progress: Progress, seen: Stored
-) -> bool:
+    s3: S3Client,
+    *,
+    bucket: str,
+    archive_key: str,
+    request_id: str,
+    progress: Progress,
+    seen: Stored,
+    terms: LeaseTerms,
+) -> Lease | None:
     """Write this worker's `processing` document only if the status is still the one read (or still
     absent): of two workers that read the same document at the same moment, one gets the lease and the
-    other False. A server without conditional writes (501) gets the document unconditionally."""
-    write = functools.partial(
-        write_status,
-        s3,
-        bucket=bucket,
-        archive_key=archive_key,
+    other None. A server without conditional writes (501) gets the document unconditionally. Any other
+    error is raised: without the lease, nothing may be built or aborted."""
+    lease = Lease(s3, bucket, archive_key, request_id, terms, etag=seen.etag)
+    body = _document(
         request_id=request_id,
+        archive_key=archive_key,
         status="processing",
         progress=progress,
+        lease=terms,
+        error=None,
+        notification=None,
     )
+    condition = {"IfMatch": seen.etag} if seen.etag else {"IfNoneMatch": "*"}
     try:
-        write(condition={"IfMatch": seen.etag} if seen.etag else {"IfNoneMatch": "*"})
+        lease.etag = _put(s3, bucket, archive_key, body, condition)
     except botocore.exceptions.ClientError as exc:
-        # 412: the document changed since it was read; 409: S3 is settling a concurrent conditional write.
-        if http_status(exc) in (409, 412):
-            return False
-        if http_status(exc) != 501:
+        if http_status(exc) == 501:
+            lease.conditional = False
+            lease.etag = _put(s3, bucket, archive_key, body, {})
+            return lease
+        if http_status(exc) not in (409, 412):
             raise
-        write()
-    return True
+        # 412: the document changed since it was read; 409: S3 is settling a concurrent conditional
+        # write. Either way it is someone else's, unless it is this claim whose answer was lost.
+        current = read_stored(s3, bucket=bucket, archive_key=archive_key)
+        if current.document is None or current.document.get("lease_id") != terms.lease_id:
+            return None
+        lease.etag = current.etag
+    return lease
 
 
-def seconds_since(timestamp: str) -> float:
+def parse_timestamp(value: object) -> datetime | None:
     try:
-        moment = datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    except (TypeError, ValueError):
-        return float("inf")
-    return (datetime.now(UTC) - moment).total_seconds()
+        return datetime.strptime(str(value), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
 
 
-def held_by_another_worker(document: dict[str, Any] | None, *, lease_seconds: int) -> bool:
-    """Another live worker is building this archive: its `processing` document is fresh."""
-    return (
-        document is not None
-        and document.get("status") == "processing"
-        and document.get("worker") != WORKER_ID
-        and seconds_since(str(document.get("updated_at"))) < lease_seconds
-    )
+def lease_remaining(document: dict[str, Any] | None, *, default_seconds: int) -> float:
+    """Seconds left on another worker's lease on this request (0 when none is live). The holder's own
+    `lease_expires_at` decides; a document from before it was written is judged by `updated_at` and
+    this worker's VISIBILITY_TIMEOUT."""
+    if document is None or document.get("status") != "processing" or document.get("worker") == WORKER_ID:
+        return 0.0
+    now = datetime.now(UTC)
+    expires = parse_timestamp(document.get("lease_expires_at"))
+    if expires is None:
+        updated = parse_timestamp(document.get("updated_at"))
+        if updated is None:
+            return 0.0
+        expires = updated + timedelta(seconds=default_seconds)
+    return max(0.0, (expires - now).total_seconds())
 
 
 @retry_transient

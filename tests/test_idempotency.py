@@ -134,9 +134,10 @@ def test_claim_is_conditional(stack: Stack) -> None:
     s3, bucket, key = stack.clients.s3, stack.destination_bucket, "download/claim/claim.zip"
     progress = status.Progress()
 
-    def claim(seen: status.Stored) -> bool:
+    def claim(seen: status.Stored) -> status.Lease | None:
+        terms = status.LeaseTerms(message_id="m-1", digest="d", seconds=30)
         return status.claim(
-            s3, bucket=bucket, archive_key=key, request_id="claim", progress=progress, seen=seen
+            s3, bucket=bucket, archive_key=key, request_id="claim", progress=progress, seen=seen, terms=terms
         )
 
     absent = status.Stored(document=None, etag=None)

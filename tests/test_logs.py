@@ -7,7 +7,9 @@ import json
 
 import structlog
 
+from archiver import worker
 from archiver.logs import configure_logging, scrub
+from tests.conftest import Stack
 
 
 def test_json_lines_carry_bound_context() -> None:
@@ -55,3 +57,23 @@ def test_signatures_and_secrets_are_scrubbed() -> None:
     for secret in ("deadbeefcafe", "AKIAEXAMPLE", "FwoGZXIvYXdzEJr", "wJalrXUtnFEMI"):
         assert secret not in text
     assert "X-Amz-Signature=REDACTED" in scrub(url)
+
+
+def test_request_context_ends_with_the_request(stack: Stack) -> None:
+    """The archive key bound for one request is on none of the next request's lines (its `request.done`
+    included), nor on `worker.stopped`: per-request context is bound for that request only."""
+    stack.put("a.txt", b"alpha")
+    stack.send({"request_id": "first", "files": [{"source": "a.txt"}]})
+    w = worker.connect(stack.settings())
+    out = io.StringIO()
+    configure_logging(debug=False, dev_mode=False, stream=out)
+    worker.run(w, burst=True)
+    stack.send("not json")  # fails before it has an archive key of its own
+    worker.run(w, burst=True)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    done = [line for line in lines if line["event"] == "request.done"]
+    assert [line.get("archive_key") for line in done] == ["download/first/first.zip", None]
+    assert done[1]["request_id"] != "first"
+    stopped = [line for line in lines if line["event"] == "worker.stopped"]
+    assert stopped and all("archive_key" not in line and "request_id" not in line for line in stopped)
+    assert structlog.contextvars.get_contextvars() == {}
