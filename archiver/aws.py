@@ -95,8 +95,15 @@ def _expect_owner(owner: str) -> Any:
     return add_owner
 
 
-def make_clients(*, max_connections: int = 16, expected_bucket_owner: str | None = None) -> AwsClients:
-    """Clients for S3 and SQS; region, endpoint and credentials come from the standard AWS variables."""
+def make_clients(
+    *,
+    max_connections: int = 16,
+    expected_bucket_owner: str | None = None,
+    link_endpoint: str | None = None,
+) -> AwsClients:
+    """Clients for S3 and SQS; region, endpoint and credentials come from the standard AWS variables.
+
+    `link_endpoint` is where presigned links are signed for, if not the endpoint the worker calls."""
     config = Config(
         retries={"mode": "adaptive", "max_attempts": 6},
         connect_timeout=10,
@@ -110,5 +117,5 @@ def make_clients(*, max_connections: int = 16, expected_bucket_owner: str | None
     if expected_bucket_owner:
         s3.meta.events.register("before-parameter-build.s3", _expect_owner(expected_bucket_owner))
     sqs = session.client("sqs", config=config)
-    presign = session.client("s3", config=config)
+    presign = session.client("s3", config=config, endpoint_url=link_endpoint)
     return AwsClients(s3=s3, sqs=sqs, presign=presign)

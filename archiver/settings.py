@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     # Added by archiver.
     allowed_source_buckets: Annotated[tuple[str, ...], NoDecode] = ()
     expected_bucket_owner: str | None = Field(default=None, pattern=r"^\d{12}$")
+    # Where presigned links are signed for, when the browser reaches S3 by another name than the worker
+    # (compose: the worker calls http://localstack:4566, the host opens http://localhost:4566).
+    archive_link_endpoint: str | None = None
     archive_url_expires: int = Field(default=MAX_PRESIGN_SECONDS, ge=1, le=MAX_PRESIGN_SECONDS)
     max_files: int = Field(default=50_000, ge=1)
     max_archive_bytes: int = Field(default=100 * 1024 * 1024 * 1024, ge=1)
@@ -75,9 +78,9 @@ class Settings(BaseSettings):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
-    @field_validator("archive_base_url")
+    @field_validator("archive_base_url", "archive_link_endpoint")
     @classmethod
-    def _check_base_url(cls, value: str | None) -> str | None:
+    def _check_url(cls, value: str | None) -> str | None:
         if value is None or value == "":
             return None
         if not value.startswith(("https://", "http://")):

@@ -74,6 +74,7 @@ def connect(settings: Settings, clients: AwsClients | None = None) -> Worker:
     clients = clients or make_clients(
         max_connections=2 * settings.upload_concurrency + 1 + job.HEAD_CONCURRENCY + 4,
         expected_bucket_owner=settings.expected_bucket_owner,
+        link_endpoint=settings.archive_link_endpoint,
     )
     source_url = queue.resolve_queue_url(clients.sqs, settings.sqs_source_queue)
     return Worker(

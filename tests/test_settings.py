@@ -34,6 +34,7 @@ def test_defaults_match_the_contract(env: pytest.MonkeyPatch) -> None:
     settings = load_settings()
     assert settings.s3_file_prefix == "download"
     assert settings.archive_base_url is None
+    assert settings.archive_link_endpoint is None
     assert settings.app_debug is False and settings.dev_mode is False
     assert settings.source_buckets == frozenset({"source-images"})
     assert settings.archive_url_expires == 604_800
@@ -53,11 +54,13 @@ def test_values_are_parsed_from_the_environment(env: pytest.MonkeyPatch) -> None
     env.setenv("APP_DEBUG", "1")
     env.setenv("S3_FILE_PREFIX", "/exports/zips/")
     env.setenv("ARCHIVE_BASE_URL", "https://cdn.example.com/")
+    env.setenv("ARCHIVE_LINK_ENDPOINT", "http://localhost:4566/")
     settings = load_settings()
     assert settings.source_buckets == frozenset({"partner-a", "partner-b", "source-images"})
     assert settings.app_debug is True
     assert settings.s3_file_prefix == "exports/zips"
     assert settings.archive_base_url == "https://cdn.example.com"
+    assert settings.archive_link_endpoint == "http://localhost:4566"
 
 
 @pytest.mark.parametrize(
@@ -68,6 +71,7 @@ def test_values_are_parsed_from_the_environment(env: pytest.MonkeyPatch) -> None
         ("UPLOAD_CONCURRENCY", "many", "UPLOAD_CONCURRENCY"),
         ("JOB_TIMEOUT", "50000", "JOB_TIMEOUT"),
         ("ARCHIVE_BASE_URL", "cdn.example.com", "ARCHIVE_BASE_URL"),
+        ("ARCHIVE_LINK_ENDPOINT", "localhost:4566", "ARCHIVE_LINK_ENDPOINT"),
         ("EXPECTED_BUCKET_OWNER", "me", "EXPECTED_BUCKET_OWNER"),
         ("S3_FILE_PREFIX", "a/../b", "S3_FILE_PREFIX"),
     ],
