@@ -100,14 +100,18 @@ def make_clients(
     max_connections: int = 16,
     expected_bucket_owner: str | None = None,
     link_endpoint: str | None = None,
+    attempts: int = 6,
+    timeouts: tuple[float, float] = (10, 60),
 ) -> AwsClients:
     """Clients for S3 and SQS; region, endpoint and credentials come from the standard AWS variables.
 
-    `link_endpoint` is where presigned links are signed for, if not the endpoint the worker calls."""
+    `link_endpoint` is where presigned links are signed for, if not the endpoint the worker calls;
+    `attempts` and `timeouts` (connect, read) bound each call, retries included."""
+    connect_timeout, read_timeout = timeouts
     config = Config(
-        retries={"mode": "adaptive", "max_attempts": 6},
-        connect_timeout=10,
-        read_timeout=60,
+        retries={"mode": "adaptive", "max_attempts": attempts},
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
         max_pool_connections=max_connections,
         tcp_keepalive=True,
         signature_version="s3v4",

@@ -1,4 +1,4 @@
-"""The `archiver` command: thin wrappers over the modules that do the work (contract §6)."""
+"""The `archiver` command: thin wrappers over the modules that do the work (contract §7)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from pathlib import Path
 
 from botocore.exceptions import NoRegionError
 
-from archiver.errors import PermanentError, SettingsError
+from archiver.errors import PermanentError, SettingsError, Unreachable
 from archiver.settings import Settings, load_settings
 
 HEALTH_MAX_AGE = 90  # seconds: three heartbeat intervals
 OFFLOAD_PREFIX = "archiver-requests"
+UNREACHABLE_EXIT = 69  # sysexits.h EX_UNAVAILABLE: S3 or SQS did not answer at start-up
 
 
 def _settings() -> Settings:
@@ -28,9 +29,10 @@ def _settings() -> Settings:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from archiver import worker
+    from archiver import startup, worker
 
     settings = _settings()
+    startup.check(settings)
     worker.return_big_buffers_to_the_os()
     return worker.run(worker.connect(settings), burst=args.burst)
 
@@ -143,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NoRegionError:
         print("archiver: invalid setting: AWS_REGION is required", file=sys.stderr)
         return 2
+    except Unreachable as exc:
+        print(f"archiver: {exc}", file=sys.stderr)
+        return UNREACHABLE_EXIT
 
 
 if __name__ == "__main__":

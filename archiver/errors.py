@@ -71,3 +71,7 @@ class ChecksumMismatch(TransientError):
     def __init__(self, source: str) -> None:
         super().__init__(f"{source}: its bytes do not have the CRC-32 S3 reported")
         self.source = source
+
+
+class Unreachable(ArchiverError):
+    """S3 or SQS did not answer at start-up (down, not started yet, or a wrong endpoint)."""

@@ -1,0 +1,135 @@
+"""Start-up checks of `archiver worker`: before its first poll, the queues and the destination bucket its
+settings name must exist and the endpoint must answer (contract §7).
+
+Without them a queue typo ends in a traceback, a bucket typo sends every request to the DLQ, and an
+endpoint nobody answers is retried for minutes. Each problem is one line instead: a wrong setting is a
+`SettingsError` (exit 2), an endpoint that does not answer is `Unreachable` (exit 69, EX_UNAVAILABLE), so
+an orchestrator restarts the task either way and an operator can tell which.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import botocore.exceptions
+
+from archiver.aws import AwsClients, error_code, http_status, is_transient, make_clients
+from archiver.errors import SettingsError, Unreachable
+from archiver.settings import Settings
+
+if TYPE_CHECKING:
+    from mypy_boto3_sqs import SQSClient
+
+# Enough for LocalStack or S3 to answer, short enough that a wrong endpoint fails in seconds, not the
+# minutes of the worker's own retries (6 attempts of 10 s connects, then tenacity's).
+CONNECT_TIMEOUT = 3
+READ_TIMEOUT = 10
+ATTEMPTS = 2
+
+_MISSING_QUEUE = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})
+_BAD_CREDENTIALS = frozenset(
+    {"InvalidClientTokenId", "InvalidAccessKeyId", "SignatureDoesNotMatch", "UnrecognizedClientException"}
+)
+
+
+def startup_clients(settings: Settings) -> AwsClients:
+    return make_clients(
+        max_connections=2,
+        expected_bucket_owner=settings.expected_bucket_owner,
+        attempts=ATTEMPTS,
+        timeouts=(CONNECT_TIMEOUT, READ_TIMEOUT),
+    )
+
+
+def check(settings: Settings, clients: AwsClients | None = None) -> None:
+    """Raise `SettingsError` naming every queue or bucket setting that names nothing usable, or
+    `Unreachable` at the first call that gets no answer."""
+    try:
+        clients = clients or startup_clients(settings)
+    except ValueError as exc:  # botocore's "Invalid endpoint: …"
+        raise SettingsError(f"invalid setting: AWS_ENDPOINT_URL: {exc}") from None
+    problems = [
+        problem
+        for problem in (
+            _check_source_queue(clients.sqs, settings.sqs_source_queue),
+            _check_destination_queue(clients.sqs, settings.sqs_destination_queue),
+            _check_bucket(clients, settings.s3_destination_bucket, settings.expected_bucket_owner),
+        )
+        if problem
+    ]
+    if problems:
+        raise SettingsError("invalid setting: " + "; ".join(problems))
+
+
+def _check_source_queue(sqs: SQSClient, name_or_url: str) -> str | None:
+    """The worker receives from it and reads its redrive policy, so both calls are tried."""
+    where = f"SQS_SOURCE_QUEUE {name_or_url}"
+    try:
+        url = name_or_url if _is_url(name_or_url) else sqs.get_queue_url(QueueName=name_or_url)["QueueUrl"]
+        sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["RedrivePolicy"])
+    except Exception as exc:
+        return _problem(exc, where=where, service=sqs)
+    return None
+
+
+def _check_destination_queue(sqs: SQSClient, name_or_url: str) -> str | None:
+    """The task role may only send to it and get its URL: a URL is checked by the name and account in
+    its path (`…/<account>/<name>`), which is how SQS's own URLs are made."""
+    where = f"SQS_DESTINATION_QUEUE {name_or_url}"
+    try:
+        if _is_url(name_or_url):
+            path = urlsplit(name_or_url).path.strip("/").split("/")
+            if len(path) >= 2 and path[-2].isdigit():
+                sqs.get_queue_url(QueueName=path[-1], QueueOwnerAWSAccountId=path[-2])
+            else:
+                sqs.get_queue_url(QueueName=path[-1])
+        else:
+            sqs.get_queue_url(QueueName=name_or_url)
+    except Exception as exc:
+        return _problem(exc, where=where, service=sqs)
+    return None
+
+
+def _check_bucket(clients: AwsClients, bucket: str, owner: str | None) -> str | None:
+    """HeadBucket, which needs the s3:ListBucket the worker has on its destination bucket anyway; with
+    EXPECTED_BUCKET_OWNER set it also checks the bucket is that account's."""
+    where = f"S3_DESTINATION_BUCKET {bucket}"
+    try:
+        clients.s3.head_bucket(Bucket=bucket)
+    except Exception as exc:
+        if isinstance(exc, botocore.exceptions.ClientError) and not is_transient(exc):
+            status = http_status(exc)
+            if status == 404:
+                return f"{where}: no such bucket"
+            if status == 403:
+                owner_note = f" or is not owned by EXPECTED_BUCKET_OWNER {owner}" if owner else ""
+                return f"{where}: access denied (the role lacks s3:ListBucket on it{owner_note})"
+            if status == 301:
+                return f"{where}: the bucket is in another region than AWS_REGION"
+        return _problem(exc, where=where, service=clients.s3)
+    return None
+
+
+def _is_url(value: str) -> bool:
+    return value.startswith(("https://", "http://"))
+
+
+def _problem(exc: Exception, *, where: str, service: object) -> str:
+    """One line for a failed check, or raise if it is not the setting's fault."""
+    endpoint = getattr(getattr(service, "meta", None), "endpoint_url", "the endpoint")
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        raise SettingsError("invalid setting: AWS credentials: none found") from None
+    if isinstance(exc, botocore.exceptions.ClientError) and not is_transient(exc):
+        code = error_code(exc) or str(http_status(exc))
+        if code in _MISSING_QUEUE:
+            return f"{where}: no such queue"
+        if code in _BAD_CREDENTIALS:
+            raise SettingsError(f"invalid setting: AWS credentials rejected by {endpoint} ({code})") from None
+        return f"{where}: {code}"
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if is_transient(exc):
+        raise Unreachable(f"cannot reach {endpoint}: {detail}") from None
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        return f"{where}: {detail}"
+    raise exc
