@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 DCLINT_VERSION := 3.1.0
 DCLINT := .tools/node_modules/.bin/dclint
 
-.PHONY: venv demo test lint unit tools bench clean
+.PHONY: venv demo test lint unit tools localstack bench clean
 
 venv: $(STAMP)
 
@@ -15,6 +15,28 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+# LocalStack for tests/test_localstack.py, in a venv of its own: LocalStack 2026.3 runs on Python 3.13 only,
+# taken from pyenv (its `python3.13` shim does not select it). The newest 3.13 there, unless given.
+LOCALSTACK_VENV := .localstack-venv
+LOCALSTACK_STAMP := $(LOCALSTACK_VENV)/.installed-stamp
+PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo "$$HOME/.pyenv")
+LOCALSTACK_PYTHON ?= $(shell ls -d $(PYENV_ROOT)/versions/3.13*/bin/python3.13 2>/dev/null | sort -V | tail -n 1)
+
+localstack: $(LOCALSTACK_STAMP)
+
+$(LOCALSTACK_STAMP): tests/localstack/requirements.txt tests/localstack/constraints.txt
+	@if [ ! -x "$(LOCALSTACK_PYTHON)" ]; then \
+		echo "make localstack: no Python 3.13 at $(PYENV_ROOT)/versions/3.13*/bin/python3.13;" \
+			"install one (pyenv install 3.13) or pass LOCALSTACK_PYTHON=/path/to/python3.13" >&2; \
+		exit 1; \
+	fi
+	rm -rf $(LOCALSTACK_VENV)
+	$(LOCALSTACK_PYTHON) -m venv $(LOCALSTACK_VENV)
+	$(LOCALSTACK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCALSTACK_VENV)/bin/python -m pip install --quiet -c tests/localstack/constraints.txt \
+		-r tests/localstack/requirements.txt
 	touch $@
 
 demo: venv
@@ -35,7 +57,7 @@ lint: venv tools
 	$(DCLINT) docker-compose.yml
 	$(BIN)/cfn-lint deploy/archiver.yaml
 
-unit: venv tools
+unit: venv tools localstack
 	$(BIN)/pytest
 
 test: lint unit
@@ -44,8 +66,10 @@ bench: venv
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[bench]'
 	$(BIN)/python -m bench
 
-constraints: venv
+constraints: venv localstack
 	$(BIN)/python -m pip freeze --exclude-editable > constraints.txt
+	{ echo "# Every package of $(LOCALSTACK_VENV), pinned so a fresh clone installs what CI tested."; \
+		$(LOCALSTACK_VENV)/bin/python -m pip freeze; } > tests/localstack/constraints.txt
 
 clean:
-	rm -rf $(VENV) .tools .mypy_cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(LOCALSTACK_VENV) .tools .mypy_cache .pytest_cache .ruff_cache .hypothesis
