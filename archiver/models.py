@@ -1,4 +1,4 @@
-"""The request and notification models (contract §1 and §3) and the plan of one archive.
+"""The request and notification models (contract §1 and §4) and the plan of one archive.
 
 `parse_request` turns a message body into a `Request`; `plan_archive` checks it against the settings
 (allowed buckets, limits, entry names) and fixes every entry's path and the archive's key, before any S3

@@ -1,4 +1,4 @@
-"""Entry names inside the archive: the safety rules and the renaming of duplicates (contract §1).
+"""Entry names inside the archive: the safety rules and the renaming of duplicates (contract §2).
 
 Pure functions over strings, so they can be property-tested without any AWS.
 """

@@ -1,4 +1,4 @@
-"""Notification payloads for the destination queue, and the archive link they carry (contract §3)."""
+"""Notification payloads for the destination queue, and the archive link they carry (contract §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Typed settings from the environment, validated once at start-up (contract §5)."""
+"""Typed settings from the environment, validated once at start-up (contract §6)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Start-up checks of `archiver worker`: before its first poll, the queues and the destination bucket its
-settings name must exist and the endpoint must answer (contract §7).
+settings name must exist and the endpoint must answer (contract §6, settings).
 
 Without them a queue typo ends in a traceback, a bucket typo sends every request to the DLQ, and an
 endpoint nobody answers is retried for minutes. Each problem is one line instead: a wrong setting is a

@@ -1,4 +1,4 @@
-"""The `archiver` command line (contract §6): schema, check, submit, demo."""
+"""The `archiver` command line (contract §7): schema, check, submit, demo."""
 
 from __future__ import annotations
 

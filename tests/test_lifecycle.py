@@ -1,4 +1,4 @@
-"""Long jobs, shutdown and crashes, on real processes with real signals (contract §4).
+"""Long jobs, shutdown and crashes, on real processes with real signals (contract §5, delivery semantics).
 
 Jobs are made slow on purpose by the fault proxy's bandwidth cap on the sources' GETs."""
 

@@ -1,4 +1,4 @@
-"""Entry-name rules and duplicate renaming (contract §1), mostly as properties over generated names."""
+"""Entry-name rules and duplicate renaming (contract §2), mostly as properties over generated names."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Settings from the environment (contract §5): defaults, parsing, and a clear exit on a bad one."""
+"""Settings from the environment (contract §6): defaults, parsing, and a clear exit on a bad one."""
 
 from __future__ import annotations
 
