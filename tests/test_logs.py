@@ -6,10 +6,12 @@ import io
 import json
 
 import structlog
+from structlog.testing import capture_logs
 
 from archiver import worker
 from archiver.logs import configure_logging, scrub
 from tests.conftest import Stack
+from tests.faultproxy import FaultProxy, Seen
 
 
 def test_json_lines_carry_bound_context() -> None:
@@ -77,3 +79,28 @@ def test_request_context_ends_with_the_request(stack: Stack) -> None:
     stopped = [line for line in lines if line["event"] == "worker.stopped"]
     assert stopped and all("archive_key" not in line and "request_id" not in line for line in stopped)
     assert structlog.contextvars.get_contextvars() == {}
+
+
+def test_a_status_write_that_fails_is_one_line_without_a_traceback(
+    stack: Stack, fault_proxy: FaultProxy
+) -> None:
+    """A best-effort status write (here the `failed` one, after the lease was claimed) that S3 refuses
+    does not change the answer, and is one `status.write_failed` event with the error, not a traceback."""
+    status_puts: list[Seen] = []
+
+    def after_the_claim(seen: Seen) -> bool:
+        if seen.method != "PUT" or not seen.path.endswith("/status.json"):
+            return False
+        status_puts.append(seen)
+        return len(status_puts) > 1
+
+    fault_proxy.configure(rate=1.0, kinds=("501",), service="s3", match=after_the_claim)
+    stack.send({"request_id": "no-status", "files": [{"source": "missing.txt"}]})
+    with capture_logs() as events:
+        assert worker.run(worker.connect(stack.settings()), burst=True) == 0
+    assert [note["status"] for note in stack.notifications(1)] == ["failed"]
+    failed = [event for event in events if event["event"] == "status.write_failed"]
+    assert failed, "no status write was refused"
+    for event in failed:
+        assert "exc_info" not in event
+        assert "NotImplemented" in event["error"]
