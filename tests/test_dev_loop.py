@@ -248,11 +248,27 @@ def test_init_script_creates_the_demo_resources_and_is_idempotent(
         "SQS_DESTINATION_QUEUE": f"{moto_endpoint}/123456789012/output-queue-{suffix}",  # a URL works too
     }
     assert shutil.which("aws", path=str(VENV_BIN)), "the AWS CLI (dev extra awscli) is not in the venv"
-    assert not shutil.which("awslocal", path=os.pathsep.join([str(VENV_BIN), "/usr/bin", "/bin"]))
 
-    # Outside LocalStack: the plain AWS CLI against AWS_ENDPOINT_URL.
-    first = run_init_script({**base_env(), **names}, [VENV_BIN])
+    # Outside LocalStack: the plain AWS CLI against AWS_ENDPOINT_URL, even with an awslocal installed,
+    # and with LocalStack's dummy keys when the shell has no credentials (docs/localstack.md's command).
+    refused = tmp_path / "refused" / "awslocal"
+    refused.parent.mkdir()
+    refused.write_text("#!/bin/sh\necho 'awslocal used outside LocalStack' >&2\nexit 99\n", encoding="utf-8")
+    refused.chmod(0o755)
+    no_credentials = {
+        key: value
+        for key, value in base_env().items()
+        if key not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+    }
+    no_credentials.update(
+        AWS_SHARED_CREDENTIALS_FILE="/dev/null",
+        AWS_CONFIG_FILE="/dev/null",
+        # Without the script's default keys the CLI would ask the instance metadata address instead.
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    first = run_init_script({**no_credentials, **names}, [refused.parent, VENV_BIN])
     assert first.returncode == 0, first.stderr
+    assert "awslocal" not in first.stderr
 
     # The reference: what `archiver demo` creates, under other unique names.
     for constant in ("SOURCE_BUCKET", "PARTNER_BUCKET", "DESTINATION_BUCKET"):

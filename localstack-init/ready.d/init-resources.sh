@@ -3,8 +3,9 @@
 # (archiver/demo.py:create_resources), so the defaults below must stay identical to that function.
 #
 # LocalStack runs it from /etc/localstack/init/ready.d once S3 and SQS are ready, with its own `awslocal`.
-# Anywhere else it uses the plain AWS CLI against AWS_ENDPOINT_URL (LocalStack on localhost:4566, or moto
-# in the tests), and refuses to run without an endpoint so it never creates anything in a real account.
+# Anywhere else it uses the plain AWS CLI against AWS_ENDPOINT_URL (LocalStack on localhost:4566, or
+# moto and LocalStack in the tests), with LocalStack's dummy keys unless credentials or a profile are
+# set, and refuses to run without an endpoint so it never creates anything in a real account.
 # Running it again converges the same resources: existing buckets are kept, queue attributes re-applied.
 #
 # Names come from the worker's own settings when they are set (a queue may be given by name or URL),
@@ -27,13 +28,19 @@ visibility_timeout=120
 max_receive_count=3
 dead_letter_retention=1209600 # 14 days, the SQS maximum
 
-if command -v awslocal >/dev/null 2>&1; then
-    aws_cli=(awslocal --region "$region")
-elif [[ -n "${AWS_ENDPOINT_URL:-}" ]]; then
-    # Passed explicitly: AWS CLI v1 ignores AWS_ENDPOINT_URL for SQS in us-east-1.
+if [[ -n "${AWS_ENDPOINT_URL:-}" ]]; then
+    # The plain CLI wherever an endpoint is given, even where some `awslocal` is installed: awscli-local
+    # 0.23 prints a deprecation banner on every call. Passed explicitly: AWS CLI v1 ignores the variable.
     aws_cli=(aws --region "$region" --endpoint-url "$AWS_ENDPOINT_URL")
+    if [[ -z "${AWS_ACCESS_KEY_ID:-}" && -z "${AWS_PROFILE:-}" ]]; then
+        # LocalStack's dummy keys (access key "test" is its account 000000000000); moto takes any.
+        export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test
+    fi
+elif command -v awslocal >/dev/null 2>&1; then
+    # Inside LocalStack's container: its own awslocal, which knows the endpoint and the keys.
+    aws_cli=(awslocal --region "$region")
 else
-    echo "init-resources: neither awslocal nor AWS_ENDPOINT_URL; refusing to touch a real AWS account" >&2
+    echo "init-resources: neither AWS_ENDPOINT_URL nor awslocal; refusing to touch a real AWS account" >&2
     exit 2
 fi
 
