@@ -2,7 +2,9 @@
 # tests/test_dev_loop.py runs this file's pip install, ENTRYPOINT/CMD and HEALTHCHECK in a fresh venv,
 # since Docker itself does not run in CI.
 
-FROM python:3.11-slim-bookworm AS build
+# Pinned by digest (the multi-architecture index, so amd64 and arm64 builds both resolve), like
+# constraints.txt pins the packages: a rebuild gets the same base until this line is changed.
+FROM python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b AS build
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
@@ -10,13 +12,19 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /src
-COPY pyproject.toml README.md constraints.txt ./
+# Dependencies first, in their own layer: pyproject.toml's list, pinned by constraints.txt like
+# `make venv`, no dev extras. A change to the code or the README does not reinstall them.
+COPY pyproject.toml constraints.txt ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > requirements.txt \
+    && pip install --no-cache-dir -c constraints.txt -r requirements.txt
+# Then the package itself, whose dependencies are all there already.
+COPY README.md ./
 COPY archiver/ archiver/
-# Pinned by constraints.txt, like `make venv`; no dev extras.
-RUN pip install --no-cache-dir -c constraints.txt .
+RUN pip install --no-cache-dir --no-deps .
 
 
-FROM python:3.11-slim-bookworm
+FROM python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -371,6 +371,25 @@ def test_envrc_dist_exports_every_setting_and_they_load(settings_env: pytest.Mon
     assert settings.health_file == exports["HEALTH_FILE"]
 
 
+def test_dockerfile_pins_its_base_and_installs_dependencies_before_the_code() -> None:
+    """Every stage starts from the same base, named by digest; the dependencies are installed (pinned by
+    constraints.txt) before the code or the README is copied, so editing those reuses that layer."""
+    stages = dockerfile_stages()
+    bases = {last(stage, "FROM").split(" AS ")[0] for stage in stages}
+    assert len(bases) == 1
+    assert re.fullmatch(r"python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}", bases.pop())
+
+    steps = [(keyword, arguments) for keyword, arguments in stages[0] if keyword in ("COPY", "RUN")]
+    installs = [
+        i for i, (keyword, arguments) in enumerate(steps) if re.search(r"\bpip3? install\b", arguments)
+    ]
+    first, final = installs[0], installs[-1]
+    copied_first = " ".join(arguments for keyword, arguments in steps[:first] if keyword == "COPY")
+    assert "archiver" not in copied_first and "README" not in copied_first, copied_first
+    assert "-c constraints.txt" in steps[first][1]
+    assert first < final and "--no-deps" in steps[final][1]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_dockerfile_install_runs_a_request_and_passes_its_healthcheck(stack: Stack, tmp_path: Path) -> None:
