@@ -9,7 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CONTRACT = REPO / "docs" / "contract.md"
-# "§6", "§7.6.1"; a number right after "RFC 9110 " is another document's section.
+# The section sign, a number, maybe subsections; right after "RFC 9110 " it is another document's.
 REFERENCE = re.compile(r"(?<!\w)§(\d+)(?:\.\d+)*")
 OTHER_DOCUMENT = re.compile(r"RFC \d+ $")
 # Text either side of a reference in which a word of the section's title must appear: a docstring's
