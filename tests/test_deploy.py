@@ -13,6 +13,7 @@ import yaml
 
 from archiver.errors import SettingsError
 from archiver.settings import Settings, load_settings
+from tests.test_iam import KMS_NEEDED
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 ACCOUNT = "123456789012"
@@ -27,6 +28,11 @@ PSEUDO = {
 }
 DISTRIBUTION = "archiver-distribution-1a2b3c"
 REQUIRED = {"ContainerImage": "archiver:test", "SourceBucket": "source-images"}
+KMS_KEYS = {
+    "SourceKmsKeyArns": f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1111aaaa-0000-0000-0000-000000000001,"
+    f"arn:aws:kms:{REGION}:{ACCOUNT}:key/mrk-2222bbbb000000000000000000000002",
+    "ArchiveKmsKeyArn": f"arn:aws:kms:{REGION}:{ACCOUNT}:key/3333cccc-0000-0000-0000-000000000003",
+}
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -77,23 +83,27 @@ def environment() -> dict[str, Any]:
     return {item["Name"]: item["Value"] for item in container()["Environment"]}
 
 
-def task_role_statements() -> list[dict[str, Any]]:
+def task_role_statements(**overrides: Any) -> list[dict[str, Any]]:
+    """The task role's statements as they are for these parameters (conditional ones dropped or kept)."""
     (task,) = resources("AWS::ECS::TaskDefinition").values()
     role_name = task["Properties"]["TaskRoleArn"]["Fn::GetAtt"][0]
     role = template()["Resources"][role_name]
     assert role["Type"] == "AWS::IAM::Role"
     assert "ManagedPolicyArns" not in role["Properties"], "the task role's grants are all inline"
-    return [
-        statement
-        for policy in role["Properties"]["Policies"]
-        for statement in policy["PolicyDocument"]["Statement"]
-    ]
+    statements: list[dict[str, Any]] = Resolver(**overrides)(
+        [
+            statement
+            for policy in role["Properties"]["Policies"]
+            for statement in policy["PolicyDocument"]["Statement"]
+        ]
+    )
+    return statements
 
 
-def declared_actions() -> set[str]:
+def declared_actions(*services: str) -> set[str]:
     listed = json.loads((DEPLOY / "worker-actions.json").read_text())
-    assert set(listed) == {"s3", "sqs", "ecs"}
-    actions = {action for group in listed.values() for action in group}
+    assert set(listed) == {"s3", "sqs", "ecs", "kms"}
+    actions = {action for service in services or listed for action in listed[service]}
     assert all(action.split(":")[0] == service for service, group in listed.items() for action in group)
     return actions
 
@@ -213,7 +223,7 @@ def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Setti
 def grants(**overrides: Any) -> dict[str, set[str]]:
     """Action -> the concrete resources the task role grants it on."""
     granted: dict[str, set[str]] = {}
-    for statement in Resolver(**overrides)(task_role_statements()):
+    for statement in task_role_statements(**overrides):
         for action in as_list(statement["Action"]):
             granted.setdefault(action, set()).update(as_list(statement["Resource"]))
     return granted
@@ -223,21 +233,57 @@ def grants(**overrides: Any) -> dict[str, set[str]]:
 
 
 def test_task_role_grants_exactly_the_declared_actions() -> None:
-    """The task role allows exactly the union of deploy/worker-actions.json."""
-    granted = {action for statement in task_role_statements() for action in as_list(statement["Action"])}
-    assert granted == declared_actions()
+    """The task role allows exactly the union of deploy/worker-actions.json, its KMS actions only when
+    KMS keys are given (with SSE-S3, S3 asks nothing of the caller)."""
+    for overrides, services in (({}, ("s3", "sqs", "ecs")), (KMS_KEYS, ())):
+        statements = task_role_statements(**overrides)
+        granted = {action for statement in statements for action in as_list(statement["Action"])}
+        assert granted == declared_actions(*services), overrides
 
 
-def test_task_role_has_no_wildcards_or_exceptions() -> None:
+@pytest.mark.parametrize("kms", [{}, KMS_KEYS], ids=["sse-s3", "sse-kms"])
+def test_task_role_has_no_wildcards_or_exceptions(kms: dict[str, str]) -> None:
     """Every task-role statement is a plain Allow of named actions on named resources, no `*`."""
-    for statement in task_role_statements():
-        assert statement["Effect"] == "Allow"
-        assert set(statement) <= {"Sid", "Effect", "Action", "Resource", "Condition"}
-        assert not any("*" in action for action in as_list(statement["Action"])), statement["Sid"]
-        for allowed_sources in ([""], ["partner-images", "more-images"]):
-            for resource in as_list(Resolver(AllowedSourceBuckets=allowed_sources)(statement["Resource"])):
+    for allowed_sources in ([""], ["partner-images", "more-images"]):
+        for statement in task_role_statements(AllowedSourceBuckets=allowed_sources, **kms):
+            assert statement["Effect"] == "Allow"
+            assert set(statement) <= {"Sid", "Effect", "Action", "Resource", "Condition"}
+            assert not any("*" in action for action in as_list(statement["Action"])), statement["Sid"]
+            for resource in as_list(statement["Resource"]):
                 assert resource != "*" and not resource.startswith("arn:aws:s3:::*"), statement["Sid"]
                 assert ":::/" not in resource, f"{statement['Sid']}: an empty bucket name in {resource}"
+                assert resource.startswith("arn:aws:"), f"{statement['Sid']}: {resource}"
+
+
+def test_kms_keys_are_used_only_through_s3_and_only_when_given() -> None:
+    """Source keys may Decrypt, the archive key GenerateDataKey and Decrypt, each only via S3 in the
+    region, matching what the worker's recorded S3 calls need (tests/test_iam.py); the archive bucket
+    encrypts with its key when one is given."""
+    source_keys = set(KMS_KEYS["SourceKmsKeyArns"].split(","))
+    archive_key = KMS_KEYS["ArchiveKmsKeyArn"]
+    keys = {"source": source_keys, "archive": {archive_key}}
+    expected: dict[str, set[str]] = {}
+    for action, side in KMS_NEEDED:
+        expected.setdefault(action, set()).update(keys[side])
+    assert {a: r for a, r in grants(**KMS_KEYS).items() if a.startswith("kms:")} == expected
+    assert not any(a.startswith("kms:") for a in grants())
+    only_sources = grants(SourceKmsKeyArns=KMS_KEYS["SourceKmsKeyArns"])
+    assert {a: r for a, r in only_sources.items() if a.startswith("kms:")} == {"kms:Decrypt": source_keys}
+    for statement in task_role_statements(**KMS_KEYS):
+        if any(action.startswith("kms:") for action in as_list(statement["Action"])):
+            assert statement["Condition"] == {
+                "StringEquals": {"kms:ViaService": f"s3.{REGION}.amazonaws.com"}
+            }
+
+    (bucket,) = resources("AWS::S3::Bucket").values()
+    encryption = bucket["Properties"]["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+    assert Resolver(ArchiveKmsKeyArn=archive_key)(encryption) == [
+        {
+            "ServerSideEncryptionByDefault": {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": archive_key},
+            "BucketKeyEnabled": True,
+        }
+    ]
+    assert Resolver()(encryption) == [{"ServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
 
 
 @pytest.mark.parametrize("allowed", [[""], ["partner-images", "more-images"]], ids=["no-extra", "two-extra"])
@@ -412,7 +458,7 @@ def test_archive_bucket_is_private_encrypted_and_cleans_up() -> None:
     properties = bucket["Properties"]
     assert set(properties["PublicAccessBlockConfiguration"].values()) == {True}
     assert properties["OwnershipControls"] == {"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]}
-    (encryption,) = properties["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+    (encryption,) = Resolver()(properties["BucketEncryption"]["ServerSideEncryptionConfiguration"])
     assert encryption["ServerSideEncryptionByDefault"] == {"SSEAlgorithm": "AES256"}
     rules = {rule["Id"]: rule for rule in properties["LifecycleConfiguration"]["Rules"]}
     abort = rules["AbortIncompleteMultipartUploads"]

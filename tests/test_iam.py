@@ -41,27 +41,70 @@ ACTION_OF = {
 }
 # s3:ListBucket is also granted on the source buckets, where nothing calls it: with it S3 answers a
 # missing key with 404 instead of 403, which is how a missing source is told apart from a forbidden one.
+# The worker makes no KMS call: for an SSE-KMS object S3 calls KMS itself, with the caller's
+# credentials, so the caller needs these (S3 User Guide, "Using server-side encryption with AWS KMS
+# keys"; the operations' API pages). Which key: the one of the bucket read or written ("read" is the
+# copy's source for UploadPartCopy). HEAD decrypts nothing, which is why a source the role cannot
+# decrypt passes its HEAD and fails at its GET or copy. Parts and completion are covered by the
+# upload's own permissions, which CreateMultipartUpload documents as GenerateDataKey and Decrypt.
+KMS_OF: dict[str, tuple[str, set[str]]] = {
+    "GetObject": ("read", {"kms:Decrypt"}),
+    "PutObject": ("write", {"kms:GenerateDataKey"}),
+    "CreateMultipartUpload": ("write", {"kms:GenerateDataKey", "kms:Decrypt"}),
+    "UploadPartCopy": ("read", {"kms:Decrypt"}),
+}
+# What the recorded run below needs, by whose key: the template grants exactly this when keys are given
+# (tests/test_deploy.py).
+KMS_NEEDED = {("kms:Decrypt", "source"), ("kms:Decrypt", "archive"), ("kms:GenerateDataKey", "archive")}
+
+
+def kms_needed(
+    s3_calls: set[tuple[str, str, str | None]], *, source: str, archive: str
+) -> set[tuple[str, str]]:
+    """(KMS action, "source" or "archive") for recorded (operation, bucket, copy source bucket) calls."""
+    side = {source: "source", archive: "archive"}
+    needed = set()
+    for operation, bucket, copied_from in s3_calls:
+        if operation not in KMS_OF:
+            continue
+        reads_or_writes, actions = KMS_OF[operation]
+        key_of = copied_from if reads_or_writes == "read" and copied_from else bucket
+        needed |= {(action, side[key_of]) for action in actions}
+    return needed
+
+
 
 
 @pytest.fixture
-def recorded(moto_endpoint: str) -> tuple[AwsClients, set[str]]:
+def recorded(moto_endpoint: str) -> tuple[AwsClients, set[str], set[tuple[str, str, str | None]]]:
     calls: set[str] = set()
+    s3_calls: set[tuple[str, str, str | None]] = set()
     clients = make_clients()
 
     def record(model: Any, **_: Any) -> None:
         calls.add(f"{model.service_model.endpoint_prefix}:{model.name}")
 
+    def record_bucket(params: dict[str, Any], model: Any, **_: Any) -> None:
+        copied = params.get("CopySource")  # botocore may already have made {Bucket, Key} "bucket/key"
+        if isinstance(copied, dict):
+            copied = copied["Bucket"]
+        elif copied:
+            copied = copied.lstrip("/").split("/", 1)[0]
+        s3_calls.add((model.name, params.get("Bucket", ""), copied))
+
     for client in (clients.s3, clients.sqs, clients.presign):
         client.meta.events.register("before-call", record)
-    return clients, calls
+    clients.s3.meta.events.register("before-parameter-build.s3", record_bucket)
+    return clients, calls, s3_calls
 
 
 def test_every_worker_call_is_granted_and_every_grant_is_used(
-    stack: Stack, recorded: tuple[AwsClients, set[str]]
+    stack: Stack, recorded: tuple[AwsClients, set[str], set[tuple[str, str, str | None]]]
 ) -> None:
     """A run through every path (built, skipped, duplicate, failed, pointer, stale upload, released)
-    calls only granted actions, and uses every granted one."""
-    clients, calls = recorded
+    calls only granted actions, and uses every granted one; with SSE-KMS buckets, it needs exactly
+    the declared KMS actions on exactly the keys the template grants them on."""
+    clients, calls, s3_calls = recorded
     stack.put("a.txt", b"a")
     stack.put("big.mp4", bytes(16 * MiB), ChecksumAlgorithm="CRC32")  # copied server-side
     stack.put("req.json", json.dumps({"request_id": "via-pointer", "files": [{"source": "a.txt"}]}).encode())
@@ -99,3 +142,6 @@ def test_every_worker_call_is_granted_and_every_grant_is_used(
     assert used <= declared, f"called but not granted: {used - declared}"
     assert declared <= used, f"granted but never called: {declared - used}"
     assert set(DECLARED["ecs"]) == set(PROTECTION_ACTIONS)
+    needed = kms_needed(s3_calls, source=stack.source_bucket, archive=stack.destination_bucket)
+    assert needed == KMS_NEEDED
+    assert {action for action, _ in needed} == set(DECLARED["kms"])
