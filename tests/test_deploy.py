@@ -12,7 +12,9 @@ import pytest
 import yaml
 
 from archiver.errors import SettingsError
+from archiver.models import Request, archive_key
 from archiver.settings import Settings, load_settings
+from archiver.status import status_key
 from tests.test_iam import KMS_NEEDED
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -470,8 +472,35 @@ def test_archive_bucket_is_private_encrypted_and_cleans_up() -> None:
     assert Resolver()(expire["Prefix"]) == "download/"
 
 
-def test_cloudfront_reads_only_the_prefix_and_only_when_enabled() -> None:
-    """Only when enabled may the distribution's OAC GetObject, and only under FilePrefix/."""
+def arn_matches(pattern: str, arn: str) -> bool:
+    """IAM's Resource matching: `*` is any run of characters, `/` included; `?` is one; case counts."""
+    parts = (".".join(re.escape(piece) for piece in part.split("?")) for part in pattern.split("*"))
+    return re.fullmatch(".*".join(parts), arn) is not None
+
+
+def cloudfront_may_read(statements: list[dict[str, Any]], key: str) -> bool:
+    """Whether this stack's distribution may GetObject `key` of the archive bucket: an Allow that
+    matches and no Deny that does."""
+    arn = f"arn:aws:s3:::archiver-archivebucket-1a2b3c/{key}"
+    ours = f"arn:aws:cloudfront::{ACCOUNT}:distribution/{DISTRIBUTION}"
+    decisions = set()
+    for statement in statements:
+        if statement.get("Principal") not in ("*", {"Service": "cloudfront.amazonaws.com"}):
+            continue
+        if not any(arn_matches(a, "s3:GetObject") for a in as_list(statement["Action"])):
+            continue
+        if not any(arn_matches(r, arn) for r in as_list(statement["Resource"])):
+            continue
+        condition = statement.get("Condition", {})
+        if condition and condition != {"StringEquals": {"AWS:SourceArn": ours}}:
+            continue  # e.g. DenyInsecureTransport: CloudFront's origin requests are HTTPS
+        decisions.add(statement["Effect"])
+    return decisions == {"Allow"}
+
+
+def test_cloudfront_reads_archives_only_and_only_when_enabled() -> None:
+    """Only when enabled may the distribution read, only under FilePrefix/, and never a status.json,
+    whatever name a request gives its archive."""
     (policy,) = resources("AWS::S3::BucketPolicy").values()
 
     def statements(cloudfront: str) -> list[dict[str, Any]]:
@@ -480,22 +509,20 @@ def test_cloudfront_reads_only_the_prefix_and_only_when_enabled() -> None:
         )
         return resolved
 
-    allowed = [s for s in statements("true") if s["Effect"] == "Allow"]
-    assert allowed == [
-        {
-            "Sid": "CloudFrontReadsArchives",
-            "Effect": "Allow",
-            "Principal": {"Service": "cloudfront.amazonaws.com"},
-            "Action": "s3:GetObject",
-            "Resource": "arn:aws:s3:::archiver-archivebucket-1a2b3c/download/*",
-            "Condition": {
-                "StringEquals": {
-                    "AWS:SourceArn": f"arn:aws:cloudfront::{ACCOUNT}:distribution/{DISTRIBUTION}"
-                }
-            },
-        }
-    ]
-    assert [s for s in statements("false") if s["Effect"] == "Allow"] == []
+    names = ["photos.zip", "report.tar.gz", "data", "status.json.zip", "my status.json", "Status.json.bak"]
+    for name in names:  # names a request may give, so archives the distribution must serve
+        Request.model_validate({"files": [{"source": "a"}], "archive_name": name})
+    for name in ("status.json", "STATUS.JSON"):
+        with pytest.raises(ValueError, match="reserved"):
+            Request.model_validate({"files": [{"source": "a"}], "archive_name": name})
+    archives = [archive_key("download", "order-1234", name) for name in [*names, "order-1234.zip"]]
+    enabled, disabled = statements("true"), statements("false")
+    for key in archives:
+        assert cloudfront_may_read(enabled, key), key
+        assert not cloudfront_may_read(disabled, key), key
+        assert not cloudfront_may_read(enabled, status_key(key)), status_key(key)
+    assert not cloudfront_may_read(enabled, "elsewhere/order-1234/photos.zip")
+    assert not cloudfront_may_read(enabled, "download.zip")
     assert resources("AWS::CloudFront::Distribution")["Distribution"]["Condition"] == "UseCloudFront"
 
 
