@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from archiver import metrics as emf
 from archiver.errors import SettingsError
 from archiver.models import Request, archive_key
 from archiver.settings import Settings, load_settings
@@ -196,6 +197,8 @@ class Resolver:
                 return self(arg[1] if self.condition(arg[0]) else arg[2])
             if key == "Fn::Equals":
                 return self(arg[0]) == self(arg[1])
+            if key == "Fn::Contains":  # Rules only
+                return self(arg[1]) in self(arg[0])
             if key == "Fn::Not":
                 return not self(arg[0])
             if key == "Fn::And":
@@ -595,27 +598,152 @@ def test_step_policy_scales_from_zero_on_waiting_messages() -> None:
     assert returned["Expression"] == "IF(FILL(desired, 0) == 0, visible, 0)"
 
 
-def test_alarms_watch_the_dlq_and_the_oldest_request() -> None:
-    """Alarms fire on any DLQ message and on an old source message, to the optional SNS topic."""
-    alarms = {
-        (Resolver()(a["Properties"]["Dimensions"])[0]["Value"], a["Properties"]["MetricName"]): a[
-            "Properties"
-        ]
-        for a in resources("AWS::CloudWatch::Alarm").values()
-        if "MetricName" in a["Properties"]
+def alarms() -> dict[str, dict[str, Any]]:
+    """The operators' alarms, by logical name (not the one that starts the first task)."""
+    return {
+        name: alarm["Properties"]
+        for name, alarm in resources("AWS::CloudWatch::Alarm").items()
+        if not any(
+            template()["Resources"]
+            .get(action.get("Ref", ""), {})
+            .get("Type", "")
+            .startswith("AWS::Application")
+            for action in alarm["Properties"]["AlarmActions"]
+            if isinstance(action, dict)
+        )
     }
-    dlq = alarms[("archiver-deadletterqueue-1a2b3c", "ApproximateNumberOfMessagesVisible")]
-    assert (dlq["ComparisonOperator"], dlq["Threshold"]) == ("GreaterThanThreshold", 0)
-    age = alarms[("archiver-sourcequeue-1a2b3c", "ApproximateAgeOfOldestMessage")]
-    assert (age["ComparisonOperator"], age["Threshold"]) == (
-        "GreaterThanThreshold",
-        {"Ref": "OldestMessageAgeThreshold"},
+
+
+def rule_holds(rule: dict[str, Any], **overrides: Any) -> bool:
+    resolve = Resolver(**overrides)
+    if "RuleCondition" in rule and not resolve(rule["RuleCondition"]):
+        return True
+    return all(resolve(assertion["Assert"]) for assertion in rule["Assertions"])
+
+
+def test_every_alarm_notifies_a_topic() -> None:
+    """Every alarm notifies AlarmTopicArn, or a topic the stack creates when it is empty (with an
+    optional email subscription, refused next to AlarmTopicArn): no alarm without an action."""
+    ops = f"arn:aws:sns:{REGION}:{ACCOUNT}:ops"
+    assert set(alarms()) == {
+        "DeadLetterQueueAlarm",
+        "OldestMessageAlarm",
+        "NotificationAgeAlarm",
+        "TasksNotRunningAlarm",
+        "FailedRequestsAlarm",
+    }
+    for name, alarm in alarms().items():
+        for actions in ("AlarmActions", "OKActions"):
+            assert Resolver(AlarmTopicArn=ops)(alarm[actions]) == [ops], name
+            assert Resolver()(alarm[actions]) == ["archiver-alarmtopic-1a2b3c"], name
+    topic = resources("AWS::SNS::Topic")["AlarmTopic"]
+    assert Resolver().condition(topic["Condition"]) and not Resolver(AlarmTopicArn=ops).condition(
+        topic["Condition"]
     )
-    for alarm in (dlq, age):
-        assert Resolver(AlarmTopicArn=f"arn:aws:sns:{REGION}:{ACCOUNT}:ops")(alarm["AlarmActions"]) == [
-            f"arn:aws:sns:{REGION}:{ACCOUNT}:ops"
-        ]
-        assert Resolver()({"Actions": alarm["AlarmActions"]}) == {}
+    (subscription,) = resources("AWS::SNS::Subscription").values()
+    assert Resolver(AlarmEmail="ops@example.com")(subscription["Properties"]) == {
+        "TopicArn": "archiver-alarmtopic-1a2b3c",
+        "Protocol": "email",
+        "Endpoint": "ops@example.com",
+    }
+    assert not Resolver().condition(subscription["Condition"])
+    rule = template()["Rules"]["AlarmEmailNeedsOwnTopic"]
+    assert rule_holds(rule) and rule_holds(rule, AlarmEmail="ops@example.com")
+    assert rule_holds(rule, AlarmTopicArn=ops)
+    assert not rule_holds(rule, AlarmTopicArn=ops, AlarmEmail="ops@example.com")
+    assert Resolver()(template()["Outputs"]["AlarmTopicArn"]["Value"]) == "archiver-alarmtopic-1a2b3c"
+
+
+def test_dlq_alarm_fires_on_any_message() -> None:
+    """Any message in the dead-letter queue alarms."""
+    dlq = alarms()["DeadLetterQueueAlarm"]
+    assert (dlq["Namespace"], dlq["MetricName"]) == ("AWS/SQS", "ApproximateNumberOfMessagesVisible")
+    assert Resolver()(dlq["Dimensions"]) == [
+        {"Name": "QueueName", "Value": "archiver-deadletterqueue-1a2b3c"}
+    ]
+    assert (dlq["ComparisonOperator"], dlq["Threshold"]) == ("GreaterThanThreshold", 0)
+
+
+@pytest.mark.parametrize("job_timeout", [None, 600, 43199])
+def test_oldest_request_alarm_allows_for_the_longest_job(job_timeout: int | None) -> None:
+    """The source queue's age alarm fires at JobTimeout + OldestMessageAgeMargin, never below
+    JobTimeout: a request being worked on counts, so a fixed threshold would fire on long jobs."""
+    alarm = alarms()["OldestMessageAlarm"]
+    overrides = {} if job_timeout is None else {"JobTimeout": job_timeout}
+    job_timeout = job_timeout or template()["Parameters"]["JobTimeout"]["Default"]
+    resolve = Resolver(**overrides)
+    metrics = {m["Id"]: m for m in resolve(alarm["Metrics"])}
+    assert metric_names(list(metrics.values())) == {"age": ("AWS/SQS", "ApproximateAgeOfOldestMessage")}
+    assert metrics["age"]["MetricStat"]["Metric"]["Dimensions"] == [
+        {"Name": "QueueName", "Value": "archiver-sourcequeue-1a2b3c"}
+    ]
+    (returned,) = [m for m in metrics.values() if m["ReturnData"]]
+    assert returned["Expression"] == f"age - {job_timeout}"
+    assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
+    assert alarm["Threshold"] == {"Ref": "OldestMessageAgeMargin"}
+    assert template()["Parameters"]["OldestMessageAgeMargin"]["MinValue"] > 0
+
+
+def test_notification_age_alarm_watches_the_destination_queue() -> None:
+    """Notifications left unread longer than NotificationAgeThreshold alarm."""
+    alarm = alarms()["NotificationAgeAlarm"]
+    assert (alarm["Namespace"], alarm["MetricName"]) == ("AWS/SQS", "ApproximateAgeOfOldestMessage")
+    assert Resolver()(alarm["Dimensions"]) == [
+        {"Name": "QueueName", "Value": "archiver-destinationqueue-1a2b3c"}
+    ]
+    assert (alarm["ComparisonOperator"], alarm["Threshold"]) == (
+        "GreaterThanThreshold",
+        {"Ref": "NotificationAgeThreshold"},
+    )
+
+
+def test_tasks_not_running_alarm_outlasts_a_normal_start() -> None:
+    """Tasks the service wants but that do not run (failing health checks, crashing, not starting)
+    alarm once that lasts longer than a health check takes to fail and a task to start again."""
+    alarm = alarms()["TasksNotRunningAlarm"]
+    metrics = alarm["Metrics"]
+    assert metric_names(metrics) == {
+        "desired": ("ECS/ContainerInsights", "DesiredTaskCount"),
+        "running": ("ECS/ContainerInsights", "RunningTaskCount"),
+    }
+    for metric in metrics:
+        if "MetricStat" in metric:
+            assert Resolver()(metric["MetricStat"]["Metric"]["Dimensions"]) == [
+                {"Name": "ClusterName", "Value": "archiver-cluster-1a2b3c"},
+                {"Name": "ServiceName", "Value": "archiver-service-1a2b3c.Name"},
+            ]
+    (returned,) = [m for m in metrics if m["ReturnData"]]
+    assert returned["Expression"] == "FILL(desired, 0) - FILL(running, 0)"
+    assert (alarm["ComparisonOperator"], alarm["Threshold"]) == ("GreaterThanOrEqualToThreshold", 1)
+    check = container()["HealthCheck"]
+    declared_unhealthy = check["StartPeriod"] + check["Interval"] * check["Retries"]
+    assert alarm["DatapointsToAlarm"] * 60 > 2 * declared_unhealthy
+    assert alarm["EvaluationPeriods"] >= alarm["DatapointsToAlarm"]
+
+
+def test_failed_requests_alarm_reads_the_workers_emf_metric(capsys: pytest.CaptureFixture[str]) -> None:
+    """The failed-requests alarm watches the metric the worker's EMF line really creates."""
+    emf.emit_request(
+        outcome="failed",
+        error_code="source_not_found",
+        duration_s=1.0,
+        queue_latency_s=None,
+        size=None,
+        entries=None,
+        extensions=0,
+        properties={},
+    )
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (directive,) = line["_aws"]["CloudWatchMetrics"]
+    alarm = alarms()["FailedRequestsAlarm"]
+    assert alarm["Namespace"] == directive["Namespace"]
+    assert alarm["MetricName"] in {m["Name"] for m in directive["Metrics"]}
+    dimensions = [d["Name"] for d in alarm["Dimensions"]]
+    assert dimensions in directive["Dimensions"]
+    assert {d["Name"]: d["Value"] for d in alarm["Dimensions"]} == {"Outcome": line["Outcome"]}
+    assert (alarm["Statistic"], alarm["ComparisonOperator"]) == ("Sum", "GreaterThanThreshold")
+    assert alarm["Threshold"] == {"Ref": "FailedRequestsThreshold"}
+    assert alarm["TreatMissingData"] == "notBreaching"
 
 
 def test_outputs_name_the_queues_bucket_and_service() -> None:
@@ -637,6 +765,8 @@ def test_every_task_cpu_has_a_memory_rule() -> None:
     memory = set(parameters["TaskMemory"]["AllowedValues"])
     covered = set()
     for rule in rules.values():
+        if rule.get("RuleCondition", {}).get("Fn::Equals", [None])[0] != {"Ref": "TaskCpu"}:
+            continue
         cpu = rule["RuleCondition"]["Fn::Equals"][1]
         covered.add(cpu)
         ((assertion,),) = [rule["Assertions"]]
