@@ -552,7 +552,10 @@ def test_target_tracking_holds_backlog_per_task() -> None:
     ]
     configuration = tracking["Properties"]["TargetTrackingScalingPolicyConfiguration"]
     assert configuration["TargetValue"] == {"Ref": "BacklogPerTask"}
-    assert template()["Parameters"]["BacklogPerTask"]["Default"] == 2
+    backlog = template()["Parameters"]["BacklogPerTask"]
+    assert backlog["Default"] == 2
+    # Long jobs need targets below 1 (acceptable wait / time per request); target tracking takes floats.
+    assert backlog["Type"] == "Number" and 0 < backlog["MinValue"] <= 0.01
     metrics = configuration["CustomizedMetricSpecification"]["Metrics"]
     assert metric_names(metrics) == {
         "visible": ("AWS/SQS", "ApproximateNumberOfMessagesVisible"),
@@ -574,14 +577,15 @@ def test_target_tracking_holds_backlog_per_task() -> None:
 
 
 def test_step_policy_scales_from_zero_on_waiting_messages() -> None:
-    """A step policy sets 1 task when messages are visible and the service wants no task."""
+    """A step policy adds 1 task (never sets a count) when messages are visible and the service wants
+    no task, so a stale metric can add a task but never shrink a busy service."""
     (step_name,) = [
         name
         for name, p in resources("AWS::ApplicationAutoScaling::ScalingPolicy").items()
         if p["Properties"]["PolicyType"] == "StepScaling"
     ]
     configuration = template()["Resources"][step_name]["Properties"]["StepScalingPolicyConfiguration"]
-    assert configuration["AdjustmentType"] == "ExactCapacity"
+    assert configuration["AdjustmentType"] == "ChangeInCapacity"
     assert configuration["StepAdjustments"] == [{"MetricIntervalLowerBound": 0, "ScalingAdjustment": 1}]
     (alarm,) = [
         a
