@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
 
+import botocore.session
+import botocore.validate
 import pytest
 import yaml
 
 from archiver import metrics as emf
+from archiver.cli import OFFLOAD_PREFIX
 from archiver.errors import SettingsError
 from archiver.models import Request, archive_key
 from archiver.settings import Settings, load_settings
@@ -440,21 +444,59 @@ def test_service_rolls_back_failed_deployments() -> None:
 # ------------------------------------------------------------------------------------------- queues, bucket
 
 
-def test_source_queue_redrives_to_a_long_lived_dlq() -> None:
-    """The source queue redrives to a 14-day DLQ after MaxReceiveCount (5); all queues use SSE."""
+def test_source_queue_redrives_to_a_long_lived_kept_dlq() -> None:
+    """The source queue redrives to a 14-day DLQ that outlives the stack; all queues use SSE."""
     queues = resources("AWS::SQS::Queue")
     source = queues["SourceQueue"]["Properties"]
     assert source["RedrivePolicy"] == {
         "deadLetterTargetArn": {"Fn::GetAtt": ["DeadLetterQueue", "Arn"]},
         "maxReceiveCount": {"Ref": "MaxReceiveCount"},
     }
-    assert template()["Parameters"]["MaxReceiveCount"]["Default"] == 5
-    assert queues["DeadLetterQueue"]["Properties"]["MessageRetentionPeriod"] == 14 * 24 * 3600
+    dlq = queues["DeadLetterQueue"]
+    assert dlq["Properties"]["MessageRetentionPeriod"] == 14 * 24 * 3600
+    # It can hold the only copy of failed requests.
+    assert (dlq["DeletionPolicy"], dlq["UpdateReplacePolicy"]) == ("Retain", "Retain")
     assert source["VisibilityTimeout"] == environment()["VISIBILITY_TIMEOUT"] == {"Ref": "VisibilityTimeout"}
-    assert (
-        source["MessageRetentionPeriod"] < queues["DeadLetterQueue"]["Properties"]["MessageRetentionPeriod"]
-    )
+    assert source["MessageRetentionPeriod"] < dlq["Properties"]["MessageRetentionPeriod"]
     assert all(queue["Properties"]["SqsManagedSseEnabled"] is True for queue in queues.values())
+
+
+def test_max_receive_count_outlasts_a_busy_duplicate() -> None:
+    """At the defaults, a duplicate put back every VisibilityTimeout while another task builds the
+    request for up to JobTimeout still has 5 deliveries left for real retries."""
+    parameters = template()["Parameters"]
+    busy = math.ceil(parameters["JobTimeout"]["Default"] / parameters["VisibilityTimeout"]["Default"])
+    assert parameters["MaxReceiveCount"]["Default"] == busy + 5
+    assert "JobTimeout / VisibilityTimeout" in parameters["MaxReceiveCount"]["Description"]
+    assert parameters["MaxReceiveCount"]["MaxValue"] == 1000  # SQS's own limit
+
+
+def test_source_queue_message_size_is_explicit() -> None:
+    """MaximumMessageSize, which `archiver submit` reads to decide on offloading, is set, not SQS's
+    default of the day, and within SQS's limit."""
+    source = resources("AWS::SQS::Queue")["SourceQueue"]["Properties"]
+    assert source["MaximumMessageSize"] == 1024 * 1024
+
+
+def test_offloaded_request_bodies_expire_after_the_queues_let_go() -> None:
+    """deploy/offload-lifecycle.json is a valid lifecycle configuration that expires what `archiver
+    submit` offloads, and only after the source queue and the DLQ can no longer hold its pointer."""
+    configuration = json.loads((DEPLOY / "offload-lifecycle.json").read_text())
+    operation = (
+        botocore.session.get_session()
+        .get_service_model("s3")
+        .operation_model("PutBucketLifecycleConfiguration")
+    )
+    botocore.validate.validate_parameters(
+        {"Bucket": "source-images", "LifecycleConfiguration": configuration}, operation.input_shape
+    )
+    (rule,) = configuration["Rules"]
+    assert rule["Status"] == "Enabled"
+    assert rule["Filter"] == {"Prefix": f"{OFFLOAD_PREFIX}/"}
+    queues = resources("AWS::SQS::Queue")
+    # A redriven message starts a new retention period in the source queue.
+    held = sum(queues[q]["Properties"]["MessageRetentionPeriod"] for q in ("SourceQueue", "DeadLetterQueue"))
+    assert rule["Expiration"]["Days"] * 86400 > held
 
 
 def test_archive_bucket_is_private_encrypted_and_cleans_up() -> None:
