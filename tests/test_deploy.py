@@ -805,6 +805,31 @@ def test_outputs_name_the_queues_bucket_and_service() -> None:
     assert outputs["CloudFrontDomainName"]["Condition"] == "UseCloudFront"
 
 
+WORKER_MEMORY_PARAMETERS = {"PartSize", "MaxArchiveBytes", "UploadConcurrency", "PrefetchBytes", "MaxFiles"}
+
+
+def worst_case_memory(**overrides: Any) -> float:
+    """MiB the worker may peak at, by the README's formula (Memory), counting every optional term:
+    interpreter, UploadConcurrency + 1 parts in flight and one more beside a copy, the read-ahead, the
+    central directory, a buffered deflate entry, copied heads."""
+    p = {k: float(v) for k, v in Resolver(**overrides).params.items() if k in WORKER_MEMORY_PARAMETERS}
+    mib = 1024 * 1024
+    part = max(p["PartSize"], math.ceil(p["MaxArchiveBytes"] / 10_000 / mib) * mib)
+    buffers = (p["UploadConcurrency"] + 2) * part + p["PrefetchBytes"] + 300 * p["MaxFiles"]
+    return 75 + buffers / mib + 16 + 10
+
+
+def test_task_memory_help_counts_every_buffer() -> None:
+    """The TaskMemory help names every setting the README's formula adds up, PrefetchBytes included,
+    and its estimate at the defaults is right and fits the smallest task Fargate offers."""
+    description = template()["Parameters"]["TaskMemory"]["Description"]
+    for name in WORKER_MEMORY_PARAMETERS:
+        assert name in description, name
+    estimate = worst_case_memory()
+    assert f"~{round(estimate / 5) * 5} MiB at the defaults" in description
+    assert estimate < min(int(m) for m in template()["Parameters"]["TaskMemory"]["AllowedValues"]) / 4
+
+
 def test_every_task_cpu_has_a_memory_rule() -> None:
     """Each allowed TaskCpu has a Rule limiting TaskMemory to allowed values Fargate pairs with it."""
     parameters, rules = template()["Parameters"], template()["Rules"]
