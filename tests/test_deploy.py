@@ -792,6 +792,13 @@ def test_failed_requests_alarm_reads_the_workers_emf_metric(capsys: pytest.Captu
     assert alarm["TreatMissingData"] == "notBreaching"
 
 
+def test_every_parameter_is_in_one_console_group() -> None:
+    """The console shows every parameter, in exactly one group."""
+    groups = template()["Metadata"]["AWS::CloudFormation::Interface"]["ParameterGroups"]
+    grouped = [name for group in groups for name in group["Parameters"]]
+    assert sorted(grouped) == sorted(template()["Parameters"])
+
+
 def test_outputs_name_the_queues_bucket_and_service() -> None:
     """The stack outputs queue URLs, DLQ ARN, bucket, service, and CloudFront's domain if enabled."""
     outputs = template()["Outputs"]
