@@ -416,6 +416,22 @@ def test_health_check_runs_archiver_check() -> None:
     }
 
 
+def test_deploy_readme_states_the_templates_health_check_and_parameters() -> None:
+    """deploy/README.md gives the health check's real timings and names every parameter."""
+    text = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    found = re.search(r"every (\d+) s, timeout (\d+) s, (\d+) retries, (\d+) s start period", text)
+    assert found, "the Health check bullet"
+    check = container()["HealthCheck"]
+    assert tuple(int(n) for n in found.groups()) == (
+        check["Interval"],
+        check["Timeout"],
+        check["Retries"],
+        check["StartPeriod"],
+    )
+    missing = [name for name in template()["Parameters"] if f"`{name}`" not in text]
+    assert missing == []
+
+
 def test_logs_never_block_the_worker() -> None:
     """awslogs runs in non-blocking mode with a bounded buffer into a log group with a retention."""
     logging = container()["LogConfiguration"]
