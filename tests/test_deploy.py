@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from archiver import metrics as emf
+from archiver import worker
 from archiver.cli import OFFLOAD_PREFIX
 from archiver.errors import SettingsError
 from archiver.models import Request, archive_key
@@ -477,13 +478,16 @@ def test_source_queue_redrives_to_a_long_lived_kept_dlq() -> None:
     assert all(queue["Properties"]["SqsManagedSseEnabled"] is True for queue in queues.values())
 
 
-def test_max_receive_count_outlasts_a_busy_duplicate() -> None:
-    """At the defaults, a duplicate put back every VisibilityTimeout while another task builds the
-    request for up to JobTimeout still has 5 deliveries left for real retries."""
+def test_max_receive_count_is_the_retries_of_a_failing_request() -> None:
+    """MaxReceiveCount counts the attempts of a request that keeps failing, not a job's length: at the
+    defaults the worker's backoff gets it to the DLQ, and its producer a `failed` notice, within minutes
+    (busy duplicates are deferred and, on their last delivery, deleted: tests/test_leases.py)."""
     parameters = template()["Parameters"]
-    busy = math.ceil(parameters["JobTimeout"]["Default"] / parameters["VisibilityTimeout"]["Default"])
-    assert parameters["MaxReceiveCount"]["Default"] == busy + 5
-    assert "JobTimeout / VisibilityTimeout" in parameters["MaxReceiveCount"]["Description"]
+    count, visibility = parameters["MaxReceiveCount"]["Default"], parameters["VisibilityTimeout"]["Default"]
+    assert 3 <= count <= 5
+    waited = sum(worker.release_delay(n, visibility) for n in range(1, count))
+    assert waited <= 5 * 60
+    assert "deferred" in parameters["MaxReceiveCount"]["Description"]
     assert parameters["MaxReceiveCount"]["MaxValue"] == 1000  # SQS's own limit
 
 

@@ -73,8 +73,6 @@ def kms_needed(
     return needed
 
 
-
-
 @pytest.fixture
 def recorded(moto_endpoint: str) -> tuple[AwsClients, set[str], set[tuple[str, str, str | None]]]:
     calls: set[str] = set()
