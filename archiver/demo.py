@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from boto3.s3.transfer import TransferConfig
 
 from archiver import queue
-from archiver.assembly import HEAD_BYTES
+from archiver.assembly import LEAD_BYTES
 from archiver.aws import AwsClients, make_clients
 from archiver.settings import Settings, load_settings
 
@@ -318,26 +318,10 @@ def run_demo(*, verbose: bool = False, out: Any = None) -> int:
         notifications = _collect_notifications(
             clients.sqs, queue.resolve_queue_url(clients.sqs, DESTINATION_QUEUE), len(CASES)
         )
-        failures = 0
-        for request_id, case in request_ids.items():
-            print(f"\n== {case.title}", file=out)
-            notification = notifications.get(request_id)
-            if notification is None:
-                print("  FAIL: no notification arrived", file=out)
-                failures += 1
-                continue
-            print(json.dumps(notification, indent=2, ensure_ascii=False), file=out)
-            problems = _check_case(case, notification)
-            if case.copied is not None:
-                copied = copies.get(case.copied, 0)
-                print(f"  copied inside S3 (UploadPartCopy): {copied} bytes of {case.copied}", file=out)
-                if copied != len(SAMPLES[(SOURCE_BUCKET, case.copied)]) - HEAD_BYTES:
-                    problems.append(f"expected all but the first {HEAD_BYTES} bytes copied server-side")
-            for problem in problems:
-                print(f"  FAIL: {problem}", file=out)
-            if not problems:
-                print(f"  check: OK ({_describe(case, notification)})", file=out)
-            failures += bool(problems)
+        failures = sum(
+            _report_case(case, notifications.get(request_id), copies, out)
+            for request_id, case in request_ids.items()
+        )
     if failures:
         print(f"\ndemo FAILED: {failures} of {len(CASES)} requests did not check out", file=out)
         if not verbose:
@@ -345,6 +329,28 @@ def run_demo(*, verbose: bool = False, out: Any = None) -> int:
         return 1
     print(f"\ndemo passed: {len(CASES)} requests, every archive downloaded and verified", file=out)
     return 0
+
+
+def _report_case(
+    case: DemoCase, notification: dict[str, Any] | None, copies: dict[str, int], out: Any
+) -> bool:
+    """Print one request's notification and checks; True when something did not check out."""
+    print(f"\n== {case.title}", file=out)
+    if notification is None:
+        print("  FAIL: no notification arrived", file=out)
+        return True
+    print(json.dumps(notification, indent=2, ensure_ascii=False), file=out)
+    problems = _check_case(case, notification)
+    if case.copied is not None:
+        copied = copies.get(case.copied, 0)
+        print(f"  copied inside S3 (UploadPartCopy): {copied} bytes of {case.copied}", file=out)
+        if copied != len(SAMPLES[(SOURCE_BUCKET, case.copied)]) - LEAD_BYTES:
+            problems.append(f"expected all but the first {LEAD_BYTES} bytes copied server-side")
+    for problem in problems:
+        print(f"  FAIL: {problem}", file=out)
+    if not problems:
+        print(f"  check: OK ({_describe(case, notification)})", file=out)
+    return bool(problems)
 
 
 def _count_copies(s3: S3Client) -> dict[str, int]:

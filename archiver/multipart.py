@@ -1,20 +1,21 @@
 """Byte chunks -> parts -> an S3 multipart upload that either completes or is aborted.
 
 The archive appears whole or not at all: S3 shows nothing until CompleteMultipartUpload, and any failure
-(including a cancelled job) aborts the upload so no parts linger and cost money.
+(including an abandoned job) aborts the upload so no parts linger and cost money.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 import structlog
 
-from archiver.assembly import Layout, UploadTarget
 from archiver.aws import retry_transient
 from archiver.errors import JobAbandoned, PermanentError
 from archiver.settings import MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, MiB
@@ -32,8 +33,7 @@ class UploadedObject:
     key: str
     size: int
     parts: int
-    etag: str
-    copied_bytes: int = 0  # bytes S3 copied server-side, which never passed through the worker
+    apart_bytes: int = 0  # bytes uploaded apart from the stream (copied inside S3), never through here
 
 
 def choose_part_size(size_bound: int, minimum: int, *, extra_parts: int = 0) -> int:
@@ -48,44 +48,98 @@ def choose_part_size(size_bound: int, minimum: int, *, extra_parts: int = 0) -> 
     return part_size
 
 
+# Streamed parts that may still be numbered before parts uploaded apart from the stream once their
+# numbers are reserved: the one being filled, one the next bytes may complete, and the one that ends
+# where the apart range starts (parts_of cuts it there).
+RESERVE_GAP = 3
+
+
+@dataclass(frozen=True)
+class Hole:
+    """Stream bytes [start, end) that parts first..last fill, uploaded apart from the stream (copied
+    inside S3): the stream carries stand-ins there, which parts_of drops."""
+
+    start: int
+    end: int
+    first: int
+    last: int
+
+
+@dataclass
+class PartLedger:
+    """Which part numbers an upload has given out and which stream ranges other parts fill. Used by one
+    thread: the zip writer reserves numbers and marks holes while the part assembler, pulled by the same
+    loop, numbers the streamed parts around them."""
+
+    position: int = 0  # stream bytes the assembler has taken, holes included
+    last_number: int = 0  # the highest part number the stream has passed, streamed or apart
+    reserved_last: int = 0  # the highest number reserved for parts uploaded apart
+    holes: deque[Hole] = field(default_factory=deque)
+
+    def reserve(self, count: int) -> int:
+        """The first of `count` numbers for parts uploaded apart from the stream. The writer may reserve
+        while the end of what it wrote before is still on its way to the assembler: RESERVE_GAP numbers
+        are left for the streamed parts that can still come first; unused ones are gaps, which S3 allows."""
+        taken = max([self.last_number, self.reserved_last, *(hole.last for hole in self.holes)])
+        first = taken + RESERVE_GAP + 1
+        self.reserved_last = first + count - 1
+        return first
+
+    def add_hole(self, hole: Hole) -> None:
+        self.holes.append(hole)
+
+    def number_streamed(self) -> int:
+        number = self.last_number + 1
+        if self.holes and number >= self.holes[0].first:
+            raise RuntimeError(f"streamed part {number} would overwrite part {self.holes[0].first}")
+        self.last_number = number
+        return number
+
+    def passed(self, hole: Hole) -> None:
+        if self.holes[0] is not hole:
+            raise RuntimeError(f"passed {hole}, but the next hole is {self.holes[0]}")
+        self.holes.popleft()
+        self.last_number = hole.last
+
+
 def parts_of(
-    chunks: Iterable[bytes], part_size: int, cancelled: Callable[[], bool], layout: Layout
+    chunks: Iterable[bytes], part_size: int, abandoned: Callable[[], bool], ledger: PartLedger
 ) -> Iterator[tuple[int, bytes | bytearray]]:
     """Regroup chunks into numbered parts of `part_size` bytes (the last one shorter), leaving out the
-    ranges S3 copies (`layout.holes`). Each part is filled in place and handed over as it is: joining and
-    slicing would hold every part twice. A part that ends where a copy starts is cut there: it holds the
-    copied object's head, so it is at least 5 MiB, and at most part_size + 5 MiB."""
+    ranges other parts fill (`ledger.holes`). Each part is filled in place and handed over as it is:
+    joining and slicing would hold every part twice. A part that ends where a hole starts is cut there:
+    it holds the copied object's lead, so it is at least 5 MiB, and at most part_size + 5 MiB."""
     part = bytearray(part_size)
     filled = 0
     emitted = False
     for chunk in chunks:
-        if cancelled():
+        if abandoned():
             raise JobAbandoned("the job was stopped before its archive was complete")
         data = memoryview(chunk)
         while data:
-            hole = layout.holes[0] if layout.holes else None
-            if hole is not None and layout.position >= hole.start:
-                skip = min(len(data), hole.end - layout.position)
+            hole = ledger.holes[0] if ledger.holes else None
+            if hole is not None and ledger.position >= hole.start:
+                skip = min(len(data), hole.end - ledger.position)
                 data = data[skip:]
-                layout.position += skip
-                if layout.position == hole.end:
-                    layout.passed(hole)
+                ledger.position += skip
+                if ledger.position == hole.end:
+                    ledger.passed(hole)
                 continue
             end = part_size
-            if hole is not None and hole.start - (layout.position - filled) < part_size + MIN_PART_SIZE:
-                end = hole.start - (layout.position - filled)
+            if hole is not None and hole.start - (ledger.position - filled) < part_size + MIN_PART_SIZE:
+                end = hole.start - (ledger.position - filled)
             take = min(len(data), end - filled)
             part[filled : filled + take] = data[:take]
             filled += take
-            layout.position += take
+            ledger.position += take
             data = data[take:]
             if filled == end:
-                del part[filled:]  # a part cut short where a copy starts
-                yield layout.number_streamed(), part
+                del part[filled:]  # a part cut short where a hole starts
+                yield ledger.number_streamed(), part
                 emitted = True
                 part, filled = bytearray(part_size), 0
     if filled or not emitted:
-        yield layout.number_streamed(), bytes(part[:filled])
+        yield ledger.number_streamed(), bytes(part[:filled])
 
 
 @retry_transient
@@ -113,6 +167,93 @@ def _never() -> bool:
     return False
 
 
+def _nothing() -> None:
+    return None
+
+
+class MultipartUpload:
+    """One object's multipart upload, the only owner of its state: its id, the ledger of part numbers
+    (streamed parts, and parts uploaded apart from the stream, such as server-side copies or, later,
+    parts another process uploaded), the parts to complete it with, and its end. `create` is a context
+    manager that registers the abort as soon as the upload id exists: leaving it any way but through
+    `complete` aborts the upload, so no parts linger and cost money."""
+
+    def __init__(self, s3: S3Client, *, bucket: str, key: str, upload_id: str, metadata: dict[str, str]):
+        self.s3, self.bucket, self.key, self.upload_id = s3, bucket, key, upload_id
+        self.metadata = metadata
+        self.ledger = PartLedger()
+        self._parts: list[CompletedPartTypeDef] = []
+        self.apart_bytes = 0
+        self.completed = False
+
+    @classmethod
+    @contextlib.contextmanager
+    def create(
+        cls,
+        s3: S3Client,
+        *,
+        bucket: str,
+        key: str,
+        metadata: dict[str, str],
+        content_disposition: str | None = None,
+    ) -> Iterator[MultipartUpload]:
+        extra = {"ContentDisposition": content_disposition} if content_disposition else {}
+        upload_id = retry_transient(s3.create_multipart_upload)(
+            Bucket=bucket,
+            Key=key,
+            ContentType="application/zip",
+            Metadata=metadata,
+            ChecksumAlgorithm="CRC32",
+            **extra,  # type: ignore[arg-type]
+        )["UploadId"]
+        upload = cls(s3, bucket=bucket, key=key, upload_id=upload_id, metadata=metadata)
+        try:
+            yield upload
+        finally:
+            if not upload.completed:
+                upload.abort()
+
+    def add_parts(self, parts: Iterable[CompletedPartTypeDef], *, apart_bytes: int = 0) -> None:
+        """Parts uploaded apart from the stream, under numbers reserved from the ledger."""
+        self._parts.extend(parts)
+        self.apart_bytes += apart_bytes
+
+    def write(
+        self,
+        chunks: Iterable[bytes],
+        *,
+        part_size: int,
+        concurrency: int,
+        abandoned: Callable[[], bool] = _never,
+    ) -> None:
+        """Upload `chunks` as the stream's parts. At most `concurrency` parts are in flight and one more
+        is being filled, which bounds memory at (concurrency + 1) x part_size whatever the size."""
+        parts = parts_of(chunks, part_size, abandoned, self.ledger)
+        self._parts.extend(_upload_parts(self, parts, concurrency=concurrency))
+
+    def complete(self, *, confirm: Callable[[], None] = _nothing) -> UploadedObject:
+        """Complete the upload with every part. `confirm` runs right before, the one step that cannot be
+        undone: if it raises, the upload is aborted instead."""
+        parts = sorted(self._parts, key=lambda part: part["PartNumber"])
+        confirm()
+        _complete(self, parts)
+        self.completed = True
+        return UploadedObject(
+            bucket=self.bucket,
+            key=self.key,
+            size=self.ledger.position,
+            parts=len(parts),
+            apart_bytes=self.apart_bytes,
+        )
+
+    def abort(self) -> None:
+        try:
+            _abort(self.s3, bucket=self.bucket, key=self.key, upload_id=self.upload_id)
+        except Exception as exc:
+            # A bucket lifecycle rule (AbortIncompleteMultipartUpload) is the safety net for this.
+            log.error("upload.abort_failed", key=self.key, upload_id=self.upload_id, error=repr(exc))
+
+
 def upload_stream(
     s3: S3Client,
     chunks: Iterable[bytes],
@@ -123,93 +264,43 @@ def upload_stream(
     concurrency: int,
     metadata: dict[str, str],
     content_disposition: str | None = None,
-    cancelled: Callable[[], bool] = _never,
-    layout: Layout | None = None,
-    confirm: Callable[[], None] = lambda: None,
+    abandoned: Callable[[], bool] = _never,
 ) -> UploadedObject:
-    """Upload `chunks` as one object. At most `concurrency` parts are in flight and one more is being
-    filled, which bounds memory at (concurrency + 1) x part_size whatever the archive's size. With a
-    `layout`, ranges that S3 copies server-side (archiver.assembly) are left out of the streamed parts.
-    `confirm` runs right before the upload is completed, the one step that cannot be undone: if it
-    raises, the upload is aborted instead."""
-    layout = layout if layout is not None else Layout()
-    extra = {"ContentDisposition": content_disposition} if content_disposition else {}
-    upload_id = retry_transient(s3.create_multipart_upload)(
-        Bucket=bucket,
-        Key=key,
-        ContentType="application/zip",
-        Metadata=metadata,
-        ChecksumAlgorithm="CRC32",
-        **extra,  # type: ignore[arg-type]
-    )["UploadId"]
-    layout.upload = UploadTarget(bucket=bucket, key=key, upload_id=upload_id)
-    try:
-        streamed = _upload_parts(
-            s3,
-            parts_of(chunks, part_size, cancelled, layout),
-            target=layout.upload,
-            concurrency=concurrency,
-        )
-        parts = sorted([*streamed, *layout.copied_parts], key=lambda part: part["PartNumber"])
-        confirm()
-        etag = _complete(
-            s3,
-            bucket=bucket,
-            key=key,
-            upload_id=upload_id,
-            parts=parts,
-            size=layout.position,
-            metadata=metadata,
-        )
-    except BaseException:
-        try:
-            _abort(s3, bucket=bucket, key=key, upload_id=upload_id)
-        except Exception:
-            # A bucket lifecycle rule (AbortIncompleteMultipartUpload) is the safety net for this.
-            log.exception("upload.abort_failed", key=key, upload_id=upload_id)
-        raise
-    return UploadedObject(
-        bucket=bucket,
-        key=key,
-        size=layout.position,
-        parts=len(parts),
-        etag=etag,
-        copied_bytes=layout.copied_bytes,
-    )
+    """Upload `chunks` as one object, streamed only: completed, or aborted on any failure."""
+    with MultipartUpload.create(
+        s3, bucket=bucket, key=key, metadata=metadata, content_disposition=content_disposition
+    ) as upload:
+        upload.write(chunks, part_size=part_size, concurrency=concurrency, abandoned=abandoned)
+        return upload.complete()
 
 
-def _complete(
-    s3: S3Client,
-    *,
-    bucket: str,
-    key: str,
-    upload_id: str,
-    parts: list[CompletedPartTypeDef],
-    size: int,
-    metadata: dict[str, str],
-) -> str:
-    """Complete the upload; returns the object's ETag. When the answer to a Complete that worked is lost,
-    botocore's retry finds the upload gone (NoSuchUpload on S3): the object itself says it is done."""
+def _complete(upload: MultipartUpload, parts: list[CompletedPartTypeDef]) -> None:
+    """When the answer to a Complete that worked is lost, botocore's retry finds the upload gone
+    (NoSuchUpload on S3): the object itself says it is done."""
+    s3 = upload.s3
     try:
-        return retry_transient(s3.complete_multipart_upload)(
-            Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
-        ).get("ETag", "")
+        retry_transient(s3.complete_multipart_upload)(
+            Bucket=upload.bucket, Key=upload.key, UploadId=upload.upload_id, MultipartUpload={"Parts": parts}
+        )
     except Exception:
         try:
-            head = s3.head_object(Bucket=bucket, Key=key)
+            head = s3.head_object(Bucket=upload.bucket, Key=upload.key)
         except Exception:
             head = None
-        if head is not None and head["ContentLength"] == size and head.get("Metadata") == metadata:
-            log.warning("upload.complete_answer_lost", key=key)
-            return head["ETag"]
-        raise
+        size_matches = head is not None and head["ContentLength"] == upload.ledger.position
+        if not (size_matches and head is not None and head.get("Metadata") == upload.metadata):
+            raise
+        log.warning("upload.complete_answer_lost", key=upload.key)
+
+
+def upload_threads(concurrency: int) -> int:
+    return concurrency
 
 
 def _upload_parts(
-    s3: S3Client,
+    upload: MultipartUpload,
     numbered_parts: Iterator[tuple[int, bytes | bytearray]],
     *,
-    target: UploadTarget,
     concurrency: int,
 ) -> list[CompletedPartTypeDef]:
     # A buffer slot is taken before a part starts filling and given back when its upload is done, so
@@ -217,7 +308,7 @@ def _upload_parts(
     slots = threading.BoundedSemaphore(concurrency + 1)
     in_flight: set[Future[CompletedPartTypeDef]] = set()
     done: list[Future[CompletedPartTypeDef]] = []
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="part") as pool:
+    with ThreadPoolExecutor(max_workers=upload_threads(concurrency), thread_name_prefix="part") as pool:
         try:
             while True:
                 slots.acquire()
@@ -230,10 +321,10 @@ def _upload_parts(
                     raise PermanentError("too_large", f"the archive needs more than {MAX_PARTS} parts")
                 future = pool.submit(
                     _upload_part,
-                    s3,
-                    bucket=target.bucket,
-                    key=target.key,
-                    upload_id=target.upload_id,
+                    upload.s3,
+                    bucket=upload.bucket,
+                    key=upload.key,
+                    upload_id=upload.upload_id,
                     number=number,
                     body=body,
                 )

@@ -15,13 +15,12 @@ import stat
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from isal import isal_zlib
 from stream_zip import NO_COMPRESSION_32, NO_COMPRESSION_64, ZIP_32, ZIP_64, ZIP_AUTO, Method, stream_zip
 
 from archiver import crc
-from archiver.assembly import CopiedEntry
 from archiver.errors import ChecksumMismatch
 from archiver.sources import SourceObject
 
@@ -62,6 +61,16 @@ COMPRESSED_TYPES = frozenset(
         "application/vnd.rar",
     }
 )
+
+
+class CopiedData(Protocol):
+    """An entry whose data is uploaded apart from the stream (archiver.assembly copies it inside S3):
+    its CRC-32, and the bytes stream-zip is to see in its place."""
+
+    @property
+    def crc32(self) -> int: ...
+
+    def chunks(self) -> Iterator[bytes]: ...
 
 
 def is_precompressed(path: str, content_type: str) -> bool:
@@ -112,12 +121,12 @@ class _Member(Method):
         crc32: int | None,
         source: Iterator[bytes],
         name: str,
-        copy: Callable[[], CopiedEntry | None] | None = None,
+        copy: Callable[[], CopiedData | None] | None = None,
     ) -> None:
         self._size, self._level, self._crc32, self._source = size, level, crc32, source
         self._name = name  # the source as requested, for errors
         self._copy = copy
-        self._copied: CopiedEntry | None = None
+        self._copied: CopiedData | None = None
         self._buffered: list[bytes] | None = None
 
     def chunks(self) -> Iterator[bytes]:
@@ -190,7 +199,7 @@ def zip_chunks(
     *,
     open_source: Callable[[int, SourceObject], Iterator[bytes]],
     compression: Compression,
-    copy: Callable[[int, SourceObject], CopiedEntry | None] | None = None,
+    copy: Callable[[int, SourceObject], CopiedData | None] | None = None,
 ) -> Iterator[bytes]:
     """The archive as 64 KiB chunks. Members are generated lazily: stream-zip asks for entry i's bytes
     only once entry i-1 is written, so sources are consumed strictly in order. `copy` is offered every
@@ -228,16 +237,17 @@ def _whole(output: Iterable[bytes]) -> Iterator[bytes]:
     stream-zip regroups its raw output into CHUNK_SIZE blocks and flushes a short block after every local
     header. When a header ends exactly on a block boundary the flush makes an empty block, which the
     regrouping loop takes for the end of the output: the archive stops there, silently, without its
-    central directory (about one entry in 65,536 hits it; tests/test_zipping.py builds one). The raw
-    generator still holds the rest, so it is taken from the regrouping generator's frame and read to its
-    end, its flush markers dropped. The end record is checked last, so no other cut goes unnoticed.
+    central directory (about one entry in 65,536 hits it; tests/test_zipping.py builds one; reported
+    upstream as https://github.com/uktrade/stream-zip/issues/189). The raw generator still holds the
+    rest, so it is taken from the regrouping generator's frame and read to its end; its flush markers are
+    empty bytes, passed on as they are. The end record is checked last, so no other cut goes unnoticed.
     """
     zipped: Any = iter(output)  # stream_zip's own generator: iter() returns it
     first = next(zipped, None)
     if first is None:
         raise RuntimeError("stream-zip wrote nothing")
     # stream_zip is `yield from evenly_sized(raw)`; evenly_sized keeps `raw` as `it`.
-    raw: Iterator[object] = zipped.gi_yieldfrom.gi_frame.f_locals["it"]
+    raw: Iterator[bytes] = zipped.gi_yieldfrom.gi_frame.f_locals["it"]
     tail = first[-END_RECORD_LENGTH:]
     yield first
     for chunk in zipped:
@@ -248,9 +258,8 @@ def _whole(output: Iterable[bytes]) -> Iterator[bytes]:
         )
         yield chunk
     for piece in raw:
-        if isinstance(piece, bytes):
-            tail = (tail + piece)[-END_RECORD_LENGTH:]
-            yield piece
+        tail = (tail + piece)[-END_RECORD_LENGTH:]
+        yield piece
     if not tail.startswith(END_OF_CENTRAL_DIRECTORY):
         raise RuntimeError("the archive stream ended before its end of central directory record")
 

@@ -22,10 +22,9 @@ from botocore.config import Config
 from isal import isal_zlib
 
 from archiver import crc, worker
-from archiver.assembly import HEAD_BYTES, CopiedEntry, Layout, UploadTarget, copy_ranges
-from archiver.job import COPY_EXTRA_PARTS, plan_copies
+from archiver.assembly import COPY_EXTRA_PARTS, LEAD_BYTES, CopiedEntry, copy_ranges, plan_copies
 from archiver.logs import configure_logging
-from archiver.multipart import parts_of
+from archiver.multipart import PartLedger, parts_of
 from archiver.settings import MAX_PARTS, MIN_PART_SIZE, MiB
 from archiver.sources import SourceObject
 from archiver.zipping import CHUNK_SIZE, ZipEntry, zip_chunks
@@ -106,7 +105,7 @@ def test_copied_archive_is_the_streamed_archive(
         for event in map(json.loads, logs.getvalue().splitlines())
         if event["event"] == "archive.assembled"
     ]
-    copied_bytes = sum(len(files[name]) - HEAD_BYTES for name in BIG)
+    copied_bytes = sum(len(files[name]) - LEAD_BYTES for name in BIG)
     assert assembled["request_id"] == "copied"
     assert assembled["archive_key"] == "download/copied/copied.zip"
     assert (assembled["bytes"], assembled["copied_bytes"]) == (len(copied), copied_bytes)
@@ -122,7 +121,7 @@ def test_copied_archive_is_the_streamed_archive(
         assert ranges == sorted(f"bytes={start}-{end - 1}" for start, end in expected_copies(files, name))
         assert {c.headers["x-amz-copy-source-if-match"] for c in mine} == {etag}
         gets = fault_proxy.requests_matching(operation="GetObject", since=since, path_contains=f"/in/{name}")
-        assert [g.headers.get("range") for g in gets] == [f"bytes=0-{HEAD_BYTES - 1}"]
+        assert [g.headers.get("range") for g in gets] == [f"bytes=0-{LEAD_BYTES - 1}"]
         assert [g.headers.get("if-match") for g in gets] == [etag]
 
     # What passed through the worker: every uploaded part, against the archive's size.
@@ -241,7 +240,7 @@ def test_crc_from_copied_parts_on_a_server_that_returns_them(
     assert {c.headers["x-amz-copy-source"].rpartition("/")[2] for c in copies} == set(BIG)
     for name in BIG:
         gets = seaweedfs.requests_matching(operation="GetObject", path_contains=f"/in/{name}")
-        assert [g.headers.get("range") for g in gets] == [f"bytes=0-{HEAD_BYTES - 1}"]
+        assert [g.headers.get("range") for g in gets] == [f"bytes=0-{LEAD_BYTES - 1}"]
 
 
 @pytest.mark.slow
@@ -299,25 +298,25 @@ def test_layout_past_4_gib_is_the_streamed_one() -> None:
     for chunk in zip_chunks(entries, open_source=open_source, compression="auto"):
         streamed_crc, streamed_length = isal_zlib.crc32(chunk, streamed_crc), streamed_length + len(chunk)
 
-    layout = Layout(upload=UploadTarget("memory", "archive.zip", "upload"))
+    layout = PartLedger()
     pieces: dict[int, tuple[int, int]] = {}  # part number -> (crc, length)
 
     def copy(index: int, obj: SourceObject) -> CopiedEntry | None:
         spec = specs[index]
         if obj.size < COPY_MIN:
             return None
-        first = layout.reserve()
-        pieces[first] = (spec.crc32(index, skip_chunks=HEAD_BYTES // CHUNK_SIZE), spec.size - HEAD_BYTES)
-        head = list(itertools.islice(spec.chunks(index), HEAD_BYTES // CHUNK_SIZE))
+        first = layout.reserve(1)
+        pieces[first] = (spec.crc32(index, skip_chunks=LEAD_BYTES // CHUNK_SIZE), spec.size - LEAD_BYTES)
+        lead = list(itertools.islice(spec.chunks(index), LEAD_BYTES // CHUNK_SIZE))
         assert obj.crc32 is not None
         return CopiedEntry(
             crc32=obj.crc32,
-            head=head,
-            head_crc32=crc.joined((zlib.crc32(chunk), len(chunk)) for chunk in head),
+            lead=lead,
+            lead_crc32=crc.joined((zlib.crc32(chunk), len(chunk)) for chunk in lead),
             size=spec.size,
             first=first,
             last=first,
-            layout=layout,
+            ledger=layout,
         )
 
     chunks = zip_chunks(entries, open_source=open_source, compression="auto", copy=copy)
@@ -344,8 +343,8 @@ def test_a_shutdown_during_copies_does_not_wait_for_them(stack: Stack, fault_pro
 
     def stop_while_copying() -> None:
         wait_for(lambda: fault_proxy.requests_matching(operation="UploadPartCopy"), timeout=60)
-        work.stopping.set()  # what the SIGTERM handler and its grace timer do
-        work.abandon.set()
+        work.shutdown.requested.set()  # what the SIGTERM handler and its grace timer do
+        work.shutdown.overdue.set()
 
     stopper = threading.Thread(target=stop_while_copying)
     stopper.start()

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from archiver import crc
-from archiver.assembly import HEAD_BYTES, MAX_COPY_PIECE, copy_ranges
+from archiver.assembly import LEAD_BYTES, MAX_COPY_PIECE, copy_ranges
 from archiver.settings import MAX_PART_SIZE, MIN_COPIED_OBJECT, MIN_PART_SIZE
 
 blobs = st.binary(max_size=300)
@@ -48,11 +48,11 @@ def test_copy_ranges_cover_the_object_after_its_head_in_valid_parts(
     size: int, part_size: int, concurrency: int
 ) -> None:
     ranges = copy_ranges(size, part_size=part_size, concurrency=concurrency)
-    assert ranges[0][0] == HEAD_BYTES and ranges[-1][1] == size
+    assert ranges[0][0] == LEAD_BYTES and ranges[-1][1] == size
     assert all(end == start for (_, end), (start, _) in itertools.pairwise(ranges))
     assert all(MIN_PART_SIZE <= end - start <= MAX_PART_SIZE for start, end in ranges)
     # Never more parts than streaming the same bytes would take: the part-number budget counts on it.
-    assert len(ranges) <= -(-(size - HEAD_BYTES) // part_size)
+    assert len(ranges) <= -(-(size - LEAD_BYTES) // part_size)
 
 
 @given(value=st.integers(min_value=0, max_value=0xFFFFFFFF))

@@ -10,9 +10,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from archiver.assembly import HEAD_BYTES, NUMBERING_SLACK, Hole, Layout
+from archiver.assembly import LEAD_BYTES
 from archiver.errors import JobAbandoned, PermanentError
-from archiver.multipart import MAX_PARTS, choose_part_size, parts_of, upload_stream
+from archiver.multipart import (
+    MAX_PARTS,
+    RESERVE_GAP,
+    Hole,
+    PartLedger,
+    choose_part_size,
+    parts_of,
+    upload_stream,
+)
 from archiver.settings import MIN_PART_SIZE, MiB
 from tests.conftest import Stack
 
@@ -30,7 +38,7 @@ def test_part_size_grows_to_stay_under_10000_parts() -> None:
 def test_parts_are_exactly_part_size_except_the_last() -> None:
     """Chunks of any size regroup into equal parts; nothing is lost or reordered."""
     chunks = [os.urandom(n) for n in (10, 7000, 3, 65536, 1, 40000)]
-    numbered = list(parts_of(iter(chunks), 4096, lambda: False, Layout()))
+    numbered = list(parts_of(iter(chunks), 4096, lambda: False, PartLedger()))
     assert [number for number, _ in numbered] == list(range(1, len(numbered) + 1))
     parts = [body for _, body in numbered]
     assert b"".join(parts) == b"".join(chunks)
@@ -40,22 +48,22 @@ def test_parts_are_exactly_part_size_except_the_last() -> None:
 def test_a_copied_range_is_left_out_and_the_part_before_it_holds_the_head() -> None:
     """The part ending where a copy starts is cut there, even past part_size, so it holds the whole 5 MiB
     head and is never under S3's minimum; the copy's numbers are skipped; the stand-ins are dropped."""
-    layout = Layout()
-    prefix, head, tail = os.urandom(6 * MiB), os.urandom(HEAD_BYTES), os.urandom(MiB + 7)
+    layout = PartLedger()
+    prefix, head, tail = os.urandom(6 * MiB), os.urandom(LEAD_BYTES), os.urandom(MiB + 7)
     copied = 20 * MiB
 
     def stream() -> Iterator[bytes]:
         yield from split(prefix)
-        first = layout.reserve()
-        start = layout.position + HEAD_BYTES
-        layout.holes.append(Hole(start=start, end=start + copied, first=first, last=first + 2))
+        first = layout.reserve(3)
+        start = layout.position + LEAD_BYTES
+        layout.add_hole(Hole(start=start, end=start + copied, first=first, last=first + 2))
         yield from split(head)
         yield from split(bytes(copied))
         yield from split(tail)
 
     numbered = [(number, bytes(body)) for number, body in parts_of(stream(), 8 * MiB, lambda: False, layout)]
     assert numbered[0] == (1, prefix + head)
-    assert numbered[1:] == [(1 + NUMBERING_SLACK + 3, tail)]
+    assert numbered[1:] == [(1 + RESERVE_GAP + 3, tail)]
     assert layout.position == len(prefix) + len(head) + copied + len(tail)
     assert not layout.holes
 
@@ -117,7 +125,7 @@ def test_cancelled_job_aborts_the_upload(stack: Stack) -> None:
             part_size=5 * MiB,
             concurrency=2,
             metadata={},
-            cancelled=lambda: len(seen) > 100,
+            abandoned=lambda: len(seen) > 100,
         )
     assert stack.archive_keys() == []
     assert stack.incomplete_uploads() == []
@@ -178,7 +186,7 @@ def test_parts_around_copies_obey_s3s_rules(
 ) -> None:
     """Streamed parts around any copies: numbers rising and clear of the copies', every part but the
     last between 5 MiB and part size + 5 MiB, the streamed bytes all there in order, the copied ones not."""
-    layout = Layout()
+    layout = PartLedger()
     rng = random.Random(len(layout_runs) + part_size + chunk + tail)
     streamed_bytes: list[bytes] = []
     copied_numbers: list[range] = []
@@ -194,17 +202,17 @@ def test_parts_around_copies_obey_s3s_rules(
         held: list[bytes] = []
         for streamed, copied in layout_runs:
             if copied:
-                first = layout.reserve()  # as the copier does before the entry's header goes out
+                first = layout.reserve(2)  # as the copier does before the entry's header goes out
             yield from held
             held = []
             if not copied:
                 yield from literal(streamed)
                 continue
             yield from literal(streamed)  # the run ends with the entry's local header
-            start = layout.position + HEAD_BYTES
-            layout.holes.append(Hole(start=start, end=start + copied, first=first, last=first + 1))
+            start = layout.position + LEAD_BYTES
+            layout.add_hole(Hole(start=start, end=start + copied, first=first, last=first + 1))
             copied_numbers.append(range(first, first + 2))
-            yield from literal(HEAD_BYTES)
+            yield from literal(LEAD_BYTES)
             *stand_ins, last = split(bytes(copied), chunk)
             yield from stand_ins
             held = [last]
