@@ -3,8 +3,10 @@
 The ECS agent serves `$ECS_AGENT_URI/task-protection/v1/state` inside every task: PUT
 `{"ProtectionEnabled": bool, "ExpiresInMinutes": n}`, answered 200 with `{"protection": {...}}` on
 success but also 200 with `{"failure": {...}}` when ECS refused, or 4xx/5xx with `{"error": {...}}`.
-Protection is asked for before each receive and dropped when the poll comes back empty; a long job
-renews it. Nothing here ever stops the worker: an error is logged and the worker goes on unprotected.
+Protection is asked for once a message is received and dropped once it is settled (AWS's advice for
+queue workers), so an idle task stays free for scale-in and deployments; a long job renews it. A stop
+between the receive and the protection is the SIGTERM path: the message is handed back at once.
+Nothing here ever stops the worker: an error is logged and the worker goes on unprotected.
 Outside ECS (no ECS_AGENT_URI) it does nothing.
 """
 

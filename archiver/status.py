@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 import botocore.exceptions
+import structlog
 
 from archiver.aws import http_status, retry_transient
 from archiver.errors import TransientError
@@ -26,6 +28,8 @@ from archiver.models import utc_timestamp
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+log = structlog.get_logger(__name__)
 
 STATUS_NAME = "status.json"
 WORKER_ID = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -136,6 +140,21 @@ class Lease:
     terms: LeaseTerms
     etag: str | None
     conditional: bool = True  # False on a server that answered a conditional write with 501
+    # Until a final status (completed, failed, queued) is written: the heartbeat renews only while held.
+    held: bool = True
+    # The heartbeat's renewals and the job's own writes come from two threads; one write at a time, or a
+    # renewal could land after the final status and write `processing` over it.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def renew(self, progress: Progress) -> bool:
+        """Write `processing` with the progress and a new expiry, if the lease is still held; False when
+        it turned out to be another worker's."""
+        try:
+            self.write("processing", progress, renewal=True)
+        except LeaseLost:
+            log.warning("status.lease_lost", state="processing")
+            return False
+        return True
 
     def write(
         self,
@@ -144,8 +163,25 @@ class Lease:
         *,
         error: dict[str, Any] | None = None,
         notification: dict[str, Any] | None = None,
+        renewal: bool = False,
     ) -> None:
-        """Write the document if the lease is still this worker's, else raise `LeaseLost`."""
+        """Write the document if the lease is still this worker's, else raise `LeaseLost`. A renewal
+        after the final status is a no-op."""
+        with self._lock:
+            if renewal and not self.held:
+                return
+            self._write(status, progress, error=error, notification=notification)
+            if status != "processing":
+                self.held = False
+
+    def _write(
+        self,
+        status: Status,
+        progress: Progress,
+        *,
+        error: dict[str, Any] | None,
+        notification: dict[str, Any] | None,
+    ) -> None:
         body = _document(
             request_id=self.request_id,
             archive_key=self.archive_key,

@@ -1,9 +1,14 @@
-"""The poll loop: receive a request, archive it, notify, and decide once whether to delete or release.
+"""The poll loop: receive a request, archive it, notify, and settle its message once.
 
-One message is worked on at a time per worker process; operators scale by running more tasks. While a
-job runs, a heartbeat thread keeps the message invisible, refreshes the health file and enforces
-JOB_TIMEOUT. SIGTERM stops receiving at once and gives the job SHUTDOWN_GRACE seconds to finish; after
-that, or on a second signal, the upload is aborted and the message released for another worker.
+One message is worked on at a time per worker process; operators scale by running more tasks. From the
+moment a message is received until it is settled, a heartbeat (archiver.heartbeat) keeps it invisible,
+refreshes the health file and the lease, and enforces JOB_TIMEOUT. How the attempt ended is one typed
+`settle.Outcome`, and what happens to the message is `settle.decide`'s answer.
+
+Stopping, named once: a first SIGTERM or SIGINT sets `Shutdown.requested` (receive no more), and
+SHUTDOWN_GRACE seconds later `Shutdown.overdue`; a second signal raises `ForcedExit`. A job is
+*abandoned* (stopped at its next chunk, its upload aborted: `JobAbandoned`) when the shutdown is
+overdue, at JOB_TIMEOUT, or when its lease turns out to be another worker's: `Attempt.abandon_reason`.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import math
 import signal
 import threading
@@ -18,17 +24,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 
 import botocore.exceptions
 import structlog
 from pydantic import ValidationError
 
-from archiver import job, metrics, notify, queue, status
+from archiver import heartbeat, job, metrics, notify, queue, settle, status
 from archiver.aws import AwsClients, http_status, make_clients
-from archiver.errors import ArchiverError, JobAbandoned, PermanentError, TransientError, clip
+from archiver.errors import JobAbandoned, PermanentError, TransientError, clip
+from archiver.heartbeat import touch_health_file
 from archiver.models import (
     ArchivePlan,
     CompletedNotification,
@@ -38,18 +44,28 @@ from archiver.models import (
     utc_timestamp,
 )
 from archiver.protection import TaskProtection
-from archiver.settings import SQS_MAX_VISIBILITY, Settings
+from archiver.settings import Settings
+from archiver.settle import Outcome, release_delay
+
+__all__ = ["ForcedExit", "Worker", "connect", "handle", "release_delay", "run"]
 
 log = structlog.get_logger(__name__)
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 BURST_WAIT_SECONDS = 1
-HEALTH_INTERVAL = 30  # seconds; `archiver check` allows a few of these
-STATUS_INTERVAL = 5  # seconds between progress updates of the status document
 
 
 class ForcedExit(BaseException):
     """A second signal: stop the job now, abort its upload, release its message."""
+
+
+@dataclass
+class Shutdown:
+    """What stop signals have asked for so far."""
+
+    requested: threading.Event = field(default_factory=threading.Event)  # receive no more messages
+    overdue: threading.Event = field(default_factory=threading.Event)  # SHUTDOWN_GRACE ran out
+    signals: int = 0
 
 
 @dataclass
@@ -61,18 +77,14 @@ class Worker:
     source_url: str
     destination_url: str
     max_receive_count: int | None
-    stopping: threading.Event = field(default_factory=threading.Event)
-    abandon: threading.Event = field(default_factory=threading.Event)
-    signals: int = 0
+    shutdown: Shutdown = field(default_factory=Shutdown)
     protection: TaskProtection = field(default_factory=TaskProtection)
     emit_metrics: bool = True
 
 
 def connect(settings: Settings, clients: AwsClients | None = None) -> Worker:
-    # One connection per thread that may call S3 at once: part uploads, copies (and the head read beside
-    # them), HEADs or read-ahead, and a few for the job, heartbeat and status writes.
     clients = clients or make_clients(
-        max_connections=2 * settings.upload_concurrency + 1 + job.HEAD_CONCURRENCY + 4,
+        max_connections=job.s3_connections(settings),
         expected_bucket_owner=settings.expected_bucket_owner,
         link_endpoint=settings.archive_link_endpoint,
     )
@@ -104,30 +116,32 @@ def return_big_buffers_to_the_os() -> None:
 def run(worker: Worker, *, burst: bool = False) -> int:
     """Poll until stopped (or, in burst mode, until the queue is empty). Returns the exit status."""
     exit_status = 0
+    shutdown = worker.shutdown
     with _signal_handlers(worker):
         log.info("worker.started", source_queue=worker.source_url, burst=burst)
         try:
-            while not worker.stopping.is_set():
+            while not shutdown.requested.is_set():
                 touch_health_file(worker.settings.health_file)
-                # Protected before a message can arrive: ECS must not pick this task for scale-in
-                # between the receive and the start of the job.
-                worker.protection.protect()
                 message = _poll(worker, burst=burst)
                 if message is None:
-                    worker.protection.release()
                     if burst:
                         break
                     continue
-                if worker.stopping.is_set():
+                if shutdown.requested.is_set():
                     # Received as the stop signal came: hand it straight back rather than start it.
                     queue.set_visibility(worker.clients.sqs, worker.source_url, message, 0)
                     break
-                handle(worker, message)
+                # Protected only while there is work in hand, as AWS advises for queue workers: an idle
+                # task stays free to be scaled in or replaced. The moment between the receive and this
+                # call is covered by the SIGTERM path above.
+                worker.protection.protect()
+                try:
+                    handle(worker, message)
+                finally:
+                    worker.protection.release()
         except ForcedExit:
             exit_status = 1
-        finally:
-            worker.protection.release()
-        log.info("worker.stopped", signals=worker.signals, status=exit_status)
+        log.info("worker.stopped", signals=shutdown.signals, status=exit_status)
     return exit_status
 
 
@@ -154,16 +168,18 @@ def _poll(worker: Worker, *, burst: bool) -> queue.Message | None:
 @contextlib.contextmanager
 def _signal_handlers(worker: Worker) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
-        yield  # signals reach the main thread only; an embedded worker is stopped through its events
+        yield  # signals reach the main thread only; an embedded worker is stopped through its Shutdown
         return
 
+    shutdown = worker.shutdown
+
     def on_signal(signum: int, _: FrameType | None) -> None:
-        worker.signals += 1
-        if worker.signals > 1:
+        shutdown.signals += 1
+        if shutdown.signals > 1:
             raise ForcedExit(signal.Signals(signum).name)
         log.info("worker.stopping", signal=signal.Signals(signum).name, grace=worker.settings.shutdown_grace)
-        worker.stopping.set()
-        timer = threading.Timer(worker.settings.shutdown_grace, worker.abandon.set)
+        shutdown.requested.set()
+        timer = threading.Timer(worker.settings.shutdown_grace, shutdown.overdue.set)
         timer.daemon = True
         timer.start()
 
@@ -173,11 +189,6 @@ def _signal_handlers(worker: Worker) -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def touch_health_file(path: str) -> None:
-    with contextlib.suppress(OSError):
-        Path(path).touch()
 
 
 # ------------------------------------------------------------------------------------------- one message
@@ -193,22 +204,31 @@ class RequestBusy(TransientError):
         self.holder_message_id = holder_message_id
 
 
+AbandonReason = Literal["timeout", "lease_lost"]
+
+
 @dataclass
 class Attempt:
     """One delivery of one message, from its receipt until it is deleted or released."""
 
     message: queue.Message
     request_id: str
+    shutdown: Shutdown
     metadata: dict[str, Any] = field(default_factory=dict)
     lease: status.Lease | None = None
     progress: status.Progress = field(default_factory=status.Progress)
-    archived: bool = False  # the archive exists and status.json says `completed`
+    notification: CompletedNotification | None = None  # once the archive exists
     extensions: int = 0  # visibility extensions, for the metrics
-    # Set by the heartbeat: "timeout" (JOB_TIMEOUT) or "lease_lost" (the status document was taken over).
-    stop_reason: str | None = None
+    abandon_reason: AbandonReason | None = None  # set by the heartbeat
 
-    def cancelled(self) -> bool:
-        return self.stop_reason is not None
+    @property
+    def archived(self) -> bool:
+        """The archive exists and status.json says `completed` (or it was found so)."""
+        return self.notification is not None
+
+    def abandoned(self) -> bool:
+        """Whether the job must stop at its next chunk: shutdown overdue, JOB_TIMEOUT, or a lost lease."""
+        return self.abandon_reason is not None or self.shutdown.overdue.is_set()
 
 
 @contextlib.contextmanager
@@ -227,61 +247,90 @@ def request_context(**values: Any) -> Iterator[None]:
 def handle(worker: Worker, message: queue.Message) -> None:
     """Work on one message and settle it: delete after success or a permanent failure, else release."""
     started = time.monotonic()
-    attempt = Attempt(message=message, request_id=message.message_id)
-    outcome: dict[str, Any] = {}
+    attempt = Attempt(message=message, request_id=message.message_id, shutdown=worker.shutdown)
+    forced: ForcedExit | None = None
     with request_context(message_id=message.message_id, request_id=message.message_id):
-        try:
-            outcome = _work(worker, attempt)
-            notify.send_notification(worker.clients.sqs, worker.destination_url, outcome.pop("notification"))
-            queue.delete(worker.clients.sqs, worker.source_url, message)
-        except PermanentError as exc:
-            outcome = {"outcome": "failed", "error_code": exc.code, "error": exc.message}
-            _write_status(attempt, "failed", error={"code": exc.code, "message": exc.message})
+        with heartbeat.running(_beats(worker, attempt)):
             try:
-                _fail_permanently(worker, attempt, exc)
-            except Exception as settle_error:
-                # The notification or delete failed: the message comes back and fails the same way then.
-                outcome["outcome"] = "released"
-                _release(worker, attempt, settle_error)
-        except (RequestBusy, status.LeaseLost) as exc:
-            # Not a failure of the request: another worker has it. No status write, no failed notice.
-            outcome = {"outcome": "deferred", "reason": exc.message}
-            busy = (
-                exc
-                if isinstance(exc, RequestBusy)
-                else RequestBusy(exc.message, retry_after=worker.settings.visibility_timeout)
-            )
-            _defer(worker, attempt, busy)
-        except (Exception, ForcedExit) as exc:
-            outcome = {
-                "outcome": "released",
-                "error_code": "internal",
-                "error": clip(f"{type(exc).__name__}: {exc}"),
-            }
-            if not attempt.archived:
-                # Back in the queue: a redelivery may take it at once, without waiting for a lease to expire.
-                _write_status(attempt, "queued", error={"code": "internal", "message": outcome["error"]})
-            _release(worker, attempt, exc)
-            if isinstance(exc, ForcedExit):
-                raise
-        finally:
-            duration = time.monotonic() - started
-            latency = (datetime.now(UTC) - message.sent_at).total_seconds() if message.sent_at else None
-            # The canonical log line: one event per request with everything an operator asks about it.
-            log.info(
-                "request.done",
-                receive_count=message.receive_count,
-                duration_s=round(duration, 3),
-                queue_latency_s=None if latency is None else round(latency, 3),
-                visibility_extensions=attempt.extensions,
-                **outcome,
-            )
-            if worker.emit_metrics:
-                _emit_metrics(worker, attempt, outcome, duration=duration, latency=latency)
+                outcome = _outcome_of(worker, attempt)
+            except ForcedExit as exc:
+                forced = exc
+                log.warning("request.released", reason="forced exit")
+                outcome = _released(attempt, exc, abandoned=True)
+            outcome = _settle(worker, attempt, outcome)
+        _report(worker, attempt, outcome, started)
+    if forced is not None:
+        raise forced
 
 
-def _work(worker: Worker, attempt: Attempt) -> dict[str, Any]:
-    """Read and plan the request, then archive it once: the outcome's log fields and its notification."""
+def _beats(worker: Worker, attempt: Attempt) -> heartbeat.Beats:
+    settings, sqs = worker.settings, worker.clients.sqs
+
+    def renew_lease() -> bool:
+        try:
+            return attempt.lease is None or attempt.lease.renew(attempt.progress)
+        except Exception as exc:
+            log.warning("status.write_failed", state="processing", error=repr(exc))
+            return True
+
+    def stop_job(reason: str) -> None:
+        attempt.abandon_reason = "lease_lost" if reason == "lease_lost" else "timeout"
+
+    def extended() -> None:
+        attempt.extensions += 1
+
+    return heartbeat.Beats(
+        health_file=settings.health_file,
+        visibility_timeout=settings.visibility_timeout,
+        job_timeout=settings.job_timeout,
+        extend_visibility=lambda: queue.set_visibility(
+            sqs, worker.source_url, attempt.message, settings.visibility_timeout
+        ),
+        renew_lease=renew_lease,
+        renew_protection=worker.protection.protect,
+        stop_job=stop_job,
+        on_extended=extended,
+    )
+
+
+def _outcome_of(worker: Worker, attempt: Attempt) -> Outcome:
+    """Work on the request; every way it can end, as an Outcome (ForcedExit aside)."""
+    try:
+        return _work(worker, attempt)
+    except PermanentError as exc:
+        return Outcome("failed", error_code=exc.code, error=exc.message)
+    except (RequestBusy, status.LeaseLost) as exc:
+        # Not a failure of the request: another worker has it. No status write, no failed notice.
+        busy = exc if isinstance(exc, RequestBusy) else None
+        retry_after = busy.retry_after if busy else worker.settings.visibility_timeout
+        holder = busy.holder_message_id if busy else None
+        log.warning("request.deferred", reason=exc.message, retry_after=retry_after)
+        return Outcome(
+            "deferred",
+            error=exc.message,
+            retry_after=retry_after,
+            holder_is_another_message=holder not in (None, attempt.message.message_id),
+        )
+    except Exception as exc:
+        # Stopped by a shutdown: hand the message straight to another worker. A JOB_TIMEOUT is a failure
+        # like any other, so it backs off and ends in the DLQ if it keeps happening.
+        abandoned = isinstance(exc, JobAbandoned) and worker.shutdown.requested.is_set()
+        if abandoned:
+            log.warning("request.released", reason=str(exc) or type(exc).__name__)
+        else:
+            log.error("request.error", exc_info=exc)
+        return _released(attempt, exc, abandoned=abandoned)
+
+
+def _released(attempt: Attempt, error: BaseException, *, abandoned: bool = False) -> Outcome:
+    message = clip(f"{type(error).__name__}: {error}")
+    return Outcome(
+        "released", error_code="internal", error=message, archived=attempt.archived, abandoned=abandoned
+    )
+
+
+def _work(worker: Worker, attempt: Attempt) -> Outcome:
+    """Read and plan the request, then archive it once."""
     document = job.load_document(worker.clients.s3, worker.settings, attempt.message.body)
     salvaged_id, attempt.metadata = salvage_context(document)
     attempt.request_id = salvaged_id or attempt.message.message_id
@@ -293,18 +342,80 @@ def _work(worker: Worker, attempt: Attempt) -> dict[str, Any]:
     return _archive_once(worker, attempt, plan)
 
 
-def _emit_metrics(
-    worker: Worker, attempt: Attempt, outcome: dict[str, Any], *, duration: float, latency: float | None
-) -> None:
+def _settle(worker: Worker, attempt: Attempt, outcome: Outcome) -> Outcome:
+    """Carry out the decision for `outcome`. If notifying or deleting fails, the message is released
+    instead (it comes back, and a built archive is only re-notified then): that is the outcome."""
+    decide = functools.partial(
+        settle.decide,
+        receive_count=attempt.message.receive_count,
+        max_receive_count=worker.max_receive_count,
+        visibility_timeout=worker.settings.visibility_timeout,
+    )
+    settlement = decide(outcome)
+    if settlement.status is not None:
+        _write_status(
+            attempt, settlement.status, error={"code": outcome.error_code, "message": outcome.error}
+        )
+    try:
+        _deliver(worker, attempt, settlement)
+    except Exception as exc:
+        log.error("request.settle_failed", exc_info=exc)
+        retry = _released(attempt, exc)
+        with contextlib.suppress(Exception):
+            _deliver(worker, attempt, decide(retry))
+        return retry
+    return outcome
+
+
+def _deliver(worker: Worker, attempt: Attempt, settlement: settle.Settlement) -> None:
+    """Notify, then delete or release the message, as settled."""
+    sqs = worker.clients.sqs
+    if settlement.send_completed and attempt.notification is not None:
+        notify.send_notification(sqs, worker.destination_url, attempt.notification)
+    if (notice := settlement.failed_notice) is not None:
+        failed = notify.failed(
+            request_id=attempt.request_id,
+            code=notice.code,
+            message=notice.message,
+            retryable=notice.retryable,
+            metadata=attempt.metadata,
+        )
+        if settlement.delete:
+            notify.send_notification(sqs, worker.destination_url, failed)  # must arrive before the delete
+        else:
+            with contextlib.suppress(Exception):  # the release matters more than this notice
+                notify.send_notification(sqs, worker.destination_url, failed)
+    if settlement.delete:
+        queue.delete(sqs, worker.source_url, attempt.message)
+    else:
+        _set_visibility(worker, attempt.message, settlement.release_after or 0)
+
+
+def _report(worker: Worker, attempt: Attempt, outcome: Outcome, started: float) -> None:
+    """The canonical log line, one event per request with everything an operator asks about it, and
+    the request's metrics."""
+    message = attempt.message
+    duration = time.monotonic() - started
+    latency = (datetime.now(UTC) - message.sent_at).total_seconds() if message.sent_at else None
+    log.info(
+        "request.done",
+        receive_count=message.receive_count,
+        duration_s=round(duration, 3),
+        queue_latency_s=None if latency is None else round(latency, 3),
+        visibility_extensions=attempt.extensions,
+        **outcome.log_fields(),
+    )
+    if not worker.emit_metrics:
+        return
     try:
         metrics.emit_request(
-            outcome=str(outcome.get("outcome", "released")),
-            error_code=outcome.get("error_code"),
+            outcome=outcome.kind,
+            error_code=outcome.error_code if outcome.kind in ("failed", "released") else None,
             duration_s=duration,
             queue_latency_s=latency,
-            size=outcome.get("size"),
-            entries=outcome.get("entries"),
-            copied=outcome.get("copied_bytes"),
+            size=outcome.size,
+            entries=outcome.entries,
+            copied=outcome.copied_bytes,
             extensions=attempt.extensions,
             properties={"request_id": attempt.request_id},
         )
@@ -312,7 +423,7 @@ def _emit_metrics(
         log.warning("metrics.failed", exc_info=True)
 
 
-def _archive_once(worker: Worker, attempt: Attempt, plan: ArchivePlan) -> dict[str, Any]:
+def _archive_once(worker: Worker, attempt: Attempt, plan: ArchivePlan) -> Outcome:
     """Build the archive unless this request_id is already done (re-send its notification) or being
     built by another live worker (defer until its lease ends)."""
     s3, settings = worker.clients.s3, worker.settings
@@ -327,24 +438,56 @@ def _archive_once(worker: Worker, attempt: Attempt, plan: ArchivePlan) -> dict[s
             " send a new request with a new request_id",
         )
     if previous is not None and previous.get("status") == "completed":
-        notification = _previous_notification(worker, plan, previous)
-        if notification is not None:
-            attempt.archived = True
-            return {"outcome": "duplicate", "size": notification.archive.size, "notification": notification}
+        attempt.notification = _previous_notification(worker, plan, previous)
+        if attempt.notification is not None:
+            return Outcome("duplicate", size=attempt.notification.archive.size)
     remaining = status.lease_remaining(previous, default_seconds=settings.visibility_timeout)
     if remaining > 0:
         raise RequestBusy(
-            f"request {plan.request_id} is being archived by {previous and previous.get('worker')}",
+            f"request {plan.request_id} is being archived by {(previous or {}).get('worker')}",
             retry_after=math.ceil(remaining) + 1,
             holder_message_id=(previous or {}).get("message_id"),
         )
+    lease = _claim(worker, attempt, plan, stored)
+    aborted = status.abort_stale_uploads(s3, bucket=plan.bucket, key=plan.key)
+    if aborted:
+        log.info("request.stale_uploads_aborted", count=aborted)
+    notification = _build(worker, attempt, plan, lease)
+    # Written before the twin clean-up below: once the status says `completed`, no other worker claims
+    # the key, so any upload left on it is this worker's own. Not best effort: without it a duplicate
+    # would build again, perhaps after the producer deleted the sources.
+    lease.write(
+        "completed",
+        attempt.progress,
+        # Without the link: it is made afresh on every re-send, and a presigned one is a credential.
+        notification=notification.model_dump(mode="json", exclude={"archive": {"url"}}),
+    )
+    attempt.notification = notification
+    try:
+        # A CreateMultipartUpload whose answer was lost and retried by botocore leaves a twin upload
+        # nobody knows the id of; the only place to find it is the listing for this key.
+        status.abort_stale_uploads(s3, bucket=plan.bucket, key=plan.key)
+    except Exception as exc:
+        log.warning("request.cleanup_failed", error=repr(exc))
+    return Outcome(
+        "completed",
+        size=notification.archive.size,
+        entries=notification.archive.entries,
+        copied_bytes=attempt.progress.bytes_copied,
+        skipped=len(notification.skipped),
+        renamed=len(notification.renamed),
+    )
+
+
+def _claim(worker: Worker, attempt: Attempt, plan: ArchivePlan, stored: status.Stored) -> status.Lease:
+    """The lease on this request, before anything else: a worker that lost the race must not abort the
+    winner's upload. Any error but losing the race is raised: without the lease nothing is built."""
     attempt.progress = status.Progress(files_total=len(plan.entries))
     terms = status.LeaseTerms(
-        message_id=attempt.message.message_id, digest=plan.digest, seconds=settings.visibility_timeout
+        message_id=attempt.message.message_id, digest=plan.digest, seconds=worker.settings.visibility_timeout
     )
-    # Claimed before anything else: a worker that lost the race must not abort the winner's upload.
     attempt.lease = status.claim(
-        s3,
+        worker.clients.s3,
         bucket=plan.bucket,
         archive_key=plan.key,
         request_id=plan.request_id,
@@ -355,53 +498,27 @@ def _archive_once(worker: Worker, attempt: Attempt, plan: ArchivePlan) -> dict[s
     if attempt.lease is None:
         raise RequestBusy(
             f"request {plan.request_id} was claimed by another worker just now",
-            retry_after=settings.visibility_timeout,
+            retry_after=worker.settings.visibility_timeout,
         )
-    lease = attempt.lease
-    aborted = status.abort_stale_uploads(s3, bucket=plan.bucket, key=plan.key)
-    if aborted:
-        log.info("request.stale_uploads_aborted", count=aborted)
+    return attempt.lease
+
+
+def _build(worker: Worker, attempt: Attempt, plan: ArchivePlan, lease: status.Lease) -> CompletedNotification:
     try:
-        with _heartbeat(worker, attempt):
-            notification = job.build_archive(
-                worker.clients,
-                settings,
-                plan,
-                progress=attempt.progress,
-                cancelled=lambda: worker.abandon.is_set() or attempt.cancelled(),
-                # A worker that stalled past its lease finds out here at the latest, before its
-                # archive replaces the one the new holder may have completed.
-                confirm=lambda: lease.write("processing", attempt.progress),
-            )
+        return job.build_archive(
+            worker.clients,
+            worker.settings,
+            plan,
+            progress=attempt.progress,
+            abandoned=attempt.abandoned,
+            # A worker that stalled past its lease finds out here at the latest, before its archive
+            # replaces the one the new holder may have completed.
+            confirm=lambda: lease.write("processing", attempt.progress),
+        )
     except JobAbandoned:
-        if attempt.stop_reason == "lease_lost":
+        if attempt.abandon_reason == "lease_lost":
             raise status.LeaseLost(f"request {plan.request_id}: another worker took its lease") from None
         raise
-    # Written before the twin clean-up below: once the status says `completed`, no other worker claims
-    # the key, so any upload left on it is this worker's own. Not best effort: without it a duplicate
-    # would build again, perhaps after the producer deleted the sources.
-    lease.write(
-        "completed",
-        attempt.progress,
-        # Without the link: it is made afresh on every re-send, and a presigned one is a credential.
-        notification=notification.model_dump(mode="json", exclude={"archive": {"url"}}),
-    )
-    attempt.archived = True
-    try:
-        # A CreateMultipartUpload whose answer was lost and retried by botocore leaves a twin upload
-        # nobody knows the id of; the only place to find it is the listing for this key.
-        status.abort_stale_uploads(s3, bucket=plan.bucket, key=plan.key)
-    except Exception as exc:
-        log.warning("request.cleanup_failed", error=repr(exc))
-    return {
-        "outcome": "completed",
-        "size": notification.archive.size,
-        "entries": notification.archive.entries,
-        "copied_bytes": attempt.progress.bytes_copied,
-        "skipped": len(notification.skipped),
-        "renamed": len(notification.renamed),
-        "notification": notification,
-    }
 
 
 def _previous_notification(
@@ -432,12 +549,7 @@ def _previous_notification(
     )
 
 
-def _write_status(
-    attempt: Attempt,
-    state: status.Status,
-    *,
-    error: dict[str, Any] | None = None,
-) -> None:
+def _write_status(attempt: Attempt, state: status.Status, *, error: dict[str, Any] | None = None) -> None:
     """Best effort, and only under this attempt's lease: a status that could not be written never fails
     the request, and one that is another worker's now is left alone."""
     if attempt.lease is None:
@@ -450,133 +562,9 @@ def _write_status(
         log.warning("status.write_failed", state=state, error=repr(exc))
 
 
-def _fail_permanently(worker: Worker, attempt: Attempt, error: PermanentError) -> None:
-    notification = notify.failed(
-        request_id=attempt.request_id,
-        code=error.code,
-        message=error.message,
-        retryable=False,
-        metadata=attempt.metadata,
-    )
-    notify.send_notification(worker.clients.sqs, worker.destination_url, notification)
-    queue.delete(worker.clients.sqs, worker.source_url, attempt.message)
-
-
-def release_delay(receive_count: int, visibility_timeout: int) -> int:
-    """Seconds before a failed message is seen again: grows with each delivery, so a struggling
-    dependency is not hammered, and never longer than a normal visibility timeout."""
-    return min(visibility_timeout, 1 << min(receive_count, 12))
-
-
-def _is_last_delivery(worker: Worker, message: queue.Message) -> bool:
-    return worker.max_receive_count is not None and message.receive_count >= worker.max_receive_count
-
-
-def _defer(worker: Worker, attempt: Attempt, busy: RequestBusy) -> None:
-    """Another worker holds the request: hand the message back until that lease ends. On its last
-    delivery a *different* message for the same request_id is deleted instead of dead-lettered, since
-    the holder answers for the request; the holder's own message (a visibility lapse) is released."""
-    message = attempt.message
-    log.warning("request.deferred", reason=busy.message, retry_after=busy.retry_after)
-    other_message = busy.holder_message_id not in (None, message.message_id)
-    if _is_last_delivery(worker, message) and other_message:
-        log.warning("request.duplicate_dropped", holder_message_id=busy.holder_message_id)
-        queue.delete(worker.clients.sqs, worker.source_url, message)
-        return
-    _set_visibility(worker, message, min(busy.retry_after, SQS_MAX_VISIBILITY))
-
-
-def _release(worker: Worker, attempt: Attempt, error: BaseException) -> None:
-    message = attempt.message
-    # Stopped by a shutdown: hand the message straight to another worker. A JOB_TIMEOUT is a failure
-    # like any other, so it backs off and ends in the DLQ if it keeps happening.
-    abandoned = isinstance(error, ForcedExit) or (
-        isinstance(error, JobAbandoned) and worker.stopping.is_set()
-    )
-    if abandoned:
-        log.warning("request.released", reason=str(error) or type(error).__name__)
-    else:
-        log.error("request.error", exc_info=error)
-    # The next receive moves it to the DLQ, whatever ended this attempt; but an archive that exists is
-    # not a failure: a redrive from the DLQ re-sends its completed notification.
-    if _is_last_delivery(worker, message) and not attempt.archived:
-        code = error.code if isinstance(error, ArchiverError) else "internal"
-        notification = notify.failed(
-            request_id=attempt.request_id,
-            code=code,
-            message=f"gave up after {message.receive_count} attempts: {type(error).__name__}: {error}",
-            retryable=True,
-            metadata=attempt.metadata,
-        )
-        with contextlib.suppress(Exception):
-            notify.send_notification(worker.clients.sqs, worker.destination_url, notification)
-    delay = 0 if abandoned else release_delay(message.receive_count, worker.settings.visibility_timeout)
-    _set_visibility(worker, message, delay)
-
-
 def _set_visibility(worker: Worker, message: queue.Message, seconds: int) -> None:
     try:
         queue.set_visibility(worker.clients.sqs, worker.source_url, message, seconds)
     except Exception as exc:
         # The message reappears by itself when its visibility timeout runs out.
         log.warning("request.release_failed", error=repr(exc))
-
-
-@contextlib.contextmanager
-def _heartbeat(worker: Worker, attempt: Attempt) -> Iterator[None]:
-    """While a job runs: keep its message invisible, refresh the health file, renew the lease with the
-    progress every few seconds, and stop the job at JOB_TIMEOUT or when the lease turns out lost."""
-    settings = worker.settings
-    done = threading.Event()
-    extend_every = max(1.0, min(settings.visibility_timeout / 3, HEALTH_INTERVAL))
-    tick = min(extend_every, STATUS_INTERVAL)
-    deadline = time.monotonic() + settings.job_timeout
-    context = structlog.contextvars.get_contextvars()
-
-    def renew_lease() -> bool:
-        if attempt.lease is None:
-            return True
-        try:
-            attempt.lease.write("processing", attempt.progress)
-        except status.LeaseLost:
-            log.warning("status.lease_lost", state="processing")
-            return False
-        except Exception as exc:
-            log.warning("status.write_failed", state="processing", error=repr(exc))
-        return True
-
-    def beat() -> None:
-        next_extension = time.monotonic() + extend_every
-        with structlog.contextvars.bound_contextvars(**context):
-            while not done.wait(tick):
-                touch_health_file(settings.health_file)
-                now = time.monotonic()
-                if now > deadline:
-                    log.warning("request.timeout", job_timeout=settings.job_timeout)
-                    attempt.stop_reason = "timeout"
-                    return
-                if not renew_lease():
-                    attempt.stop_reason = "lease_lost"
-                    return
-                worker.protection.protect()  # renews a protection that is getting old
-                if now >= next_extension:
-                    next_extension = now + extend_every
-                    try:
-                        queue.set_visibility(
-                            worker.clients.sqs,
-                            worker.source_url,
-                            attempt.message,
-                            settings.visibility_timeout,
-                        )
-                        attempt.extensions += 1
-                        log.debug("request.visibility_extended", seconds=settings.visibility_timeout)
-                    except Exception as exc:
-                        log.warning("request.extend_failed", error=repr(exc))
-
-    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()

@@ -277,4 +277,4 @@ def test_job_timeout_aborts_and_releases_with_backoff(stack: Stack, slow_sources
     assert visible_now(stack) == 0  # released with a delay of 2^1 s, not at once
     back = wait_for(lambda: visible_now(stack), timeout=30, what="the message to come back")
     assert back == 1
-    assert not busy.abandon.is_set()  # the timeout abandoned that job, not the worker
+    assert not busy.shutdown.overdue.is_set()  # the timeout abandoned that job, not the worker

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -12,9 +13,13 @@ from typing import Any
 
 import pytest
 
-from archiver.assembly import HEAD_BYTES
+from archiver import worker
+from archiver.assembly import LEAD_BYTES
+from archiver.aws import make_clients
+from archiver.protection import RENEW_AFTER_SECONDS, TaskProtection
 from archiver.settings import MiB
-from tests.conftest import Stack
+from tests.conftest import Stack, wait_for
+from tests.faultproxy import FaultProxy, Faults, Seen
 
 
 @dataclass
@@ -77,7 +82,7 @@ def run_worker(stack: Stack, **extra: str) -> subprocess.CompletedProcess[str]:
 def test_task_is_protected_while_working_and_released_when_idle(
     stack: Stack, agent: tuple[Agent, str]
 ) -> None:
-    """With ECS_AGENT_URI set, the task is protected before receiving and released once idle."""
+    """With ECS_AGENT_URI set, the task is protected while it works and released once it has settled."""
     state, uri = agent
     stack.put("a.txt", b"a")
     stack.send({"request_id": "protected", "files": [{"source": "a.txt"}]})
@@ -180,5 +185,62 @@ def test_copied_bytes_metric(stack: Stack) -> None:
     assert done.returncode == 0, done.stderr
     (line,) = emf_lines(done.stdout)
     assert_valid_emf(line)
-    assert line["CopiedBytes"] == 16 * MiB + 9 - HEAD_BYTES
+    assert line["CopiedBytes"] == 16 * MiB + 9 - LEAD_BYTES
     assert line["ArchiveBytes"] > line["CopiedBytes"]
+
+
+def test_the_daemon_protects_only_while_it_works(
+    stack: Stack, agent: tuple[Agent, str], moto_endpoint: str
+) -> None:
+    """The daemon loop, not burst: idle polls never ask for protection (ECS must be free to scale in or
+    replace an idle task); a received request is protected until it is settled, renewed during a long
+    job, and released after it; the next idle polls ask for nothing again."""
+    state, uri = agent
+    source = "slow.bin"
+    body = os.urandom(4 * MiB)
+    stack.put(source, body)
+
+    def source_get(seen: Seen) -> bool:
+        return seen.operation == "GetObject" and seen.path.endswith(f"/{source}")
+
+    # ~8 s of job at 512 KiB/s: more than two heartbeat ticks (3.3 s with a 10 s visibility timeout).
+    with FaultProxy(moto_endpoint, Faults(match=source_get, throttle=MiB // 2)) as proxy:
+        os.environ["AWS_ENDPOINT_URL"], direct = proxy.url, os.environ["AWS_ENDPOINT_URL"]
+        try:
+            daemon = worker.connect(
+                stack.settings(visibility_timeout=10, shutdown_grace=1, prefetch_bytes=MiB), make_clients()
+            )
+        finally:
+            os.environ["AWS_ENDPOINT_URL"] = direct
+        daemon.protection = TaskProtection(agent_uri=uri)
+        daemon.emit_metrics = False
+        thread = threading.Thread(target=worker.run, args=(daemon,))
+        thread.start()
+        try:
+            wait_for(
+                lambda: len(proxy.requests_matching(operation="ReceiveMessage")) >= 3,
+                timeout=30,
+                what="idle polls",
+            )
+            assert state.puts == []
+            stack.send({"request_id": "watched", "files": [{"source": source}]})
+            wait_for(lambda: proxy.requests_matching(where=source_get), timeout=30, what="the job")
+            assert state.puts == [{"ProtectionEnabled": True, "ExpiresInMinutes": 15}]
+            daemon.protection.renewed_at -= RENEW_AFTER_SECONDS + 1  # as if the job had run that long
+            wait_for(lambda: len(state.puts) >= 2, timeout=30, what="the renewal")
+            (note,) = wait_for(lambda: stack.notifications(1, max_polls=1), timeout=60, what="the archive")
+            assert note["status"] == "completed"
+            wait_for(lambda: state.puts[-1] == {"ProtectionEnabled": False}, timeout=30, what="the release")
+            settled_puts = len(state.puts)
+            polls = len(proxy.requests_matching(operation="ReceiveMessage"))
+            wait_for(
+                lambda: len(proxy.requests_matching(operation="ReceiveMessage")) >= polls + 2,
+                timeout=30,
+                what="idle polls after the job",
+            )
+            assert len(state.puts) == settled_puts
+        finally:
+            daemon.shutdown.requested.set()
+            thread.join(timeout=30)
+    assert [put["ProtectionEnabled"] for put in state.puts] == [True, True, False]
+    assert state.enabled is False
