@@ -32,13 +32,10 @@ class ArchiverError(Exception):
     """Root of every error archiver raises on purpose."""
 
     code: ErrorCode = "internal"
-    retryable: bool = True
 
 
 class PermanentError(ArchiverError):
     """The request is wrong or impossible; retrying it would fail the same way."""
-
-    retryable = False
 
     def __init__(self, code: ErrorCode, message: str) -> None:
         message = clip(message)

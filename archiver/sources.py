@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -143,7 +143,6 @@ def read_source(
     *,
     end: int | None = None,
     max_resumes: int = MAX_RESUMES,
-    on_resume: Callable[[], None] | None = None,
 ) -> Iterator[bytes]:
     """Yield the object's bytes (up to `end` when given) in 64 KiB chunks. The GET is sent on the first
     `next()`, not before, so an early-opened connection never idles; a body that breaks off is resumed
@@ -161,8 +160,6 @@ def read_source(
                 raise
             resumes += 1
             log.warning("source.resume", source=obj.ref.source, at_byte=position, error=type(exc).__name__)
-            if on_resume is not None:
-                on_resume()
             continue
         if position == stop:
             return
