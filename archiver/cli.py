@@ -13,9 +13,9 @@ from pathlib import Path
 from botocore.exceptions import NoRegionError
 
 from archiver.errors import PermanentError, SettingsError, Unreachable
+from archiver.heartbeat import HEALTH_MAX_AGE
 from archiver.settings import Settings, load_settings
 
-HEALTH_MAX_AGE = 90  # seconds: three heartbeat intervals
 OFFLOAD_PREFIX = "archiver-requests"
 UNREACHABLE_EXIT = 69  # sysexits.h EX_UNAVAILABLE: S3 or SQS did not answer at start-up
 
@@ -77,6 +77,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except PermanentError as exc:
         print(f"invalid request ({exc.code}): {exc.message}", file=sys.stderr)
         return 1
+    if request.request_id is None:
+        # The request's identity must live in its body: SQS gives a message moved back from the DLQ a
+        # new MessageId, which would otherwise become a new request_id (contract §5, delivery semantics).
+        request = request.model_copy(update={"request_id": f"submit-{uuid.uuid4().hex}"})
     clients = make_clients(expected_bucket_owner=settings.expected_bucket_owner)
     url = queue.resolve_queue_url(clients.sqs, settings.sqs_source_queue)
     outgoing = request.model_dump_json(exclude_none=True)
@@ -92,11 +96,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         message_id = queue.send(clients.sqs, url, pointer, payload_size=size)
     else:
         message_id = queue.send(clients.sqs, url, outgoing)
-    print(
-        json.dumps(
-            {"message_id": message_id, "request_id": request.request_id or message_id, "offloaded": offloaded}
-        )
-    )
+    print(json.dumps({"message_id": message_id, "request_id": request.request_id, "offloaded": offloaded}))
     return 0
 
 

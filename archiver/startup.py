@@ -9,6 +9,10 @@ an orchestrator restarts the task either way and an operator can tell which.
 
 from __future__ import annotations
 
+import json
+import os
+import urllib.request
+from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -16,7 +20,8 @@ import botocore.exceptions
 
 from archiver.aws import AwsClients, error_code, http_status, is_transient, make_clients
 from archiver.errors import SettingsError, Unreachable
-from archiver.settings import Settings
+from archiver.multipart import choose_part_size
+from archiver.settings import MiB, Settings
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
@@ -43,8 +48,9 @@ def startup_clients(settings: Settings) -> AwsClients:
 
 
 def check(settings: Settings, clients: AwsClients | None = None) -> None:
-    """Raise `SettingsError` naming every queue or bucket setting that names nothing usable, or
-    `Unreachable` at the first call that gets no answer."""
+    """Raise `SettingsError` naming every queue or bucket setting that names nothing usable, or memory
+    settings the container cannot hold; or `Unreachable` at the first call that gets no answer."""
+    check_memory(settings, container_memory_limit())
     try:
         clients = clients or startup_clients(settings)
     except ValueError as exc:  # botocore's "Invalid endpoint: …"
@@ -133,3 +139,70 @@ def _problem(exc: Exception, *, where: str, service: object) -> str:
     if isinstance(exc, botocore.exceptions.BotoCoreError):
         return f"{where}: {detail}"
     raise exc
+
+
+# The README's memory formula: the interpreter and an idle worker; a copied entry's 5 MiB lead and one
+# small deflate entry past 4 GiB held to be STORED (16 MiB); a central directory entry's ~300 bytes.
+BASELINE_BYTES = 75 * MiB
+EXTRA_BYTES = 26 * MiB
+DIRECTORY_BYTES_PER_ENTRY = 300
+
+
+def memory_needed(settings: Settings) -> int:
+    """The most memory the worker may need at these settings: parts uploading, the one being filled and
+    the one cut where a copy starts, at the largest part size MAX_ARCHIVE_BYTES may grow them to;
+    read-ahead; the central directory of MAX_FILES entries; the rest (deploy/README.md, memory)."""
+    part_size = choose_part_size(
+        settings.max_archive_bytes + settings.max_archive_bytes // 50, settings.part_size
+    )
+    return (
+        BASELINE_BYTES
+        + (settings.upload_concurrency + 2) * part_size
+        + settings.prefetch_bytes
+        + DIRECTORY_BYTES_PER_ENTRY * settings.max_files
+        + EXTRA_BYTES
+    )
+
+
+def check_memory(settings: Settings, limit: int | None) -> None:
+    """PART_SIZE x UPLOAD_CONCURRENCY + PREFETCH_BYTES must fit the container: found at start-up, not
+    as an OOM kill in the middle of the first big archive."""
+    needed = memory_needed(settings)
+    if limit is not None and needed > limit:
+        raise SettingsError(
+            "invalid setting: PART_SIZE, UPLOAD_CONCURRENCY and PREFETCH_BYTES need up to"
+            f" {needed // MiB} MiB (README, memory), more than the {limit // MiB} MiB this container may use"
+        )
+
+
+def container_memory_limit(
+    cgroup: Path = Path("/sys/fs/cgroup"), metadata_uri: str | None = None
+) -> int | None:
+    """The memory this process may use, in bytes: the smaller of its cgroup's limit (v2 memory.max, v1
+    memory.limit_in_bytes) and, on ECS, the task's (task metadata endpoint v4, `Limits.Memory` in MiB).
+    None where neither says."""
+    limits = [limit for limit in (_cgroup_limit(cgroup), _ecs_task_limit(metadata_uri)) if limit]
+    return min(limits) if limits else None
+
+
+def _cgroup_limit(cgroup: Path) -> int | None:
+    for name in ("memory.max", "memory/memory.limit_in_bytes"):
+        try:
+            text = (cgroup / name).read_text(encoding="utf-8").strip()
+        except OSError:
+            continue
+        # "max", or v1's "unlimited" (a number near 2^63): no limit.
+        return int(text) if text.isdigit() and int(text) < 1 << 60 else None
+    return None
+
+
+def _ecs_task_limit(metadata_uri: str | None) -> int | None:
+    uri = metadata_uri or os.environ.get("ECS_CONTAINER_METADATA_URI_V4")
+    if not uri:
+        return None
+    try:
+        with urllib.request.urlopen(f"{uri}/task", timeout=2) as response:  # noqa: S310 - the agent's URI
+            memory = json.loads(response.read()).get("Limits", {}).get("Memory")
+    except (OSError, ValueError):
+        return None  # the check is a courtesy; the worker runs without it
+    return int(memory) * MiB if isinstance(memory, int | float) and memory > 0 else None

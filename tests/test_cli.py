@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from archiver.assembly import HEAD_BYTES
+from archiver.assembly import LEAD_BYTES
 from archiver.cli import HEALTH_MAX_AGE, main
 from archiver.settings import MiB
 from tests.conftest import Stack
@@ -143,4 +143,48 @@ def test_demo_runs_every_case_and_checks_it(tmp_path: Path) -> None:
     )
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "demo passed: 4 requests" in demo.stdout
-    assert f"copied inside S3 (UploadPartCopy): {24 * MiB + 321 - HEAD_BYTES} bytes" in demo.stdout
+    assert f"copied inside S3 (UploadPartCopy): {24 * MiB + 321 - LEAD_BYTES} bytes" in demo.stdout
+
+
+def moved_back(stack: Stack) -> str:
+    """What `aws sqs start-message-move-task` does to a message (moto has no move task): the same body in
+    the source queue under a new MessageId. Returns the new id."""
+    sqs = stack.clients.sqs
+    (message,) = sqs.receive_message(QueueUrl=stack.source_url, WaitTimeSeconds=1)["Messages"]
+    sqs.delete_message(QueueUrl=stack.source_url, ReceiptHandle=message["ReceiptHandle"])
+    moved = sqs.send_message(QueueUrl=stack.source_url, MessageBody=message["Body"])["MessageId"]
+    assert moved != message["MessageId"]
+    return moved
+
+
+def test_a_submitted_request_keeps_its_identity_through_a_redrive(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A redriven message has a new MessageId. `archiver submit` gives every request a request_id in its
+    body, so the redriven request answers under the id the producer was told; a raw request without one
+    comes back as a new request under its new MessageId, as the contract says."""
+    from archiver import worker
+
+    for name, value in {
+        "SQS_SOURCE_QUEUE": stack.source_queue,
+        "SQS_DESTINATION_QUEUE": stack.destination_url,
+        "S3_SOURCE_BUCKET": stack.source_bucket,
+        "S3_DESTINATION_BUCKET": stack.destination_bucket,
+    }.items():
+        monkeypatch.setenv(name, value)
+    stack.put("a.png", b"png")
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"files": [{"source": "a.png"}]}))
+    assert main(["submit", str(request)]) == 0
+    submitted = json.loads(capsys.readouterr().out)
+    assert submitted["request_id"].startswith("submit-")
+    moved_back(stack)
+    worker.run(worker.connect(stack.settings()), burst=True)
+    (note,) = stack.notifications(1)
+    assert (note["status"], note["request_id"]) == ("completed", submitted["request_id"])
+
+    stack.send({"files": [{"source": "a.png"}]})
+    new_id = moved_back(stack)
+    worker.run(worker.connect(stack.settings()), burst=True)
+    (raw,) = stack.notifications(1)
+    assert (raw["status"], raw["request_id"]) == ("completed", new_id)

@@ -24,9 +24,10 @@ from typing import Any
 import boto3
 import pytest
 
-from archiver.assembly import HEAD_BYTES
+from archiver.assembly import LEAD_BYTES
 from archiver.settings import MiB
 from tests.conftest import wait_for
+from tests.faultproxy import FaultProxy, Faults, Seen
 from tests.test_dev_loop import (
     ENVRC,
     VENV_BIN,
@@ -324,7 +325,7 @@ def test_the_seed_loop_builds_an_archive_whose_link_opens(resources: LocalStack,
     )
     (line,) = metrics_lines(worker.stdout)
     assert line["ArchiveBytes"] == len(data)
-    assert line["CopiedBytes"] == len(video) - HEAD_BYTES, "the video was not copied inside LocalStack"
+    assert line["CopiedBytes"] == len(video) - LEAD_BYTES, "the video was not copied inside LocalStack"
 
 
 def test_a_link_made_with_composes_settings_opens_from_the_host(
@@ -365,51 +366,46 @@ def test_a_link_made_with_composes_settings_opens_from_the_host(
 def test_a_request_that_keeps_failing_goes_to_the_dlq_and_a_redrive_completes_it(
     resources: LocalStack, tmp_path: Path
 ) -> None:
-    """A source in Glacier cannot be read until it is restored: every attempt fails, the last one with a
-    `failed` notification, and the queue's redrive policy moves the request to the DLQ. Once restored,
-    `aws sqs start-message-move-task` brings it back and the worker completes it."""
+    """While S3 refuses the request's status document (LocalStack behind a proxy that answers those
+    writes 501), every attempt fails, the last one with a `failed` notification, and the queue's redrive
+    policy moves the request to the DLQ. Once S3 takes them again, `aws sqs start-message-move-task`
+    brings it back and the worker completes it under the same request_id."""
     env = developer_env(resources, tmp_path)
-    cold = b"archived years ago\n" * 200
-    upload(env, tmp_path, "s3://source-images/archived/cold.txt", cold, "--storage-class", "GLACIER")
+    cold = b"refused at first\n" * 200
+    upload(env, tmp_path, "s3://source-images/archived/cold.txt", cold)
     upload(env, tmp_path, "s3://source-images/archived/warm.txt", b"still here\n")
     send(
         env,
         {
-            "request_id": "from-glacier",
+            "request_id": "refused-at-first",
             "files": [{"source": "archived/cold.txt"}, {"source": "archived/warm.txt"}],
         },
     )
 
-    # Burst runs until the redrive policy moves it: each takes the request if it is visible again, fails
-    # it and releases it with a growing delay (2, 4, 8 s), then stops at the first empty 1 s poll. Not
-    # the daemon: a worker stopped in a 20 s long poll leaves LocalStack a receive that still takes the
-    # next message to arrive (the one moved back below) and hides it for the visibility timeout.
-    def dead_lettered() -> bool:
-        run_burst(env, failing=True)
-        return queue_depth(resources, "input-queue-dlq") == 1
+    def status_write(seen: Seen) -> bool:
+        return seen.operation == "PutObject" and seen.path.endswith("/refused-at-first/status.json")
 
-    wait_for(dead_lettered, timeout=120, what="the request in input-queue-dlq", interval=0.5)
+    # Burst runs until the redrive policy moves it: each takes the request if it is visible again, fails
+    # it and releases it with a growing delay (2, 4, 8 s), then stops at the first empty 1 s poll.
+    refusing = Faults(rate=1.0, kinds=("501",), service="s3", match=status_write)
+    with FaultProxy(env["AWS_ENDPOINT_URL"], refusing) as proxy:
+        failing_env = {**env, "AWS_ENDPOINT_URL": proxy.url}
+
+        def dead_lettered() -> bool:
+            run_burst(failing_env, failing=True)
+            return queue_depth(resources, "input-queue-dlq") == 1
+
+        wait_for(dead_lettered, timeout=120, what="the request in input-queue-dlq", interval=0.5)
     assert queue_depth(resources, "input-queue") == 0
 
     (failed,) = receive_notifications(env)
     assert failed["status"] == "failed", failed
-    assert failed["request_id"] == "from-glacier"
+    assert failed["request_id"] == "refused-at-first"
     assert failed["error"]["retryable"] is True
     assert "gave up after 3 attempts" in failed["error"]["message"]
-    assert "InvalidObjectState" in failed["error"]["message"]
+    assert "NotImplemented" in failed["error"]["message"]
 
     # The cause fixed, the DLQ moved back to its source queue, as README's Operations say.
-    aws(
-        env,
-        "s3api",
-        "restore-object",
-        "--bucket",
-        "source-images",
-        "--key",
-        "archived/cold.txt",
-        "--restore-request",
-        "Days=1",
-    )
     dlq_arn = json.loads(
         aws(
             env,
@@ -435,5 +431,5 @@ def test_a_request_that_keeps_failing_goes_to_the_dlq_and_a_redrive_completes_it
 
     (note,) = receive_notifications(env)
     assert note["status"] == "completed", note
-    assert note["request_id"] == "from-glacier"
+    assert note["request_id"] == "refused-at-first"
     check_archive(download(note["archive"]["url"]), {"cold.txt": cold, "warm.txt": b"still here\n"}, tmp_path)

@@ -3,12 +3,22 @@ status for a missing queue, a mistyped bucket or an endpoint that does not answe
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
 
+import pytest
+
+from archiver import startup
 from archiver.cli import UNREACHABLE_EXIT
+from archiver.settings import MiB
 from tests.conftest import Stack
 
 
@@ -109,3 +119,64 @@ def test_missing_credentials_are_a_wrong_setting(stack: Stack) -> None:
     result = start_worker(stack, **nowhere)
     assert result.returncode == 2
     assert one_line(result) == "archiver: invalid setting: AWS credentials: none found"
+
+
+@pytest.fixture
+def task_metadata() -> Iterator[tuple[dict[str, Any], str]]:
+    """ECS's task metadata endpoint v4, as documented: GET `${ECS_CONTAINER_METADATA_URI_V4}/task`."""
+    task: dict[str, Any] = {"Limits": {"CPU": 1, "Memory": 2048}}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *_: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            payload = json.dumps(task).encode() if self.path.endswith("/task") else b"{}"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield task, f"http://127.0.0.1:{server.server_address[1]}/v4/container-id"
+    server.shutdown()
+    server.server_close()
+
+
+def test_memory_settings_the_task_cannot_hold_stop_the_worker(
+    stack: Stack, task_metadata: tuple[dict[str, Any], str]
+) -> None:
+    """PART_SIZE x UPLOAD_CONCURRENCY + PREFETCH_BYTES over the task's memory: exit 2 and one line at
+    start-up, not an OOM kill in the middle of the first big archive."""
+    task, uri = task_metadata
+    task["Limits"]["Memory"] = 512
+    result = start_worker(
+        stack, ECS_CONTAINER_METADATA_URI_V4=uri, PART_SIZE=str(64 * MiB), UPLOAD_CONCURRENCY="8"
+    )
+    assert result.returncode == 2
+    line = one_line(result)
+    assert "PART_SIZE, UPLOAD_CONCURRENCY and PREFETCH_BYTES need up to" in line
+    assert "more than the 512 MiB this container may use" in line
+    assert start_worker(stack, ECS_CONTAINER_METADATA_URI_V4=uri).returncode == 0  # the defaults fit 512
+
+
+def test_the_container_limit_comes_from_its_cgroup_or_the_ecs_task(
+    tmp_path: Path, task_metadata: tuple[dict[str, Any], str]
+) -> None:
+    """cgroup v2's memory.max, v1's memory.limit_in_bytes, ECS's task limit: the smallest that is set."""
+    _, uri = task_metadata
+    v2, v1, none = tmp_path / "v2", tmp_path / "v1", tmp_path / "none"
+    (v1 / "memory").mkdir(parents=True)
+    v2.mkdir()
+    none.mkdir()
+    (v2 / "memory.max").write_text("1073741824\n")
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("536870912\n")
+    assert startup.container_memory_limit(v2, metadata_uri=None) == 1024 * MiB
+    assert startup.container_memory_limit(v1, metadata_uri=None) == 512 * MiB
+    assert startup.container_memory_limit(none, metadata_uri=None) is None
+    (v2 / "memory.max").write_text("max\n")
+    assert startup.container_memory_limit(v2, metadata_uri=None) is None
+    assert startup.container_memory_limit(none, metadata_uri=uri) == 2048 * MiB
+    assert startup.container_memory_limit(v1, metadata_uri=uri) == 512 * MiB
+    assert startup.container_memory_limit(none, metadata_uri=f"http://127.0.0.1:{closed_port()}") is None
