@@ -51,14 +51,18 @@ def test_check_is_healthy_only_with_a_fresh_heartbeat(required_env: Path) -> Non
     assert main(["check"]) == 1
 
 
+def use_stack(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment an `archiver` command run in this process needs for the stack's queues and buckets."""
+    for name, value in stack.worker_env().items():
+        if name in ("SQS_SOURCE_QUEUE", "SQS_DESTINATION_QUEUE", "S3_SOURCE_BUCKET", "S3_DESTINATION_BUCKET"):
+            monkeypatch.setenv(name, value)
+
+
 def test_submit_validates_before_sending(
     stack: Stack, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`archiver submit` refuses an invalid request locally and sends a valid one to the source queue."""
-    monkeypatch.setenv("SQS_SOURCE_QUEUE", stack.source_queue)
-    monkeypatch.setenv("SQS_DESTINATION_QUEUE", stack.destination_url)
-    monkeypatch.setenv("S3_SOURCE_BUCKET", stack.source_bucket)
-    monkeypatch.setenv("S3_DESTINATION_BUCKET", stack.destination_bucket)
+    use_stack(stack, monkeypatch)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"file": []}))
     assert main(["submit", str(bad)]) == 1
@@ -92,13 +96,7 @@ def test_submit_offloads_a_request_too_big_for_the_queue(
     stack.clients.sqs.set_queue_attributes(
         QueueUrl=stack.source_url, Attributes={"MaximumMessageSize": "1024"}
     )
-    for name, value in {
-        "SQS_SOURCE_QUEUE": stack.source_queue,
-        "SQS_DESTINATION_QUEUE": stack.destination_url,
-        "S3_SOURCE_BUCKET": stack.source_bucket,
-        "S3_DESTINATION_BUCKET": stack.destination_bucket,
-    }.items():
-        monkeypatch.setenv(name, value)
+    use_stack(stack, monkeypatch)
     files = [
         {"source": f"folder/file-{i:03}.txt", "destination": "a-rather-long-folder-name"} for i in range(40)
     ]
@@ -165,13 +163,7 @@ def test_a_submitted_request_keeps_its_identity_through_a_redrive(
     comes back as a new request under its new MessageId, as the contract says."""
     from archiver import worker
 
-    for name, value in {
-        "SQS_SOURCE_QUEUE": stack.source_queue,
-        "SQS_DESTINATION_QUEUE": stack.destination_url,
-        "S3_SOURCE_BUCKET": stack.source_bucket,
-        "S3_DESTINATION_BUCKET": stack.destination_bucket,
-    }.items():
-        monkeypatch.setenv(name, value)
+    use_stack(stack, monkeypatch)
     stack.put("a.png", b"png")
     request = tmp_path / "request.json"
     request.write_text(json.dumps({"files": [{"source": "a.png"}]}))

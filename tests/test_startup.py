@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,14 +22,7 @@ from tests.conftest import Stack
 
 
 def start_worker(stack: Stack, **settings: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "archiver", "worker", "--burst"],
-        env=stack.worker_env(**settings),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return stack.run_burst_process(**settings)
 
 
 def one_line(result: subprocess.CompletedProcess[str]) -> str:
