@@ -250,14 +250,15 @@ def handle(worker: Worker, message: queue.Message) -> None:
     attempt = Attempt(message=message, request_id=message.message_id, shutdown=worker.shutdown)
     forced: ForcedExit | None = None
     with request_context(message_id=message.message_id, request_id=message.message_id):
-        with heartbeat.running(_beats(worker, attempt)):
-            try:
+        try:
+            # Stopped before the message is settled: a beat after a release would hide it again.
+            with heartbeat.running(_beats(worker, attempt)):
                 outcome = _outcome_of(worker, attempt)
-            except ForcedExit as exc:
-                forced = exc
-                log.warning("request.released", reason="forced exit")
-                outcome = _released(attempt, exc, abandoned=True)
-            outcome = _settle(worker, attempt, outcome)
+        except ForcedExit as exc:
+            forced = exc
+            log.warning("request.released", reason="forced exit")
+            outcome = _released(attempt, exc, abandoned=True)
+        outcome = _settle(worker, attempt, outcome)
         _report(worker, attempt, outcome, started)
     if forced is not None:
         raise forced
