@@ -6,7 +6,8 @@ Pure functions over strings, so they can be property-tested without any AWS.
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Iterable, Sequence
+from bisect import bisect_left
+from collections.abc import Sequence
 
 from archiver.errors import shown
 
@@ -72,33 +73,62 @@ def _split_extension(name: str) -> tuple[str, str]:
     return name[:dot], name[dot:]
 
 
+def _split_for_number(path: str) -> tuple[str, str]:
+    """`album/photo.jpg` → (`album/photo`, `.jpg`): where a number goes."""
+    folder, slash, name = path.rpartition("/")
+    stem, extension = _split_extension(name)
+    return folder + slash + stem, extension
+
+
 def numbered(path: str, number: int) -> str:
     """`album/photo.jpg`, 2 -> `album/photo (2).jpg`."""
-    folder, _, name = path.rpartition("/")
-    stem, extension = _split_extension(name)
-    renamed = f"{stem} ({number}){extension}"
-    return f"{folder}/{renamed}" if folder else renamed
+    head, extension = _split_for_number(path)
+    return f"{head} ({number}){extension}"
 
 
-def _folders(path: str) -> Iterable[str]:
-    segments = path.split("/")
-    for end in range(1, len(segments)):
-        yield "/".join(segments[:end])
+class _Folders:
+    """The collision keys of every entry's folders, without storing them: a folder is a key that some
+    entry's key continues with `/`. Storing every prefix of every path cost ~0.3 MiB per 1,000-byte path
+    of one-letter folders; a sorted list of the paths' own keys is linear in the request."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self._keys = sorted(keys)
+
+    def __contains__(self, key: str) -> bool:
+        below = key + "/"
+        index = bisect_left(self._keys, below)
+        return index < len(self._keys) and self._keys[index].startswith(below)
 
 
 def deduplicate(paths: Sequence[str]) -> list[str]:
     """Rename colliding paths `x (1).ext`, `x (2).ext` in order; a path that collides with nothing keeps
     its name, and so does the first of each group. A file that has the name of another entry's folder is
-    renamed too, since it could not be extracted beside it."""
-    originals = {collision_key(p) for p in paths}
-    taken = {collision_key(folder) for p in paths for folder in _folders(p)}
+    renamed too, since it could not be extracted beside it.
+
+    Linear in the paths (with a sort): the numbers tried for a name are remembered, so the 3,000th
+    `photo.jpg` starts at `photo (2999).jpg` rather than probing from 1. Names taken only ever grow, so
+    a number found taken once stays taken. Paths share a counter when their keys with the number in
+    place are the same for every number: NFC and case folding work per `/`-segment and leave ` (n)`
+    and the extension's dot alone, so that is when their heads and extensions have the same keys."""
+    keys = [collision_key(path) for path in paths]
+    originals = set(keys)
+    folders = _Folders(keys)
+    taken: set[str] = set()
+    tried: dict[tuple[str, str], int] = {}
     result: list[str] = []
-    for path in paths:
+    for path, key in zip(paths, keys, strict=True):
         chosen = path
-        number = 0
-        while collision_key(chosen) in taken or (chosen != path and collision_key(chosen) in originals):
-            number += 1
-            chosen = numbered(path, number)
-        taken.add(collision_key(chosen))
+        if key in taken or key in folders:
+            head, extension = _split_for_number(path)
+            group = (collision_key(head), collision_key(extension))
+            number = tried.get(group, 0)
+            while True:
+                number += 1
+                key = f"{group[0]} ({number}){group[1]}"
+                if key not in taken and key not in originals and key not in folders:
+                    break
+            tried[group] = number
+            chosen = f"{head} ({number}){extension}"
+        taken.add(key)
         result.append(check_entry_path(chosen))
     return result

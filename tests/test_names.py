@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Iterable, Sequence
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from archiver.names import (
@@ -118,3 +119,80 @@ def test_deduplicated_paths_never_collide(paths_in: list[str]) -> None:
     for original, final in zip(paths_in, result, strict=True):
         if sum(collision_key(p) == collision_key(original) for p in paths_in) == 1 and final != original:
             assert any(collision_key(p).startswith(collision_key(original) + "/") for p in paths_in)
+
+
+def _folders(path: str) -> Iterable[str]:
+    segments = path.split("/")
+    for end in range(1, len(segments)):
+        yield "/".join(segments[:end])
+
+
+def quadratic_deduplicate(paths: Sequence[str]) -> list[str]:
+    """`names.deduplicate` as it was before it was made linear (probing from 1 for every duplicate, every
+    folder prefix stored): the reference the linear one must agree with on every input."""
+    originals = {collision_key(p) for p in paths}
+    taken = {collision_key(folder) for p in paths for folder in _folders(p)}
+    result: list[str] = []
+    for path in paths:
+        chosen = path
+        number = 0
+        while collision_key(chosen) in taken or (chosen != path and collision_key(chosen) in originals):
+            number += 1
+            chosen = numbered(path, number)
+        taken.add(collision_key(chosen))
+        result.append(check_entry_path(chosen))
+    return result
+
+
+# Pieces that collide under NFC and case folding in awkward ways: ß/ss/ẞ, long s, the Kelvin sign, a
+# dotted capital I (folds to two code points), combining marks at a segment's start, U+0338 (composes
+# with `=`), Hangul jamo (compose into syllables), and what renaming itself writes: ` (1)`, extensions.
+tricky_piece = st.sampled_from(
+    ["a", "A", "ß", "ss", "SS", "ẞ", "ſ", "K", "k", "e", "\u0301", "é", "\u0338", "=", "İ", "i", "\u0307",
+     "ﬆ", "st", "\u1100", "\u1161", "가", "日", ".", " ", " (1)", " (2)", "(", ")", "1", ".jpg", ".JPG",
+     ".tar", ".gz", ".tar.gz", ".TAR.GZ", ".zſt", ".tar.zst"]
+)  # fmt: skip
+tricky_segment = st.lists(tricky_piece, min_size=1, max_size=4).map("".join)
+tricky_path = st.lists(tricky_segment, min_size=1, max_size=3).map("/".join)
+
+
+@st.composite
+def colliding_paths(draw: st.DrawFn) -> list[str]:
+    """A few distinct paths, repeated, renamed-looking and nested into each other in request order."""
+    pool = draw(st.lists(tricky_path, min_size=1, max_size=6))
+    variants = pool + [numbered(p, draw(st.integers(1, 3))) for p in pool] + [p.upper() for p in pool]
+    variants += [f"{p}/{draw(tricky_segment)}" for p in variants]
+    return draw(st.lists(st.sampled_from(variants), min_size=1, max_size=40))
+
+
+def outcome(function: object, paths: list[str]) -> object:
+    try:
+        return function(paths)  # type: ignore[operator]
+    except UnsafeNameError as exc:
+        return ("rejected", str(exc))
+
+
+@settings(max_examples=1500)
+@given(colliding_paths())
+def test_linear_renaming_matches_the_quadratic_one(paths_in: list[str]) -> None:
+    """Same names as the old algorithm for every generated request, including the rejections."""
+    assert outcome(deduplicate, paths_in) == outcome(quadratic_deduplicate, paths_in)
+
+
+@given(
+    st.lists(st.sampled_from(["photo.jpg", "Photo.JPG", "photo (2).jpg", "photo", "photo/x"]), max_size=60)
+)
+def test_linear_renaming_matches_on_album_shapes(paths_in: list[str]) -> None:
+    """Many copies of a name beside names renaming would produce: the shape that was quadratic."""
+    assert deduplicate(paths_in) == quadratic_deduplicate(paths_in)
+
+
+@given(tricky_path, st.integers(1, 12))
+def test_a_numbered_key_is_built_from_the_keys_of_its_parts(path: str, number: int) -> None:
+    """What lets paths share a counter: the key of `head (n).ext` is key(head) + ` (n)` + key(ext)."""
+    name = path.rpartition("/")[2]
+    extension = numbered(name, number).rpartition(f" ({number})")[2]
+    head = path[: len(path) - len(extension)]
+    assert collision_key(numbered(path, number)) == (
+        collision_key(head) + f" ({number})" + collision_key(extension)
+    )
