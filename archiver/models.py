@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from archiver.errors import MAX_ERROR_MESSAGE, ErrorCode, PermanentError, clip, shown
-from archiver.names import UnsafeNameError, check_entry_path, deduplicate, entry_path
+from archiver.names import UnsafeNameError, check_entry_path, deduplicate, entry_path, portable_path
 from archiver.settings import Settings
 
 EXTENDED_CLIENT_POINTER = "software.amazon.payloadoffloading.PayloadS3Pointer"
@@ -110,9 +110,13 @@ class Request(BaseModel):
         if value.casefold() == "status.json":
             raise ValueError("'status.json' is reserved for the request's status document")
         try:
-            return check_entry_path(value)
+            checked = check_entry_path(value)
         except UnsafeNameError as exc:
             raise ValueError(str(exc)) from None
+        # An entry is renamed and listed in `renamed`; there is no such list for the archive's own name.
+        if (spelled := portable_path(checked)) != checked:
+            raise ValueError(f"must be a name every system can create as written, such as {shown(spelled)}")
+        return checked
 
 
 class ArchiveInfo(BaseModel):
@@ -350,6 +354,7 @@ def plan_archive(request: Request, *, settings: Settings, message_id: str) -> Ar
     allowed = settings.source_buckets
     refs: list[SourceRef] = []
     paths: list[str] = []
+    spelled: list[str] = []
     for index, spec in enumerate(request.files):
         ref = parse_source(spec.source, default_bucket=settings.s3_source_bucket)
         if ref.bucket not in allowed:
@@ -359,12 +364,14 @@ def plan_archive(request: Request, *, settings: Settings, message_id: str) -> Ar
             )
         name = spec.name if spec.name is not None else ref.key.rsplit("/", 1)[-1]
         try:
-            paths.append(entry_path(spec.destination, name))
+            path = entry_path(spec.destination, name)
+            spelled.append(portable_path(path))
         except UnsafeNameError as exc:
             raise PermanentError("invalid_request", f"files[{index}] ({spec.source}): {exc}") from None
+        paths.append(path)
         refs.append(ref)
     try:
-        final_paths = deduplicate(paths)
+        final_paths = deduplicate(spelled)
     except UnsafeNameError as exc:  # a renamed path can grow past the length limit
         raise PermanentError("invalid_request", str(exc)) from None
     renamed = tuple(

@@ -1,10 +1,14 @@
-"""Entry names inside the archive: the safety rules and the renaming of duplicates (contract §2).
+"""Entry names inside the archive: the safety rules, the portable spelling, and the renaming of
+duplicates (contract §2).
 
-Pure functions over strings, so they can be property-tested without any AWS.
+Pure functions over strings, so they can be property-tested without any AWS. Every rule is a regular
+expression over the whole path: a request body of megabytes holds hundreds of thousands of segments,
+and a Python loop per character or segment would take seconds.
 """
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from bisect import bisect_left
 from collections.abc import Sequence
@@ -19,28 +23,74 @@ class UnsafeNameError(ValueError):
     """An entry path that would be unsafe or unreadable when extracted."""
 
 
-def _check_segment(segment: str, path: str) -> None:
-    if segment == "":
-        raise UnsafeNameError(f"{shown(path)} has an empty path segment")
-    if segment in (".", ".."):
-        raise UnsafeNameError(f"{shown(path)} has a {shown(segment)} segment")
-    if len(segment) >= 2 and segment[1] == ":" and segment[0].isascii() and segment[0].isalpha():
-        raise UnsafeNameError(f"{shown(path)} starts a segment with a drive letter")
+# ------------------------------------------------------------------------------------- rejected names
+
+# Control characters (Cc) and lone surrogates (Cs); U+2028/U+2029 break a name across lines like \n does.
+_LINE_BREAKING = "\x00-\x1f\x7f-\x9f\ud800-\udfff\u2028\u2029"
+# Characters that only steer bidirectional display: with them `gpj.exe` can show as `exe.jpg`.
+_BIDI_CONTROLS = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_FORBIDDEN_CHARACTER = re.compile(f"[{_LINE_BREAKING}{_BIDI_CONTROLS}]")
+# A segment of dots and spaces only: `.`, `..`, and what Windows turns into them or into nothing (`.. `,
+# `...`, ` `), since it drops a name's trailing dots and spaces.
+_DOTS_ONLY = re.compile(r"(?:^|/)[. ]+(?:/|$)")
+_DRIVE_LETTER = re.compile(r"(?:^|/)[A-Za-z]:")
+_EMPTY_SEGMENT = re.compile(r"(?:^|/)(?:/|$)")
+
+# What an extractor that folds look-alikes may read: NFKC turns `．．／` into `../`; Windows' best-fit
+# code-page conversion turns these slashes into `/` or `\`; HFS+ ignores these invisible characters, so
+# `.\u200c.` is `..` there. ¥ and ₩ (the backslash of Japanese and Korean code pages) are left out: they
+# are in too many real file names.
+_HFS_IGNORABLE_RANGES = ((0xAD, 0xAD), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x2064), (0x206A, 0x206F))
+_IGNORED_BY_HFS = str.maketrans(
+    dict.fromkeys([0xFEFF, *(point for low, high in _HFS_IGNORABLE_RANGES for point in range(low, high + 1))])
+)
+_SLASHES = str.maketrans(dict.fromkeys(map(ord, "\\\u2215\u2044\u29f8\u2216\u29f9"), "/"))
+
+
+def _describe(char: str) -> str:
+    point = f"U+{ord(char):04X}"
+    if re.fullmatch(f"[{_BIDI_CONTROLS}]", char):
+        return f"a bidirectional control character ({point}), which can make a name display as another"
+    if char in "\u2028\u2029":
+        return f"a line separator ({point})"
+    return f"a control character ({point})"
+
+
+def _check_layout(path: str, shown_path: str, *, folded: bool) -> None:
+    """The segment rules, on the path as written or as a folding extractor reads it."""
+    how = " once look-alike characters are folded" if folded else ""
+    if path.startswith("/"):
+        raise UnsafeNameError(f"{shown_path} is an absolute path{how}")
+    if found := _DOTS_ONLY.search(path):
+        segment = found.group().strip("/")
+        if segment in (".", ".."):
+            raise UnsafeNameError(f"{shown_path} has a {shown(segment)} segment{how}")
+        raise UnsafeNameError(
+            f"{shown_path} has a segment of dots and spaces only{how}, which Windows reads as '.' or '..'"
+        )
+    if _DRIVE_LETTER.search(path):
+        raise UnsafeNameError(f"{shown_path} starts a segment with a drive letter{how}")
 
 
 def check_entry_path(path: str) -> str:
     """Return `path` if it is a safe relative `/`-separated entry path, else raise `UnsafeNameError`."""
     if path == "":
         raise UnsafeNameError("the entry name is empty")
+    shown_path = shown(path)
     if path.startswith("/"):
-        raise UnsafeNameError(f"{shown(path)} is an absolute path")
+        raise UnsafeNameError(f"{shown_path} is an absolute path")
     if "\\" in path:
-        raise UnsafeNameError(f"{shown(path)} contains a backslash")
-    for char in path:
-        if unicodedata.category(char) in ("Cc", "Cs"):
-            raise UnsafeNameError(f"{shown(path)} contains a control character (U+{ord(char):04X})")
-    for segment in path.split("/"):
-        _check_segment(segment, path)
+        raise UnsafeNameError(f"{shown_path} contains a backslash")
+    if found := _FORBIDDEN_CHARACTER.search(path):
+        raise UnsafeNameError(f"{shown_path} contains {_describe(found.group())}")
+    if _EMPTY_SEGMENT.search(path):
+        raise UnsafeNameError(f"{shown_path} has an empty path segment")
+    _check_layout(path, shown_path, folded=False)
+    if not path.isascii():
+        visible = path.translate(_IGNORED_BY_HFS)
+        if _EMPTY_SEGMENT.search(visible):
+            raise UnsafeNameError(f"{shown_path} has a segment of invisible characters only")
+        _check_layout(unicodedata.normalize("NFKC", visible).translate(_SLASHES), shown_path, folded=True)
     if len(path.encode("utf-8")) > MAX_PATH_BYTES:
         raise UnsafeNameError(f"entry path is over {MAX_PATH_BYTES} bytes in UTF-8")
     return path
@@ -55,6 +105,34 @@ def entry_path(destination: str | None, name: str) -> str:
         folder = folder[:-1]  # "album_1/" is a natural way to write a folder
     path = f"{folder}/{name}" if folder else name
     return check_entry_path(path)
+
+
+# ------------------------------------------------------------------------------------- portable names
+
+# Invisible, and changing nothing a reader sees: dropped. ZWJ and ZWNJ stay, they shape emoji and scripts.
+_INVISIBLE = re.compile("[\u00ad\u200b\u2060-\u2064\ufeff]")
+_NOT_ON_WINDOWS = re.compile(r'[<>:"|?*]')
+_TRAILING_DOTS = re.compile(r"[. ]+(?=/|$)")
+# Device names Windows opens instead of a file, with any extension (`nul.txt`), and trailing spaces.
+_DEVICE = re.compile(
+    r"(?:^|(?<=/))(?i:con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³]|conin\$|conout\$)(?= *(?:\.|/|$))"
+)
+_NEEDS_PORTING = re.compile(
+    f"{_INVISIBLE.pattern}|{_NOT_ON_WINDOWS.pattern}|{_TRAILING_DOTS.pattern}|{_DEVICE.pattern}"
+)
+
+
+def portable_path(path: str) -> str:
+    """How `path` (already checked) must be spelled to extract as written on Windows, macOS and Linux:
+    invisible characters dropped, `<>:"|?*` made `_`, trailing dots and spaces dropped (Windows does that
+    itself, so `a.txt.` would land on `a.txt`), and device names given a `_` (`CON.txt` → `CON_.txt`)."""
+    if not _NEEDS_PORTING.search(path):
+        return path
+    spelled = _TRAILING_DOTS.sub("", _NOT_ON_WINDOWS.sub("_", _INVISIBLE.sub("", path)))
+    return check_entry_path(_DEVICE.sub(lambda device: device.group() + "_", spelled))
+
+
+# ------------------------------------------------------------------------------------------ duplicates
 
 
 def collision_key(path: str) -> str:

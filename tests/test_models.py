@@ -129,6 +129,78 @@ def test_duplicate_names_are_renamed_and_reported(settings_: Settings) -> None:
 
 
 @pytest.mark.parametrize(
+    ("archive_name", "reason"),
+    [
+        ("..", "'..' segment"),
+        (".", "'.' segment"),
+        ("a\x00.zip", "control character (U+0000)"),
+        ("C:x.zip", "drive letter"),
+        ("c:", "drive letter"),
+        ("\uff23\uff1a.zip", "drive letter"),
+        ("\uff0e\uff0e", "'..' segment"),
+        ("\u202epiz.exe", "bidirectional control character"),
+        ("CON.zip", "'CON_.zip'"),
+        ("photos 10:30.zip", "'photos 10_30.zip'"),
+        ("photos.zip.", "'photos.zip'"),
+        ("photos.zip ", "'photos.zip'"),
+        ("a/b.zip", "not a path"),
+        ("STATUS.json", "reserved"),
+        ("", "empty"),
+    ],
+)
+def test_archive_name_follows_the_entry_name_rules(
+    settings_: Settings, archive_name: str, reason: str
+) -> None:
+    """`archive_name` is refused, naming it, for what an entry name is refused for, and also for what an
+    entry would be renamed for: it has no `renamed` list to be reported in. Planned, so a missing check
+    would show as an archive key holding `..`, NUL or `C:`."""
+    with pytest.raises(PermanentError) as caught:
+        plan({**CONTRACT_EXAMPLE, "request_id": "r-1", "archive_name": archive_name}, settings_)
+    assert caught.value.code == "invalid_request"
+    assert "archive_name" in caught.value.message
+    assert reason in caught.value.message
+
+
+def test_names_windows_cannot_create_are_renamed_and_reported(settings_: Settings) -> None:
+    """Trailing dots, colons and device names get their Windows spelling, listed in `renamed`; `a.txt.`
+    is then `a.txt`, which Windows would make of it, so it is a duplicate of `a.txt`."""
+    files = [
+        {"source": "k/a.txt"},
+        {"source": "k/b", "name": "a.txt."},
+        {"source": "logs/10:30.log"},
+        {"source": "src/aux.c", "destination": "src/"},
+        {"source": "k/z\u200b.txt"},
+    ]
+    result = plan({"files": files}, settings_)
+    assert [e.path for e in result.entries] == ["a.txt", "a (1).txt", "10_30.log", "src/aux_.c", "z.txt"]
+    assert [(r.source, r.name) for r in result.renamed] == [
+        ("k/b", "a (1).txt"),
+        ("logs/10:30.log", "10_30.log"),
+        ("src/aux.c", "src/aux_.c"),
+        ("k/z\u200b.txt", "z.txt"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason"),
+    [
+        ({"source": "invoice\u202egpj.exe"}, "bidirectional control character (U+202E)"),
+        ({"source": "a.png", "destination": "\uff0e\uff0e/\uff0e\uff0e"}, "'..' segment once look-alike"),
+        ({"source": "a.png", "destination": "ok/C:"}, "drive letter"),
+        ({"source": "a.png", "destination": ".. "}, "dots and spaces only"),
+        ({"source": "a.png", "name": "line\u2028break.png"}, "line separator"),
+    ],
+)
+def test_planning_names_the_entry_with_an_unsafe_name(settings_: Settings, spec: Any, reason: str) -> None:
+    """Every rejected class fails the request with invalid_request naming files[i] and its source."""
+    with pytest.raises(PermanentError) as caught:
+        plan({"files": [{"source": "fine.png"}, spec]}, settings_)
+    assert caught.value.code == "invalid_request"
+    assert caught.value.message.startswith(f"files[1] ({spec['source']}): ")
+    assert reason in caught.value.message
+
+
+@pytest.mark.parametrize(
     "body",
     ["", "not json", "{", '{"files": [}', '{"files": 1, "files": 2}', "[" * 100_000 + "]" * 100_000],
 )

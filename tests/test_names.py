@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 
@@ -17,52 +18,194 @@ from archiver.names import (
     deduplicate,
     entry_path,
     numbered,
+    portable_path,
 )
 
 segment_text = st.text(
     alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="/"), min_size=0, max_size=12
 )
-paths = st.lists(segment_text, min_size=1, max_size=4).map("/".join) | st.text(max_size=40)
+# What breaks names somewhere: separators and their look-alikes, bidi controls, invisible characters, line
+# separators, Windows' forbidden characters and device names, dots and spaces, drive letters.
+hostile_piece = st.sampled_from(
+    [".", "..", " ", "\\", ":", "C:", "0:", "?", "*", "<", ">", "|", '"', "\x00", "\t", "\u202e", "\u2066",
+     "\u200e", "\u061c", "\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad", "\u2028", "\u2029",
+     "\uff0e", "\uff0f", "\uff3c", "\ufe68", "\u2024", "\u2025", "\u2026", "\u2215", "\u2044", "\u29f8",
+     "\uff1a", "\uff23", "CON", "nul", "Com1", "LPT\u00b9", "aux", "conin$", "a", "b.txt", "é", "e\u0301",
+     "¥"]
+)  # fmt: skip
+hostile_segment = st.lists(hostile_piece | segment_text, min_size=1, max_size=4).map("".join)
+paths = (
+    st.lists(segment_text, min_size=1, max_size=4).map("/".join)
+    | st.text(max_size=40)
+    | st.lists(hostile_segment, min_size=1, max_size=4).map("/".join)
+)
+
+BIDI_CONTROLS = {
+    "\u061c",
+    "\u200e",
+    "\u200f",
+    *map(chr, range(0x202A, 0x202F)),
+    *map(chr, range(0x2066, 0x206A)),
+}
+HFS_IGNORED = {"\u00ad", "\ufeff", *map(chr, [*range(0x200B, 0x2010), *range(0x202A, 0x202F)])}
+HFS_IGNORED |= set(map(chr, [*range(0x2060, 0x2065), *range(0x206A, 0x2070)]))
+LOOKALIKE_SLASHES = "\\\u2215\u2044\u29f8\u2216\u29f9"
+DEVICES = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"} | {
+    f"{d}{n}" for d in ("COM", "LPT") for n in "0123456789¹²³"
+}
 
 
+DROPPED = set("\u00ad\u200b\u2060\u2061\u2062\u2063\u2064\ufeff")
+
+
+def is_device(segment: str) -> bool:
+    return segment.split(".")[0].rstrip(" ").upper() in DEVICES
+
+
+def safe_segments(segments: list[str]) -> bool:
+    """No traversal, nothing Windows strips to one, no drive letter (`C:` in any segment, not just the
+    first; `0:` is no drive: a colon elsewhere is the portable spelling's job)."""
+    for segment in segments:
+        if segment.strip(". ") == "":
+            return False
+        if len(segment) >= 2 and segment[0].isascii() and segment[0].isalpha() and segment[1] == ":":
+            return False
+    return True
+
+
+def folded(path: str) -> str:
+    """The path as an extractor that applies NFKC, best-fit slashes and HFS+'s ignorables reads it."""
+    visible = "".join(c for c in path if c not in HFS_IGNORED)
+    normalised = unicodedata.normalize("NFKC", visible)
+    return "".join("/" if c in LOOKALIKE_SLASHES else c for c in normalised)
+
+
+@settings(max_examples=500)
 @given(paths)
 def test_accepted_paths_are_safe_to_extract(path: str) -> None:
-    """Whatever is accepted is relative, has no '..' or empty segment, no backslash or control character."""
+    """Whatever is accepted is relative, has no '..', empty, dots-only or drive-letter segment, no
+    backslash, control character, line separator or bidi control, not even once look-alikes are folded."""
     try:
         accepted = check_entry_path(path)
     except UnsafeNameError:
         return
     segments = accepted.split("/")
     assert not accepted.startswith("/")
-    assert ".." not in segments and "." not in segments and "" not in segments
+    assert "" not in segments
+    assert safe_segments(segments)
     assert "\\" not in accepted
-    assert not any(unicodedata.category(c) == "Cc" for c in accepted)
+    assert not any(unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") for c in accepted)
+    assert not BIDI_CONTROLS & set(accepted)
+    assert all(segment.strip("".join(HFS_IGNORED)) for segment in segments)
+    reading = folded(accepted)
+    assert not reading.startswith("/")
+    assert safe_segments([piece for piece in reading.split("/") if piece])
     assert len(accepted.encode()) <= MAX_PATH_BYTES
-    assert not (len(segments[0]) >= 2 and segments[0][1] == ":" and segments[0][0].isascii())
+
+
+@settings(max_examples=500)
+@given(paths)
+def test_portable_paths_extract_as_written_everywhere(path: str) -> None:
+    """An accepted path's portable spelling is accepted too, is its own spelling, keeps its segments, and
+    has nothing Windows refuses or changes: no `<>:"|?*`, no trailing dot or space, no device name, and
+    none of the invisible characters that are dropped."""
+    try:
+        accepted = check_entry_path(path)
+    except UnsafeNameError:
+        return
+    spelled = portable_path(accepted)
+    assert check_entry_path(spelled) == spelled
+    assert portable_path(spelled) == spelled
+    assert spelled.count("/") == accepted.count("/")
+    for segment in spelled.split("/"):
+        assert not set('<>:"|?*') & set(segment)
+        assert not segment.endswith((".", " "))
+        assert not is_device(segment)
+        assert not DROPPED & set(segment)
+    if not (set('<>:"|?*') | DROPPED) & set(accepted) and not any(
+        segment.endswith((".", " ")) or is_device(segment) for segment in accepted.split("/")
+    ):
+        assert spelled == accepted
 
 
 @pytest.mark.parametrize(
-    "path",
+    ("path", "reason"),
     [
-        "../etc/passwd",
-        "a/../../b",
-        "/abs/path",
-        "a\\b.txt",
-        "C:/windows/x",
-        "c:evil",
-        "a/./b",
-        "a//b",
-        "",
-        "nul\x00byte",
-        "tab\there",
-        "new\nline",
-        "é" * 600,
+        ("../etc/passwd", "'..' segment"),
+        ("a/../../b", "'..' segment"),
+        ("/abs/path", "absolute"),
+        ("a\\b.txt", "backslash"),
+        ("C:/windows/x", "drive letter"),
+        ("c:evil", "drive letter"),
+        ("x:stream", "drive letter"),
+        ("album/D:x.txt", "drive letter"),
+        ("a/./b", "'.' segment"),
+        ("a//b", "empty path segment"),
+        ("", "empty"),
+        ("nul\x00byte", "control character (U+0000)"),
+        ("tab\there", "control character"),
+        ("new\nline", "control character"),
+        ("a\u2028b.txt", "line separator (U+2028)"),
+        ("para\u2029.txt", "line separator (U+2029)"),
+        ("invoice\u202egpj.exe", "bidirectional control character (U+202E)"),
+        ("x\u2066y\u2069.txt", "bidirectional control character (U+2066)"),
+        ("\u200fname.txt", "bidirectional control character (U+200F)"),
+        (".. ", "dots and spaces only"),
+        ("a/.../b", "dots and spaces only"),
+        ("a/ /b", "dots and spaces only"),
+        ("\uff0e\uff0e\uff0fetc\uff0fpasswd", "'..' segment once look-alike characters are folded"),
+        ("a/\u2025/b", "'..' segment once look-alike characters are folded"),
+        ("a/..\u2215x", "'..' segment once look-alike characters are folded"),
+        ("\uff3cabs", "absolute path once look-alike characters are folded"),
+        ("\uff23\uff1a\uff3cx", "drive letter once look-alike characters are folded"),
+        (".\u200c.", "'..' segment once look-alike characters are folded"),
+        ("a/\u200b/b", "invisible characters only"),
+        ("\ufeff", "invisible characters only"),
+        ("é" * 600, "over 1024 bytes"),
     ],
 )
-def test_hostile_paths_are_rejected(path: str) -> None:
-    """Zip-slip, absolute, drive-letter, control-character, empty and over-long paths are refused."""
-    with pytest.raises(UnsafeNameError):
+def test_hostile_paths_are_rejected(path: str, reason: str) -> None:
+    """Zip-slip (also through look-alikes), absolute, drive-letter, control-character, line-breaking,
+    bidi-spoofing, empty and over-long paths are refused, saying why."""
+    with pytest.raises(UnsafeNameError, match=re.escape(reason)):
         check_entry_path(path)
+
+
+@pytest.mark.parametrize(
+    ("path", "spelled"),
+    [
+        ("report 10:30.txt", "report 10_30.txt"),
+        ("0:x", "0_x"),
+        ('what?*<>|".txt', "what______.txt"),
+        ("a.txt.", "a.txt"),
+        ("notes ", "notes"),
+        ("album. /x", "album/x"),
+        ("CON", "CON_"),
+        ("con.txt", "con_.txt"),
+        ("Nul.tar.gz", "Nul_.tar.gz"),
+        ("com1", "com1_"),
+        ("LPT\u00b9.log", "LPT\u00b9_.log"),
+        ("aux/aux.c", "aux_/aux_.c"),
+        ("console.txt", "console.txt"),
+        ("com10.txt", "com10.txt"),
+        ("x\u200b.txt", "x.txt"),
+        ("\ufeffbom.csv", "bom.csv"),
+        ("soft\u00adhyphen", "softhyphen"),
+        ("\U0001f469\u200d\U0001f4bb notes.txt", "\U0001f469\u200d\U0001f4bb notes.txt"),
+        (
+            "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645.txt",
+            "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645.txt",
+        ),
+        ("\uff21\uff22\uff23\uff0f\uff24\uff25\uff26.txt", "\uff21\uff22\uff23\uff0f\uff24\uff25\uff26.txt"),
+        ("Wait\u2026.txt", "Wait\u2026.txt"),
+        ("\u00a5100.txt", "\u00a5100.txt"),
+    ],
+)
+def test_names_windows_cannot_create_are_respelled(path: str, spelled: str) -> None:
+    """A name that is fine where it came from but that Windows refuses or changes gets the spelling it
+    would have there; emoji joiners, Persian ZWNJ, fullwidth slashes in Japanese names, an ellipsis and
+    a yen sign are left as they are."""
+    assert portable_path(check_entry_path(path)) == spelled
 
 
 def test_entry_path_joins_folder_and_name() -> None:
