@@ -66,12 +66,13 @@ def cmd_check(_: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from archiver import queue
     from archiver.aws import make_clients
-    from archiver.models import EXTENDED_CLIENT_POINTER, decode_body, parse_request, plan_archive
+    from archiver.models import parse_request, plan_archive
+    from archiver.request import EXTENDED_CLIENT_POINTER, MAX_POINTER_BYTES, decode_body
 
     settings = _settings()
     body = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
     try:
-        request = parse_request(decode_body(body))
+        request = parse_request(decode_body(body, max_files=settings.max_files))
         # The worker's own checks (names, allowed buckets, MAX_FILES), so a mistake fails here, not later.
         plan_archive(request, settings=settings, message_id="submit")
     except PermanentError as exc:
@@ -81,10 +82,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
         # The request's identity must live in its body: SQS gives a message moved back from the DLQ a
         # new MessageId, which would otherwise become a new request_id (contract §5, delivery semantics).
         request = request.model_copy(update={"request_id": f"submit-{uuid.uuid4().hex}"})
-    clients = make_clients(expected_bucket_owner=settings.expected_bucket_owner)
-    url = queue.resolve_queue_url(clients.sqs, settings.sqs_source_queue)
     outgoing = request.model_dump_json(exclude_none=True)
     size = len(outgoing.encode())
+    if size > MAX_POINTER_BYTES:
+        print(
+            f"invalid request (too_large): {size} bytes of JSON; a request is at most {MAX_POINTER_BYTES}",
+            file=sys.stderr,
+        )
+        return 1
+    clients = make_clients(expected_bucket_owner=settings.expected_bucket_owner)
+    url = queue.resolve_queue_url(clients.sqs, settings.sqs_source_queue)
     offloaded = None
     if size > queue.max_message_size(clients.sqs, url):
         # Too big for SQS: store it and send the pointer the AWS extended client libraries write.

@@ -1,29 +1,25 @@
-"""One request's archive: its body read (following extended-client pointers), its sources HEADed
-and checked, then zipped and uploaded, ending in the completed notification. The worker around it
-decides what happens to the message."""
+"""One request's archive: its sources HEADed and checked, then zipped and uploaded, ending in the
+completed notification. The worker around it decides what happens to the message."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-import botocore.exceptions
 import structlog
 
 from archiver import notify
 from archiver.assembly import CopiedEntry, Copier, copier_threads, plan_copies
-from archiver.aws import AwsClients, http_status, retry_transient
-from archiver.errors import ChecksumMismatch, PermanentError, shown
+from archiver.aws import AwsClients
+from archiver.errors import ChecksumMismatch, PermanentError
 from archiver.models import (
     ArchiveInfo,
     ArchivePlan,
     CompletedNotification,
     SkippedSource,
-    decode_body,
-    extended_client_pointer,
 )
 from archiver.multipart import MultipartUpload, UploadedObject, upload_threads
 from archiver.prefetch import Prefetcher
@@ -52,41 +48,6 @@ def s3_connections(settings: Settings) -> int:
         + HEAD_CONCURRENCY
         + OTHER_S3_CALLERS
     )
-
-
-MAX_POINTER_BYTES = 64 * 1024 * 1024  # an offloaded request of 50,000 files is a few MiB
-
-
-def load_document(s3: S3Client, settings: Settings, body: str) -> Any:
-    """The decoded request; an extended-client pointer is followed into S3, within the allow-list."""
-    document = decode_body(body)
-    pointer = extended_client_pointer(document)
-    if pointer is None:
-        return document
-    bucket, key = pointer
-    if bucket not in settings.source_buckets:
-        raise PermanentError(
-            "forbidden_source", f"request pointer names bucket {shown(bucket)}, which is not allowed"
-        )
-    return decode_body(_read_pointer(s3, bucket, key))
-
-
-@retry_transient
-def _read_pointer(s3: S3Client, bucket: str, key: str) -> str:
-    try:
-        response = s3.get_object(Bucket=bucket, Key=key)
-    except botocore.exceptions.ClientError as exc:
-        where = f"request pointer s3://{bucket}/{key}"
-        if http_status(exc) == 404:
-            raise PermanentError("invalid_request", f"{where} does not exist") from None
-        if http_status(exc) == 403:
-            raise PermanentError("forbidden_source", f"access denied to {where}") from None
-        raise
-    if response["ContentLength"] > MAX_POINTER_BYTES:
-        raise PermanentError(
-            "too_large", f"request body in s3://{bucket}/{key} is over {MAX_POINTER_BYTES} bytes"
-        )
-    return response["Body"].read().decode("utf-8", errors="replace")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ from archiver.errors import MAX_ERROR_MESSAGE, ErrorCode, PermanentError, clip, 
 from archiver.names import UnsafeNameError, check_entry_path, deduplicate, entry_path, portable_path
 from archiver.settings import Settings
 
-EXTENDED_CLIENT_POINTER = "software.amazon.payloadoffloading.PayloadS3Pointer"
 MAX_KEY_BYTES = 1024
 # Echoed metadata must serialise again into the notification; pydantic and json stop at some depth.
 MAX_METADATA_DEPTH = 32
@@ -189,40 +188,6 @@ def utc_timestamp(moment: datetime | None = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- parsing
-
-
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {shown(key)}")
-        result[key] = value
-    return result
-
-
-def decode_body(body: str) -> Any:
-    """JSON-decode a message body, refusing duplicate keys (json.loads would keep the last silently)."""
-    try:
-        return json.loads(body, object_pairs_hook=_reject_duplicate_keys)
-    except RecursionError:
-        raise PermanentError("invalid_request", "the body is not valid JSON: nested too deeply") from None
-    except ValueError as exc:
-        raise PermanentError("invalid_request", f"the body is not valid JSON: {exc}") from None
-
-
-def extended_client_pointer(document: Any) -> tuple[str, str] | None:
-    """(bucket, key) if `document` is an SQS Extended Client pointer, else None."""
-    if (
-        isinstance(document, list)
-        and len(document) == 2
-        and document[0] == EXTENDED_CLIENT_POINTER
-        and isinstance(document[1], dict)
-    ):
-        bucket, key = document[1].get("s3BucketName"), document[1].get("s3Key")
-        if isinstance(bucket, str) and isinstance(key, str) and bucket and key:
-            return bucket, key
-        raise PermanentError("invalid_request", "extended-client pointer without s3BucketName and s3Key")
-    return None
 
 
 def describe_validation_error(exc: ValidationError, *, limit: int = 5) -> str:

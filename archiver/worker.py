@@ -31,7 +31,7 @@ import botocore.exceptions
 import structlog
 from pydantic import ValidationError
 
-from archiver import heartbeat, job, metrics, notify, queue, settle, status
+from archiver import heartbeat, job, metrics, notify, queue, request, settle, status
 from archiver.aws import AwsClients, http_status, make_clients
 from archiver.errors import JobAbandoned, PermanentError, TransientError, clip
 from archiver.heartbeat import touch_health_file
@@ -332,7 +332,7 @@ def _released(attempt: Attempt, error: BaseException, *, abandoned: bool = False
 
 def _work(worker: Worker, attempt: Attempt) -> Outcome:
     """Read and plan the request, then archive it once."""
-    document = job.load_document(worker.clients.s3, worker.settings, attempt.message.body)
+    document = request.load_document(worker.clients.s3, worker.settings, attempt.message.body)
     salvaged_id, attempt.metadata = salvage_context(document)
     attempt.request_id = salvaged_id or attempt.message.message_id
     structlog.contextvars.bind_contextvars(request_id=attempt.request_id)

@@ -126,6 +126,21 @@ def test_submit_offloads_a_request_too_big_for_the_queue(
     )
 
 
+def test_submit_refuses_a_request_the_worker_would_not_read(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Over the 8 MiB a pointer may hold, the request is refused here, before any AWS call, rather than
+    offloaded for the worker to fail as too_large."""
+    for name in ("SQS_SOURCE_QUEUE", "SQS_DESTINATION_QUEUE", "S3_SOURCE_BUCKET", "S3_DESTINATION_BUCKET"):
+        monkeypatch.setenv(name, "unused-by-this-test")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: a call would fail
+    files = [{"source": f"folder/{i:05}-" + "k" * 200} for i in range(40_000)]
+    request = tmp_path / "huge.json"
+    request.write_text(json.dumps({"files": files}))
+    assert main(["submit", str(request)]) == 1
+    assert "too_large" in capsys.readouterr().err
+
+
 def test_demo_runs_every_case_and_checks_it(tmp_path: Path) -> None:
     """`archiver demo` (what `make demo` runs) in its own process, without the session's AWS settings:
     its own embedded stack, every request checked, the video copied server-side."""

@@ -12,13 +12,12 @@ from hypothesis import strategies as st
 from archiver.errors import PermanentError
 from archiver.models import (
     Request,
-    decode_body,
-    extended_client_pointer,
     json_schemas,
     parse_request,
     plan_archive,
     salvage_context,
 )
+from archiver.request import decode_body, extended_client_pointer
 from archiver.settings import Settings, load_settings
 
 CONTRACT_EXAMPLE = {
@@ -207,7 +206,7 @@ def test_planning_names_the_entry_with_an_unsafe_name(settings_: Settings, spec:
 def test_undecodable_bodies_are_invalid_requests(body: str) -> None:
     """Bad JSON, duplicate keys and absurd nesting are permanent invalid_request errors, not crashes."""
     with pytest.raises(PermanentError) as caught:
-        parse_request(decode_body(body))
+        parse_request(decode_body(body, max_files=50_000))
     assert caught.value.code == "invalid_request"
 
 
@@ -273,7 +272,8 @@ def test_any_document_plans_safely_or_fails_permanently(document: Any) -> None:
     )  # fmt: skip
     try:
         body = json.dumps(document)
-        result = plan_archive(parse_request(decode_body(body)), settings=configured, message_id="m")
+        document = decode_body(body, max_files=configured.max_files)
+        result = plan_archive(parse_request(document), settings=configured, message_id="m")
     except PermanentError as exc:
         assert exc.code in {"invalid_request", "forbidden_source", "too_large"}
         assert exc.message

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from archiver import worker
+from archiver.request import MAX_POINTER_BYTES
 from tests.conftest import Stack
 from tests.zipcheck import check_with_zipfile
 
@@ -51,6 +52,17 @@ def test_bad_pointers_fail_permanently(stack: Stack, pointer: dict[str, str], co
     (note,) = stack.notifications(1)
     assert note["status"] == "failed"
     assert note["error"]["code"] == code
+    assert stack.queue_depth() == 0
+
+
+def test_a_pointer_over_the_limit_is_too_large(stack: Stack) -> None:
+    """An offloaded body over 8 MiB fails with too_large, naming the limit, without being decoded."""
+    stack.put("offloaded/huge.json", b"[" + b"{}," * (MAX_POINTER_BYTES // 3) + b"{}]")
+    stack.send(json.dumps([POINTER, {"s3BucketName": stack.source_bucket, "s3Key": "offloaded/huge.json"}]))
+    worker.run(worker.connect(stack.settings()), burst=True)
+    (note,) = stack.notifications(1)
+    assert note["error"]["code"] == "too_large"
+    assert f"is over {MAX_POINTER_BYTES} bytes" in note["error"]["message"]
     assert stack.queue_depth() == 0
 
 
