@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -23,6 +24,7 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from archiver.errors import MAX_ERROR_MESSAGE, ErrorCode, PermanentError, clip, shown
 from archiver.names import UnsafeNameError, check_entry_path, deduplicate, entry_path, portable_path
@@ -59,10 +61,11 @@ def is_valid_request_id(value: object) -> bool:
     )
 
 
-class FileSpec(BaseModel):
+# A pydantic dataclass with slots, not a BaseModel: 64 bytes per file instead of 488 (a BaseModel keeps a
+# __dict__ and a set of the fields set), 23 MiB less while a request of 50,000 files is planned.
+@pydantic_dataclass(config=ConfigDict(extra="forbid"), frozen=True, slots=True)
+class FileSpec:
     """One object to put in the archive."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     source: str = Field(min_length=1, description="a key in S3_SOURCE_BUCKET, or s3://bucket/key")
     destination: str | None = Field(default=None, description="folder inside the zip; empty = root")
@@ -190,11 +193,18 @@ def utc_timestamp(moment: datetime | None = None) -> str:
 # ---------------------------------------------------------------------------------------------- parsing
 
 
+# What a dataclass's errors say, in the words a model's say for the same mistake.
+_PLAIN_MESSAGES = {
+    "unexpected_keyword_argument": "Extra inputs are not permitted",
+    "dataclass_type": "Input should be a valid dictionary",
+}
+
+
 def describe_validation_error(exc: ValidationError, *, limit: int = 5) -> str:
     problems = []
     for error in exc.errors()[:limit]:
         where = ".".join(str(part) for part in error["loc"]) or "body"
-        problems.append(f"{where}: {error['msg']}")
+        problems.append(f"{where}: {_PLAIN_MESSAGES.get(error['type'], error['msg'])}")
     more = len(exc.errors()) - limit
     return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
 
@@ -202,10 +212,28 @@ def describe_validation_error(exc: ValidationError, *, limit: int = 5) -> str:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def _holds_surrogate(document: Any) -> bool:
+    stack = [document]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return True
+        elif isinstance(value, dict):
+            stack.extend(value)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
+
+
 def not_text(document: Any) -> str | None:
     """Where a decoded body holds a lone surrogate (`"\\ud800"` is valid JSON, and what a producer that
     cuts a UTF-16 string inside an emoji sends), as `metadata.user`; None when it is all text. Such a
-    string can be neither a key nor echoed: UTF-8 has no encoding for it."""
+    string can be neither a key nor echoed: UTF-8 has no encoding for it. Where is only worked out when
+    there is one: a path string per value is ~6 MiB for 50,000 files."""
+    if not _holds_surrogate(document):
+        return None
     stack: list[tuple[Any, str]] = [(document, "")]
     while stack:
         value, where = stack.pop()
@@ -261,7 +289,7 @@ def salvage_context(document: Any) -> tuple[str | None, dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- planning
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SourceRef:
     """Where one entry's bytes come from."""
 
@@ -270,21 +298,37 @@ class SourceRef:
     key: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PlannedEntry:
     ref: SourceRef
     path: str  # the entry path inside the zip, after renaming
+    renamed: bool = False  # the path is not the one the request asked for
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOptions:
+    """What the build needs of the request besides its entries. The plan keeps this rather than the
+    request, so the request's files are freed once planned: the entries hold what they said."""
+
+    on_missing: Literal["fail", "skip"]
+    compression: Literal["auto", "store", "deflate"]
+    metadata: dict[str, Any]
 
 
 @dataclass(frozen=True)
 class ArchivePlan:
-    request: Request
+    request: RequestOptions
     request_id: str
     digest: str  # of the request as validated: a request_id is bound to one request
     bucket: str
     key: str
     entries: tuple[PlannedEntry, ...]
-    renamed: tuple[RenamedEntry, ...]
+
+    @property
+    def renamed(self) -> tuple[RenamedEntry, ...]:
+        """The entries whose path changed, made when the notification is: as models they are ~500 bytes
+        each, which 50,000 renamed duplicates would hold through the whole build."""
+        return tuple(RenamedEntry(source=e.ref.source, name=e.path) for e in self.entries if e.renamed)
 
 
 def parse_source(source: str, *, default_bucket: str) -> SourceRef:
@@ -292,6 +336,7 @@ def parse_source(source: str, *, default_bucket: str) -> SourceRef:
         bucket, _, key = source[len("s3://") :].partition("/")
         if not bucket or not key:
             raise PermanentError("invalid_request", f"source {shown(source)} is not s3://bucket/key")
+        bucket = sys.intern(bucket)  # one string per bucket, not one per entry
     else:
         bucket, key = default_bucket, source
     if len(key.encode("utf-8")) > MAX_KEY_BYTES:
@@ -301,9 +346,23 @@ def parse_source(source: str, *, default_bucket: str) -> SourceRef:
 
 def request_digest(request: Request) -> str:
     """SHA-256 of the request in a canonical form (keys sorted, defaults filled in): two bodies that ask
-    for the same thing have the same digest, whatever their key order or spacing."""
-    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    for the same thing have the same digest, whatever their key order or spacing.
+
+    The canonical form is `json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",",
+    ":"))`, hashed a file at a time rather than built whole: a dump of 50,000 files is ~20 MiB. `files`
+    sorts just before `metadata`, which every request has, and `,"metadata":` cannot occur inside an
+    encoded string, whose quotes are escaped."""
+    encode = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+    rest = encode(request.model_dump(mode="json", exclude={"files"}))
+    cut = rest.index(',"metadata":')
+    digest = hashlib.sha256(rest[:cut].encode())
+    digest.update(b',"files":[')
+    for index, spec in enumerate(request.files):
+        entry = encode({"destination": spec.destination, "name": spec.name, "source": spec.source})
+        digest.update((f",{entry}" if index else entry).encode())
+    digest.update(b"]")
+    digest.update(rest[cut:].encode())
+    return digest.hexdigest()
 
 
 def archive_key(prefix: str, request_id: str, archive_name: str) -> str:
@@ -339,24 +398,23 @@ def plan_archive(request: Request, *, settings: Settings, message_id: str) -> Ar
         final_paths = deduplicate(spelled)
     except UnsafeNameError as exc:  # a renamed path can grow past the length limit
         raise PermanentError("invalid_request", str(exc)) from None
-    renamed = tuple(
-        RenamedEntry(source=ref.source, name=final)
-        for ref, original, final in zip(refs, paths, final_paths, strict=True)
-        if final != original
-    )
     request_id = request.request_id or message_id
     name = request.archive_name or f"{request_id}.zip"
     key = archive_key(settings.s3_file_prefix, request_id, name)
     if len(key.encode("utf-8")) > MAX_KEY_BYTES:
         raise PermanentError("invalid_request", f"the archive key would be over S3's {MAX_KEY_BYTES} bytes")
     return ArchivePlan(
-        request=request,
+        request=RequestOptions(
+            on_missing=request.on_missing, compression=request.compression, metadata=request.metadata
+        ),
         request_id=request_id,
         digest=request_digest(request),
         bucket=settings.s3_destination_bucket,
         key=key,
-        entries=tuple(PlannedEntry(ref=ref, path=path) for ref, path in zip(refs, final_paths, strict=True)),
-        renamed=renamed,
+        entries=tuple(
+            PlannedEntry(ref=ref, path=final, renamed=final != original)
+            for ref, original, final in zip(refs, paths, final_paths, strict=True)
+        ),
     )
 
 

@@ -339,6 +339,7 @@ def _work(worker: Worker, attempt: Attempt) -> Outcome:
     plan = plan_archive(
         parse_request(document), settings=worker.settings, message_id=attempt.message.message_id
     )
+    del document  # ~350 bytes a file that the build would otherwise hold: the plan has what it needs
     structlog.contextvars.bind_contextvars(archive_key=plan.key)
     return _archive_once(worker, attempt, plan)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -15,6 +16,7 @@ from archiver.models import (
     json_schemas,
     parse_request,
     plan_archive,
+    request_digest,
     salvage_context,
 )
 from archiver.request import decode_body, extended_client_pointer
@@ -80,7 +82,8 @@ def test_request_id_and_archive_name_fix_the_key(settings_: Settings) -> None:
         ({"file": [{"source": "a"}]}, "file: Extra inputs are not permitted"),
         ({"files": []}, "files: List should have at least 1 item"),
         ({"files": [{"source": ""}]}, "files.0.source"),
-        ({"files": [{"source": "a", "dest": "x"}]}, "files.0.dest"),
+        ({"files": [{"source": "a", "dest": "x"}]}, "files.0.dest: Extra inputs are not permitted"),
+        ({"files": ["a.png"]}, "files.0: Input should be a valid dictionary"),
         ({"files": "a.png"}, "files"),
         ({"files": [{"source": "a"}], "on_missing": "ignore"}, "on_missing"),
         ({"files": [{"source": "a"}], "compression": "zstd"}, "compression"),
@@ -300,3 +303,32 @@ def test_deep_metadata_and_long_keys_are_refused(settings_: Settings) -> None:
     too_long = load_settings(**{**settings_.model_dump(), "s3_file_prefix": "p" * 600})
     with pytest.raises(PermanentError, match="1024 bytes"):
         plan(request, too_long)
+
+
+optional_text = st.none() | st.text(max_size=8)
+valid_requests = st.fixed_dictionaries(
+    {"files": st.lists(
+        st.fixed_dictionaries(
+            {"source": st.text(min_size=1, max_size=12) | st.just(',"metadata":')},
+            optional={"destination": optional_text, "name": optional_text},
+        ),
+        min_size=1,
+        max_size=5,
+    )},
+    optional={
+        "metadata": st.dictionaries(st.text(max_size=8) | st.just(',"metadata":'), json_values, max_size=4),
+        "request_id": st.from_regex(r"[A-Za-z0-9_-]{1,12}", fullmatch=True),
+        "archive_name": st.from_regex(r"[a-z ()é]{1,8}\.zip", fullmatch=True),
+        "on_missing": st.sampled_from(["fail", "skip"]),
+        "compression": st.sampled_from(["auto", "store", "deflate"]),
+    },
+)  # fmt: skip
+
+
+@given(valid_requests)
+def test_the_digest_is_the_one_status_documents_already_hold(document: dict[str, Any]) -> None:
+    """Hashed a file at a time, the digest is still SHA-256 of the whole request's canonical JSON: status
+    documents written before keep matching their requests."""
+    request = Request.model_validate(document)
+    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    assert request_digest(request) == hashlib.sha256(canonical.encode()).hexdigest()
