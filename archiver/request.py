@@ -1,7 +1,7 @@
 """Reading a request body: JSON decoded within a stated memory bound, and an SQS Extended Client pointer
 followed into S3 (contract §1, request).
 
-What `json.loads` builds from a body can be twenty times the body: `[{},{},…]` is a 72-byte dict per 3
+What `json.loads` builds from a body can be 24 times the body: `[{},{},…]` is a 72-byte dict per 3
 bytes. So before decoding, the body's structural characters are counted (outside strings, at C speed):
 no valid request holds more than `max_json_values(max_files)` of them, and a body that does is refused
 before any object is built. What a body costs to decode is then at most what a valid request of its

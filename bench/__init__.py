@@ -14,4 +14,5 @@ Every measured method runs in its own subprocess, so its peak RSS is its own and
 | `bench/verify.py` | downloading an archive and checking entries, sizes and CRCs |
 | `bench/profile.py` | an extra, unmeasured archiver run under py-spy, summarised as top frames |
 | `bench/report.py` | the tables, ratios, target checks and the JSON file in `bench/results/` |
+| `bench/planning.py` | `python -m bench.planning`: reading and planning each hostile or huge request shape |
 """
