@@ -27,17 +27,15 @@ MiB = 1024 * KiB
 POINTER = "software.amazon.payloadoffloading.PayloadS3Pointer"
 # README, Memory: planning takes at most this much above the idle worker: 1 KiB a file MAX_FILES allows
 # (decoded, validated, planned: 0.9 KiB measured at worst), and 5 times the body (its strings: decoded,
-# joined into paths, keyed, renamed), 20 times when names mix ASCII with an emoji, which CPython then
-# stores at 4 bytes a character.
+# joined into paths, keyed, renamed), times the bytes CPython stores each character of a name in: 2 when
+# it mixes ASCII with a character beyond U+00FF (’, CJK), 4 with one beyond U+FFFF (an emoji).
 PER_FILE = 1024
 BODY_FACTOR = 5
-WIDE_BODY_FACTOR = 20
 
 
-def bound_mib(body_bytes: int, max_files: int, *, wide: bool) -> float:
+def bound_mib(body_bytes: int, max_files: int, *, width: int = 1) -> float:
     """The README formula's planning term, in MiB."""
-    factor = WIDE_BODY_FACTOR if wide else BODY_FACTOR
-    return (PER_FILE * max_files + factor * body_bytes) / MiB
+    return (PER_FILE * max_files + BODY_FACTOR * width * body_bytes) / MiB
 
 
 def _fill(make: Callable[[int], Any], limit_bytes: int, count: int, *, head: str, tail: str) -> bytes:
@@ -76,7 +74,7 @@ class Shape:
     description: str
     body: Callable[[int, int], bytes]  # (byte limit, MAX_FILES) -> body
     outcome: str  # "planned", or the failure code
-    wide: bool = False  # names mix ASCII and emoji
+    width: int = 1  # bytes a character of its names takes in CPython
 
 
 SHAPES = {
@@ -96,6 +94,13 @@ SHAPES = {
             "planned",
         ),
         Shape(
+            "full-alike",
+            "130-byte keys named alike, as many as fill the body: the most ASCII names, all renamed",
+            _files(lambda i: {"source": f"tenant-0042/uploads/{i:08d}/" + "x" * 100 + ".jpg",
+                              "destination": "album/2024"}),
+            "planned",
+        ),
+        Shape(
             "deep",
             "1,000-byte paths of one-letter folders, to the body limit (were 0.3 MiB each)",
             _files(_deep),
@@ -108,11 +113,19 @@ SHAPES = {
             "planned",
         ),
         Shape(
+            "curly-names",
+            "the same with a ’ in each name: CPython stores such a string at 2 bytes a character",
+            _files(lambda i: {"source": f"tenant-0042/uploads/{i:08d}/" + "x" * 100 + "\u2019.jpg",
+                              "destination": "album/2024"}),
+            "planned",
+            width=2,
+        ),
+        Shape(
             "emoji-names",
             "250-character keys with an emoji, named alike: CPython's widest strings, renamed",
             _files(lambda i: {"source": f"{i:08d}/" + "a" * 240 + "\U0001f600"}),
             "planned",
-            wide=True,
+            width=4,
         ),
         Shape(
             "respelled",
@@ -234,7 +247,7 @@ def main(argv: list[str]) -> int:
             runs = [measure(endpoint, "bench-planning", name) for _ in range(args.repeat)]
             last = runs[-1]
             above = max(run["peak_mib"] - run["idle_mib"] for run in runs)
-            bound = bound_mib(len(body), max_files, wide=shape.wide)
+            bound = bound_mib(len(body), max_files, width=shape.width)
             failures += last["outcome"] != shape.outcome or above > bound
             print(
                 f"| {name} | {len(body) / MiB:.1f} MiB | {last['outcome']}: {last['detail'][:60]} |"

@@ -137,7 +137,7 @@ def test_each_shape_at_its_largest_fits_the_memory_formula(
     stack.put(f"requests/{shape}.json", body)
     result = measure(moto_endpoint, stack.source_bucket, f"requests/{shape}.json")
     assert result["outcome"] == spec.outcome, result["detail"]
-    planning = bound_mib(len(body), max_files, wide=spec.wide)
+    planning = bound_mib(len(body), max_files, width=spec.width)
     assert result["idle_mib"] <= IDLE_WORKER_MIB
     assert result["peak_mib"] <= IDLE_WORKER_MIB + planning, result
     assert result["peak_mib"] - result["idle_mib"] <= planning, result
