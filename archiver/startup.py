@@ -21,6 +21,7 @@ import botocore.exceptions
 from archiver.aws import AwsClients, error_code, http_status, is_transient, make_clients
 from archiver.errors import SettingsError, Unreachable
 from archiver.multipart import choose_part_size
+from archiver.request import MAX_POINTER_BYTES
 from archiver.settings import MiB, Settings
 
 if TYPE_CHECKING:
@@ -142,24 +143,28 @@ def _problem(exc: Exception, *, where: str, service: object) -> str:
 
 
 # The README's memory formula: the interpreter and an idle worker; a copied entry's 5 MiB lead and one
-# small deflate entry past 4 GiB held to be STORED (16 MiB); a central directory entry's ~300 bytes.
+# small deflate entry past 4 GiB held to be STORED (16 MiB); reading and planning the request, 1 KiB a
+# file and its text five times over (what that frees then holds the central directory, 300 B an entry).
 BASELINE_BYTES = 75 * MiB
 EXTRA_BYTES = 26 * MiB
-DIRECTORY_BYTES_PER_ENTRY = 300
+REQUEST_BYTES_PER_FILE = 1024
+REQUEST_TEXT_COPIES = 5
 
 
 def memory_needed(settings: Settings) -> int:
-    """The most memory the worker may need at these settings: parts uploading, the one being filled and
-    the one cut where a copy starts, at the largest part size MAX_ARCHIVE_BYTES may grow them to;
-    read-ahead; the central directory of MAX_FILES entries; the rest (deploy/README.md, memory)."""
+    """The most memory the worker may need at these settings for a request of plain names: parts
+    uploading, the one being filled and the one cut where a copy starts, at the largest part size
+    MAX_ARCHIVE_BYTES may grow them to; read-ahead; the largest request the limits accept; the rest
+    (README, Memory; deploy/README.md)."""
     part_size = choose_part_size(
         settings.max_archive_bytes + settings.max_archive_bytes // 50, settings.part_size
     )
+    request = REQUEST_BYTES_PER_FILE * settings.max_files + REQUEST_TEXT_COPIES * MAX_POINTER_BYTES
     return (
         BASELINE_BYTES
         + (settings.upload_concurrency + 2) * part_size
         + settings.prefetch_bytes
-        + DIRECTORY_BYTES_PER_ENTRY * settings.max_files
+        + request
         + EXTRA_BYTES
     )
 

@@ -838,12 +838,13 @@ WORKER_MEMORY_PARAMETERS = {"PartSize", "MaxArchiveBytes", "UploadConcurrency", 
 def worst_case_memory(**overrides: Any) -> float:
     """MiB the worker may peak at, by the README's formula (Memory), counting every optional term:
     interpreter, UploadConcurrency + 1 parts in flight and one more beside a copy, the read-ahead, the
-    central directory, a buffered deflate entry, copied heads."""
+    largest request (1 KiB a file, its 8 MiB body five times over), a buffered deflate entry, copied
+    leads."""
     p = {k: float(v) for k, v in Resolver(**overrides).params.items() if k in WORKER_MEMORY_PARAMETERS}
     mib = 1024 * 1024
     part = max(p["PartSize"], math.ceil(p["MaxArchiveBytes"] / 10_000 / mib) * mib)
-    buffers = (p["UploadConcurrency"] + 2) * part + p["PrefetchBytes"] + 300 * p["MaxFiles"]
-    return 75 + buffers / mib + 16 + 10
+    buffers = (p["UploadConcurrency"] + 2) * part + p["PrefetchBytes"] + 1024 * p["MaxFiles"]
+    return 75 + buffers / mib + 5 * 8 + 16 + 10
 
 
 def test_task_memory_help_counts_every_buffer() -> None:
@@ -854,7 +855,7 @@ def test_task_memory_help_counts_every_buffer() -> None:
         assert name in description, name
     estimate = worst_case_memory()
     assert f"~{round(estimate / 5) * 5} MiB at the defaults" in description
-    assert estimate < min(int(m) for m in template()["Parameters"]["TaskMemory"]["AllowedValues"]) / 4
+    assert estimate < min(int(m) for m in template()["Parameters"]["TaskMemory"]["AllowedValues"]) / 2
 
 
 def test_every_task_cpu_has_a_memory_rule() -> None:
