@@ -4,6 +4,7 @@ Jobs are made slow on purpose by the fault proxy's bandwidth cap on the sources'
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -278,3 +279,42 @@ def test_job_timeout_aborts_and_releases_with_backoff(stack: Stack, slow_sources
     back = wait_for(lambda: visible_now(stack), timeout=30, what="the message to come back")
     assert back == 1
     assert not busy.shutdown.overdue.is_set()  # the timeout abandoned that job, not the worker
+
+
+def test_the_heartbeat_covers_reading_and_planning_the_request(stack: Stack, moto_endpoint: str) -> None:
+    """From the moment a message is received: while its extended-client body is still being fetched
+    (held at the proxy), the message's visibility is already being extended and the health file
+    refreshed, so a slow read or plan is never delivered to a second worker meanwhile."""
+    stack.put("a.txt", b"alpha")
+    stack.put("req.json", json.dumps({"request_id": "held", "files": [{"source": "a.txt"}]}).encode())
+    pointer = [
+        "software.amazon.payloadoffloading.PayloadS3Pointer",
+        {"s3BucketName": stack.source_bucket, "s3Key": "req.json"},
+    ]
+    stack.send(json.dumps(pointer))
+    hold = threading.Event()
+
+    def pointer_get(seen: Seen) -> bool:
+        return seen.operation == "GetObject" and seen.path.endswith("/req.json")
+
+    with FaultProxy(moto_endpoint, Faults(match=pointer_get, hold=hold)) as proxy:
+        busy = worker_through(proxy, stack, visibility_timeout=10)
+        message = queue.receive(stack.clients.sqs, stack.source_url, wait_seconds=1, visibility_timeout=10)
+        assert message is not None
+        thread = threading.Thread(target=worker.handle, args=(busy, message))
+        thread.start()
+        try:
+            wait_for(lambda: proxy.requests_matching(where=pointer_get), timeout=30, what="the body's GET")
+            Path(stack.health_file).unlink(missing_ok=True)
+            wait_for(
+                lambda: proxy.requests_matching(operation="ChangeMessageVisibility"),
+                timeout=30,
+                what="a visibility extension while the body is still being read",
+            )
+            assert Path(stack.health_file).exists()
+            assert not proxy.requests_matching(operation="CreateMultipartUpload")  # still reading
+        finally:
+            hold.set()
+            thread.join(timeout=60)
+    (note,) = stack.notifications(1)
+    assert (note["status"], note["request_id"]) == ("completed", "held")
