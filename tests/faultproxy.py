@@ -49,7 +49,8 @@ S3_ERRORS = {
     # What a GET of an SSE-KMS object answers when the role may not use its key.
     403: ("AccessDenied", "User is not authorized to perform: kms:Decrypt"),
 }
-SQS_ERRORS = {500: "InternalError", 503: "ServiceUnavailable"}
+# 403: a role without sqs:SendMessage (or DeleteMessage), which neither botocore nor the worker retries.
+SQS_ERRORS = {500: "InternalError", 503: "ServiceUnavailable", 403: "AccessDenied"}
 S3_ERROR = (
     '<?xml version="1.0" encoding="UTF-8"?>\n'
     "<Error><Code>{}</Code><Message>{}</Message><RequestId>{}</RequestId></Error>"
@@ -66,6 +67,8 @@ class Seen:
     headers: dict[str, str]
     service: Service
     fault: Kind | None = None
+    # When the proxy received it (time.monotonic()): what happened after it cannot have happened before.
+    at: float = dataclasses.field(default_factory=time.monotonic)
 
     @property
     def operation(self) -> str:

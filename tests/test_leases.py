@@ -21,6 +21,7 @@ from tests.faultproxy import FaultProxy, Seen
 from tests.zipcheck import check_archive
 
 STATUS = "download/{0}/status.json"
+LEASE_SECONDS = 8
 
 
 def put_status(stack: Stack, request_id: str, **fields: Any) -> None:
@@ -131,22 +132,37 @@ def test_the_lease_is_judged_by_the_holders_expiry_not_the_readers_timeout(stack
     assert document["lease_expires_at"] is None
 
 
-def test_a_live_lease_defers_the_duplicate_until_it_ends(stack: Stack) -> None:
-    """A duplicate of a request whose lease ends in 4 s comes back when it ends (not after the reader's
-    30 s visibility timeout, nor at once), and is then built."""
+def test_a_live_lease_hides_the_duplicate_until_it_ends(stack: Stack, tmp_path: Path) -> None:
+    """A duplicate of a request whose lease ends in 8 s is released until then, judged by the message's
+    own visibility: not visible again before the lease's end (released with the 2 s backoff instead,
+    it would be), and visible soon after (not after the reader's 30 s visibility timeout), when the
+    next worker builds it."""
     stack.put("a.txt", b"alpha")
-    put_status(stack, "leased", updated_at=utc_timestamp(), lease_expires_at=in_seconds(4), lease_id="live")
-    stack.send({"request_id": "leased", "files": [{"source": "a.txt"}]})
+    lease_end = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=LEASE_SECONDS)
+    put_status(
+        stack,
+        "leased",
+        updated_at=utc_timestamp(),
+        lease_expires_at=utc_timestamp(lease_end),
+        lease_id="live",
+        message_id="m-holder",
+    )
+    holder = stack.status("leased")
+    message_id = stack.send({"request_id": "leased", "files": [{"source": "a.txt"}]})
     logs = capture_logs()
     w = worker.connect(stack.settings())
     worker.run(w, burst=True)
     (deferred,) = [e for e in events(logs) if e["event"] == "request.deferred"]
-    assert 4 <= deferred["retry_after"] <= 6
-    assert visible(stack) == 0
-    assert stack.status("leased")["lease_id"] == "live"  # the holder's document, untouched
-    wait_for(lambda: visible(stack) == 1, timeout=20, what="the message back when the lease ends")
+    assert LEASE_SECONDS - 1 <= deferred["retry_after"] <= LEASE_SECONDS + 2
+
+    wait_for(lambda: visible(stack), timeout=LEASE_SECONDS + 15, what="the message back after the lease")
+    seen_at = datetime.now(UTC)
+    assert seen_at >= lease_end, f"visible at {seen_at}, before the lease ended at {lease_end}"
+    assert stack.status("leased") == holder  # the holder's document, untouched until then
     worker.run(w, burst=True)
     assert [n["status"] for n in stack.notifications(1)] == ["completed"]
+    assert stack.status("leased")["message_id"] == message_id
+    check_archive(stack.download("download/leased/leased.zip"), {"a.txt": b"alpha"}, tmp_path)
 
 
 @pytest.mark.parametrize("holder", ["another message", "this message"])
