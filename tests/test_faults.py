@@ -214,14 +214,17 @@ def test_transient_failures_release_then_fail_then_dead_letter(stack: Stack, fau
     stack.put("flaky/a.txt", b"a")
     fault_proxy.configure(rate=1.0, kinds=("500", "503"), service="s3", match=lambda r: "/flaky/" in r.path)
     stack.send({"request_id": "flaky-1", "files": [{"source": "flaky/a.txt"}]})
-    work = worker.connect(stack.settings(visibility_timeout=10))
+    work = worker.connect(stack.settings(visibility_timeout=30))
     assert work.max_receive_count == 3
 
     assert worker.run(work, burst=True) == 0
     assert drain(stack) == []
-    assert depth(stack, stack.source_url) == (0, 1)  # not deleted: released with a delay
-    # Back after release_delay(1) = 2 s, well before the 10 s visibility timeout would have brought it.
-    wait_for(lambda: depth(stack, stack.source_url) == (1, 0), timeout=6)
+    # Not deleted: released with release_delay(1) = 2 s, long before the 30 s visibility timeout would
+    # have brought it back. Timed from the release call as the proxy received it, so a slow machine can
+    # make the message look late, never early.
+    (release,) = fault_proxy.requests_matching(operation="ChangeMessageVisibility")
+    wait_for(lambda: depth(stack, stack.source_url) == (1, 0), timeout=25)
+    assert worker.release_delay(1, 30) <= time.monotonic() - release.at < 20
 
     notes = run_passes(work, stack, lambda notes: bool(notes), timeout=60)
     assert len(notes) == 1
