@@ -196,3 +196,19 @@ def wait_for(
         assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
         time.sleep(interval)
     return result
+
+
+# How far generated cases got, per fuzz test: printed at the end of every run (`make test` included), so a
+# generator that stops reaching the code under test shows in the output, not only in a failure.
+STAGE_REPORTS: list[str] = []
+
+
+def report_stages(name: str, stages: dict[str, int]) -> None:
+    STAGE_REPORTS.append(f"{name}: " + ", ".join(f"{count} {stage}" for stage, count in stages.items()))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if STAGE_REPORTS:
+        terminalreporter.section("fuzzing: cases that reached each stage")
+        for line in STAGE_REPORTS:
+            terminalreporter.write_line(line)

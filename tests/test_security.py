@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import zipfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,7 @@ from hypothesis import strategies as st
 
 from archiver import worker
 from archiver.request import MAX_POINTER_BYTES
-from tests.conftest import Stack
+from tests.conftest import Stack, report_stages
 from tests.zipcheck import check_with_zipfile
 
 POINTER = "software.amazon.payloadoffloading.PayloadS3Pointer"
@@ -155,20 +158,21 @@ hostile_body = st.one_of(
 
 @pytest.mark.slow
 def test_hostile_bodies_never_crash_or_escape(stack: Stack) -> None:
-    """1,000 generated hostile bodies each end in a failed notification or a valid archive under the
-    prefix; the worker never crashes and every message is settled."""
+    """300 generated hostile bodies, junk mostly, each end in a failed notification or a valid archive
+    under the prefix; the worker never crashes and every message is settled. (Mostly valid requests with
+    hostile parts, which reach the archive, are tests/test_fuzz.py's.)"""
     stack.put("a.txt", b"a")
     w = worker.connect(stack.settings())
     sent: list[str] = []
 
-    @settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(hostile_body)
     def send(body: str) -> None:
         sent.append(body)
         stack.send(body)
 
     send()
-    assert len(sent) >= 900
+    assert len(sent) >= 250
     worker.run(w, burst=True)
 
     notes: list[dict[str, Any]] = stack.notifications(len(sent), max_polls=len(sent))
@@ -188,4 +192,12 @@ def test_hostile_bodies_never_crash_or_escape(stack: Stack) -> None:
     for note in notes:
         if note["status"] == "completed":
             assert note["archive"]["key"].startswith("download/")
+            data = stack.download(note["archive"]["key"])
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                names = archive.namelist()
+            check_with_zipfile(data, dict.fromkeys(names, b"a"))  # every source is a.txt
     assert stack.queue_depth() == 0
+    outcomes = Counter(
+        n["status"] if n["status"] == "completed" else f"failed ({n['error']['code']})" for n in notes
+    )
+    report_stages("hostile bodies through the worker", {"sent": len(sent), **outcomes})
