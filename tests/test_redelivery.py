@@ -1,7 +1,7 @@
 """Where users lose things: what happens to a request's message around its notification, its duplicates
-and another worker's lease (README's failure modes; contract §5). Each test here fails on a build with
-one deliberate bug put into the settling of a message (docs/mutation.md names them); the lease's
-deferral is tested in tests/test_leases.py.
+and another worker's lease (README's failure modes; contract §5, delivery semantics). Each test here
+fails on a build with one deliberate bug put into the settling of a message (docs/mutation.md names
+them); the lease's deferral is tested in tests/test_leases.py.
 
 The worker's clients go through the fault proxy, which records every call in the order it arrived and
 when; release delays are read from the message's own visibility, timed from the release call."""
