@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 DCLINT_VERSION := 3.1.0
 DCLINT := .tools/node_modules/.bin/dclint
 
-.PHONY: venv demo test lint unit tools localstack bench clean
+.PHONY: venv demo test lint unit tools localstack bench mutation mutation-venv clean
 
 venv: $(STAMP)
 
@@ -66,10 +66,29 @@ bench: venv
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[bench]'
 	$(BIN)/python -m bench
 
-constraints: venv localstack
-	$(BIN)/python -m pip freeze --exclude-editable > constraints.txt
+constraints: venv mutation-venv localstack
+	{ $(BIN)/python -m pip freeze --exclude-editable; \
+		$(MUTATION_VENV)/bin/python -m pip freeze --exclude-editable; } | sort -fu > constraints.txt
 	{ echo "# Every package of $(LOCALSTACK_VENV), pinned so a fresh clone installs what CI tested."; \
 		$(LOCALSTACK_VENV)/bin/python -m pip freeze; } > tests/localstack/constraints.txt
 
+# Mutation testing of the decision code (scripts/mutation.py, docs/mutation.md), in a venv of its own:
+# mutmut brings rich, with which structlog renders every logged traceback with its locals, which slowed
+# tests of the suite that log errors by seconds each. Not part of `make test` (see README, Development).
+MUTATION_VENV := .venv-mutation
+MUTATION_STAMP := $(MUTATION_VENV)/.installed-stamp
+
+mutation-venv: $(MUTATION_STAMP)
+
+$(MUTATION_STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(MUTATION_VENV)
+	$(MUTATION_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(MUTATION_VENV)/bin/python -m pip install --quiet -c constraints.txt -e '.[dev,mutation]'
+	touch $@
+
+mutation: $(MUTATION_STAMP)
+	$(MUTATION_VENV)/bin/python scripts/mutation.py
+
 clean:
-	rm -rf $(VENV) $(LOCALSTACK_VENV) .tools .mypy_cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(LOCALSTACK_VENV) $(MUTATION_VENV) mutants .tools .mypy_cache .pytest_cache .ruff_cache \
+		.hypothesis

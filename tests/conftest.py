@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import hypothesis
 import pytest
 import structlog
 
@@ -19,6 +20,19 @@ from archiver.aws import AwsClients, make_clients
 from archiver.demo import embedded_stack
 from archiver.settings import Settings, load_settings
 from tests.faultproxy import FaultProxy
+
+# `make mutation` (scripts/mutation.py) sets ARCHIVER_HYPOTHESIS=mutation: every property test then draws
+# the same examples on every run and keeps no database, so a failure found while one mutant is tested is
+# never replayed as the kill of another; and it stops at the first failing example, unshrunk.
+hypothesis.settings.register_profile(
+    "mutation",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+)
+if os.environ.get("ARCHIVER_HYPOTHESIS") == "mutation":
+    hypothesis.settings.load_profile("mutation")
 
 
 @pytest.fixture(scope="session")
