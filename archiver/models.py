@@ -399,7 +399,8 @@ def plan_archive(request: Request, *, settings: Settings, message_id: str) -> Ar
     except UnsafeNameError as exc:  # a renamed path can grow past the length limit
         raise PermanentError("invalid_request", str(exc)) from None
     request_id = request.request_id or message_id
-    name = request.archive_name or f"{request_id}.zip"
+    # A request_id such as `CON` would make a default name Windows cannot save: respelled like an entry's.
+    name = request.archive_name or portable_path(f"{request_id}.zip")
     key = archive_key(settings.s3_file_prefix, request_id, name)
     if len(key.encode("utf-8")) > MAX_KEY_BYTES:
         raise PermanentError("invalid_request", f"the archive key would be over S3's {MAX_KEY_BYTES} bytes")

@@ -214,10 +214,6 @@ def assert_safe(plan: ArchivePlan, request: dict[str, Any]) -> None:
     prefix, request_id, name = plan.key.split("/")
     assert (prefix, request_id) == (PREFIX, plan.request_id)
     problem = unsafe(name)
-    if "archive_name" not in request and problem and problem.startswith("a device name"):
-        # The default `<request_id>.zip` is not held to the portable spelling (a request_id `CON` gives
-        # `CON.zip`): contract §2, entry names, asks it only of an archive_name given.
-        problem = None
     assert problem is None and folded(name) != "status.json", plan.key
     assert request_id not in (".", "..")
 
