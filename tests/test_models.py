@@ -79,7 +79,7 @@ def test_request_id_and_archive_name_fix_the_key(settings_: Settings) -> None:
 @pytest.mark.parametrize("request_id", ["CON", "nul", "LPT1", "com9"])
 def test_a_default_archive_name_windows_reserves_is_respelled(settings_: Settings, request_id: str) -> None:
     """`<request_id>.zip` is a file people save: a request_id that is a device name gets the entries'
-    respelling (`CON_.zip`), while an archive_name given so is refused (contract §2)."""
+    respelling (`CON_.zip`), while an archive_name given so is refused (contract §2, entry names)."""
     key = plan({**CONTRACT_EXAMPLE, "request_id": request_id}, settings_).key
     assert key == f"download/{request_id}/{request_id}_.zip"
 
