@@ -321,3 +321,34 @@ def install_sigterm_as_interrupt() -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, interrupt)
+
+
+# ------------------------------------------------------------------------------------------- latency
+
+
+@contextlib.contextmanager
+def latency_proxy(upstream: str, delay_ms: float, workdir: Path) -> Iterator[str]:
+    """bench/latency.py in front of `upstream` (an http://host:port URL), holding back each response's
+    first byte by `delay_ms`; yields its URL. A delay of 0 yields `upstream` itself: no extra hop."""
+    if not delay_ms:
+        yield upstream
+        return
+    host_port = upstream.removeprefix("http://").rstrip("/")
+    log = workdir / f"latency-{delay_ms:g}ms.log"
+    log.unlink(missing_ok=True)
+    process = spawn([sys.executable, "-m", "bench.latency", host_port, str(delay_ms)], log=log)
+
+    def listening() -> str | None:
+        for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+            if line.startswith("listening on "):
+                return line.removeprefix("listening on ").strip()
+        return None
+
+    try:
+        wait_ready(lambda: listening() is not None, process=process, what="latency proxy", log=log)
+        url = listening()
+        assert url is not None
+        print(f"bench: {delay_ms:g} ms to first byte via {url} (in front of {upstream})", file=sys.stderr)
+        yield url
+    finally:
+        stop(process)

@@ -1,0 +1,96 @@
+"""`python -m bench.latency UPSTREAM_HOST:PORT DELAY_MS`: a TCP proxy on a free port of 127.0.0.1 that holds
+back the first byte of every HTTP response by DELAY_MS, the way S3 answers from tens of milliseconds away.
+It prints `listening on http://127.0.0.1:PORT` once it accepts connections, and runs until SIGTERM.
+
+Why: local servers answer in well under a millisecond, so a bench against them measures client CPU, not
+what AWS users see. S3 itself takes ~20-50 ms to a first byte; with that latency the number of requests
+in flight, not the CPU per request, decides how fast thousands of small objects are read.
+
+How: one asyncio task per direction of each connection. Bytes from the client go upstream at once and
+mark the connection as waiting for an answer; the first bytes that come back after that are held for
+DELAY_MS, the rest of the response follows them without delay. HTTP/1.1 clients (botocore, object_store)
+never pipeline, so every request gets its own delay; a `100 Continue` before an upload's body counts as
+an answer too, as a real round trip would. Stdlib only, in its own process so that it never shares a GIL
+with a measured method (it does share the machine's cores, like the S3 server does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import sys
+
+CHUNK = 256 * 1024
+
+
+class _Connection:
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.waiting = False  # a request went upstream and its answer has not started yet
+
+
+async def _pump(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connection: _Connection, *, downstream: bool
+) -> None:
+    try:
+        while data := await reader.read(CHUNK):
+            if not downstream:
+                connection.waiting = True
+            elif connection.waiting:
+                connection.waiting = False
+                await asyncio.sleep(connection.delay)
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            if writer.can_write_eof():
+                writer.write_eof()
+
+
+def _no_delay(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def serve(upstream: tuple[str, int], delay: float) -> None:
+    async def handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*upstream)
+        except OSError:
+            client_writer.close()
+            return
+        _no_delay(client_writer)
+        _no_delay(up_writer)
+        connection = _Connection(delay)
+        await asyncio.gather(
+            _pump(client_reader, up_writer, connection, downstream=False),
+            _pump(up_reader, client_writer, connection, downstream=True),
+        )
+        for writer in (client_writer, up_writer):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=512)
+    port = server.sockets[0].getsockname()[1]
+    print(f"listening on http://127.0.0.1:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with server:
+        await stop.wait()
+
+
+def main(argv: list[str]) -> int:
+    upstream, delay_ms = argv
+    host, _, port = upstream.rpartition(":")
+    asyncio.run(serve((host, int(port)), float(delay_ms) / 1000))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
