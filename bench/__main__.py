@@ -1,9 +1,10 @@
-"""`python -m bench [--scenarios large,small,text,huge,xlarge] [--methods NAMES] [--quick] [--repeat N]
-[--profile NAMES|all]`.
+"""`python -m bench [--scenarios large,small,medium,text,huge,xlarge] [--methods NAMES] [--quick]
+[--repeat N] [--latency-ms 0,20] [--profile NAMES|all]`.
 
 One run starts SeaweedFS and moto, then for each scenario uploads its sources, runs each of its methods
-(or those of --methods) in its own subprocess, prints a table, and drops the scenario's buckets before
-the next. Results go to
+(or those of --methods) in its own subprocess, at each of its latencies (request-bound scenarios also
+through bench/latency.py, which holds back every S3 response's first byte), prints a table, and drops
+the scenario's buckets before the next. Results go to
 `bench/results/<run id>.json` (rewritten after each scenario, so an interrupted run keeps what it
 measured), subprocess logs to `bench/results/<run id>/`.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import platform
 import shutil
@@ -97,6 +99,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--upload-concurrency", type=int, help="UPLOAD_CONCURRENCY (default: archiver's)")
     parser.add_argument("--prefetch-bytes", type=_size, help="PREFETCH_BYTES (default: archiver's)")
     parser.add_argument(
+        "--latency-ms",
+        type=lambda text: tuple(float(value) for value in text.split(",")),
+        default=None,
+        help="delays to the first byte of S3 responses for the request-bound scenarios (small, medium; "
+        "default 0,20); 0 is the server itself",
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=1,
@@ -164,36 +173,61 @@ def run_scenario(
     *,
     profiled: bool,
     rounds: int,
+    latencies_ms: tuple[float, ...],
+) -> list[ScenarioResult]:
+    """Every method at every latency, on sources uploaded once; one result per latency."""
+    results: list[ScenarioResult] = []
+    try:
+        started = time.monotonic()
+        log(f"{scenario.name}: generating and uploading {scenario.total_bytes / 2**20:,.0f} MiB of sources")
+        sources = scenarios.upload_sources(ctx.s3, scenario, part_size=ctx.tuning.part_size)
+        setup_seconds = time.monotonic() - started
+        log(f"{scenario.name}: sources ready in {setup_seconds:.1f} s")
+        for latency in latencies_ms:
+            with servers.latency_proxy(ctx.endpoints.s3, latency, ctx.workdir) as s3_url:
+                delayed = dataclasses.replace(ctx, endpoints=dataclasses.replace(ctx.endpoints, s3=s3_url))
+                result = _run_rounds(
+                    delayed, scenario, sources, chosen_methods, rounds=rounds, latency=latency
+                )
+            result.setup_seconds = setup_seconds
+            if profiled and latency == latencies_ms[0]:
+                result.profile = _profile(ctx, scenario, sources)
+            results.append(result)
+    finally:
+        with contextlib.suppress(Exception):
+            scenarios.drop_buckets(ctx.s3, scenario)
+            servers.reclaim_space(ctx.endpoints)
+    return results
+
+
+def _run_rounds(
+    ctx: methods.RunContext,
+    scenario: Scenario,
+    sources: list[scenarios.Source],
+    chosen_methods: list[str] | None,
+    *,
+    rounds: int,
+    latency: float,
 ) -> ScenarioResult:
     result = ScenarioResult(
         name=scenario.name,
         description=scenario.description,
         files=scenario.count,
         source_bytes=scenario.total_bytes,
+        latency_ms=latency,
     )
-    try:
-        started = time.monotonic()
-        log(f"{scenario.name}: generating and uploading {scenario.total_bytes / 2**20:,.0f} MiB of sources")
-        sources = scenarios.upload_sources(ctx.s3, scenario, part_size=ctx.tuning.part_size)
-        result.setup_seconds = time.monotonic() - started
-        log(f"{scenario.name}: sources ready in {result.setup_seconds:.1f} s")
-        # Rounds interleave the methods, so a burst of load from elsewhere hits them alike.
-        for round_number in range(1, rounds + 1):
-            for method in chosen_methods or scenario.methods:
-                log(f"{scenario.name}: {method} (round {round_number}/{rounds}) ...")
-                outcome = _run_method(ctx, scenario, sources, method, round_number)
-                result.results.append(outcome)
-                verdict = "ok" if outcome.ok else "FAILED"
-                log(
-                    f"{scenario.name}: {method} {verdict} in {outcome.wall_seconds:.1f} s, "
-                    f"peak RSS {outcome.peak_rss_mib:.0f} MiB"
-                )
-        if profiled:
-            result.profile = _profile(ctx, scenario, sources)
-    finally:
-        with contextlib.suppress(Exception):
-            scenarios.drop_buckets(ctx.s3, scenario)
-            servers.reclaim_space(ctx.endpoints)
+    label = result.label
+    # Rounds interleave the methods, so a burst of load from elsewhere hits them alike.
+    for round_number in range(1, rounds + 1):
+        for method in chosen_methods or scenario.methods:
+            log(f"{label}: {method} (round {round_number}/{rounds}) ...")
+            outcome = _run_method(ctx, scenario, sources, method, round_number, latency)
+            result.results.append(outcome)
+            verdict = "ok" if outcome.ok else "FAILED"
+            log(
+                f"{label}: {method} {verdict} in {outcome.wall_seconds:.1f} s, "
+                f"peak RSS {outcome.peak_rss_mib:.0f} MiB"
+            )
     return result
 
 
@@ -203,6 +237,7 @@ def _run_method(
     sources: list[scenarios.Source],
     method: str,
     round_number: int,
+    latency: float = 0.0,
 ) -> MethodResult:
     # The machine is shared: the load average when a run starts is recorded with its numbers. The bench's
     # own previous run (SeaweedFS plus a busy client) leaves ~2 in the 1-minute average by itself, hence
@@ -211,10 +246,11 @@ def _run_method(
     if load > 2 * (os.cpu_count() or 1):
         log(f"{scenario.name}: {method}: load average {load:.1f} on {os.cpu_count()} cores; expect noise")
     try:
+        tag = f"{round_number}" if not latency else f"{round_number}-{latency:g}ms"
         if method in ARCHIVER_METHODS:
-            outcome = methods.run_archiver(ctx, scenario, sources, method=method, attempt=str(round_number))
+            outcome = methods.run_archiver(ctx, scenario, sources, method=method, attempt=tag)
         else:
-            outcome = methods.run_baseline(method, ctx, scenario, sources, round_number=round_number)
+            outcome = methods.run_baseline(method, ctx, scenario, sources, round_number=round_number, tag=tag)
     except Exception as exc:  # one broken method must not cost the other methods' numbers
         outcome = MethodResult(
             method=method,
@@ -226,6 +262,7 @@ def _run_method(
             error=f"bench error: {type(exc).__name__}: {exc}",
         )
     outcome.details["round"] = round_number
+    outcome.details["latency_ms"] = latency
     outcome.details["load_average_at_start"] = round(load, 2)
     outcome.details["load_average_at_end"] = round(os.getloadavg()[0], 2)
     return outcome
@@ -296,18 +333,25 @@ def main(argv: list[str] | None = None) -> int:
                     worker_extra_env=tuple(args.worker_env),
                 )
                 for scenario in chosen:
-                    outcome = run_scenario(
+                    latencies = scenario.latencies_ms
+                    if args.latency_ms is not None and latencies != (0,):
+                        latencies = args.latency_ms
+                    outcomes = run_scenario(
                         ctx,
                         scenario,
                         args.methods,
                         profiled=scenario.name in args.profile,
                         rounds=args.repeat,
+                        latencies_ms=latencies,
                     )
-                    results.append(outcome)
-                    report.print_scenario(outcome, sys.stdout)
-                    if outcome.profile is not None:
-                        print(f"\n-- {scenario.name}: where archiver's time goes (py-spy, unmeasured run)")
-                        print(profile.format_summary(outcome.profile))
+                    for outcome in outcomes:
+                        results.append(outcome)
+                        report.print_scenario(outcome, sys.stdout)
+                        if outcome.profile is not None:
+                            print(
+                                f"\n-- {outcome.label}: where archiver's time goes (py-spy, unmeasured run)"
+                            )
+                            print(profile.format_summary(outcome.profile))
                     sys.stdout.flush()
                     document["scenarios"] = [r.as_dict() for r in results]
                     report.write_json(json_path, document)
@@ -320,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             f"\narchiver peak RSS, {flat.small_name} vs {flat.large_name}: {flat.small_rss_mib:.1f} → "
             f"{flat.large_rss_mib:.1f} MiB ({100 * flat.difference:+.1f}%)"
         )
+    report.print_latencies(results, sys.stdout)
     checks = report.print_summary(results, flat, sys.stdout)
     document.update(
         finished_at=datetime.now(UTC).isoformat(timespec="seconds"),

@@ -2,8 +2,9 @@
 raw|inmemory|download SPEC RESULT`. This module imports only what the methods need (boto3, zipfile), so
 the peak RSS measured is the method's own plus an interpreter's, like archiver's worker process.
 
-- raw: the practical limit. GET every source and upload the concatenated bytes as ONE object with boto3's
-  transfer manager at archiver's part size and concurrency. No zip, no checksum work beyond botocore's.
+- raw: the practical limit. GET every source (objects up to 8 MiB read whole, 8 GETs ahead; bigger ones
+  streamed) and upload the concatenated bytes as ONE object with boto3's transfer manager at archiver's
+  part size and concurrency. No zip, no checksum work beyond botocore's.
 - inmemory: the original service's design. `zipfile` into a `BytesIO` (each source read whole, as
   `writestr(name, body.read())` does), then one `upload_fileobj` of the buffer.
 - download: one plain download of the same bytes, what the server-side assembly target compares with.
@@ -17,7 +18,9 @@ import json
 import sys
 import time
 import zipfile
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, TYPE_CHECKING, Any, cast
 
 import boto3
@@ -31,16 +34,54 @@ if TYPE_CHECKING:
     from mypy_boto3_s3.type_defs import GetObjectOutputTypeDef
 
 
-class ConcatenatedBodies(io.RawIOBase):
-    """A non-seekable reader over the GET bodies of many objects, one after the other, each GET sent only
-    when the previous body is exhausted. `read(n)` returns exactly n bytes until the end: s3transfer
-    makes one part of each read, and a short read would make a short part (S3 rejects parts < 5 MiB)."""
+# Objects up to this size are read whole by GETs_AHEAD threads ahead of the reader, as a program that
+# knows small objects are request-bound would; bigger ones are streamed by one GET when reached.
+AHEAD_MAX_BYTES = 8 * 1024 * 1024
+GETS_AHEAD = 8
 
-    def __init__(self, s3: S3Client, bucket: str, keys: list[str]) -> None:
+
+class ConcatenatedBodies(io.RawIOBase):
+    """A non-seekable reader over the GET bodies of many objects, one after the other: small objects read
+    whole, GETS_AHEAD at a time ahead of the reader; a big one's GET sent when the previous body is
+    exhausted. `read(n)` returns exactly n bytes until the end: s3transfer makes one part of each read,
+    and a short read would make a short part (S3 rejects parts < 5 MiB)."""
+
+    def __init__(self, s3: S3Client, bucket: str, keys: list[str], sizes: list[int] | None = None) -> None:
         super().__init__()
         self._s3, self._bucket = s3, bucket
-        self._keys: Iterator[str] = iter(keys)
+        sizes = sizes or [AHEAD_MAX_BYTES + 1] * len(keys)
+        self._keys: Iterator[tuple[str, int]] = iter(zip(keys, sizes, strict=True))
         self._body: GetObjectOutputTypeDef | None = None
+        self._ahead: deque[Future[bytes | GetObjectOutputTypeDef]] = deque()
+        self._pool = ThreadPoolExecutor(GETS_AHEAD)
+        self._held: bytes | None = None  # a small object's body, read ahead
+        self._offset = 0
+
+    def _open(self, key: str) -> GetObjectOutputTypeDef:
+        return self._s3.get_object(Bucket=self._bucket, Key=key)
+
+    def _whole(self, key: str) -> bytes:
+        return self._s3.get_object(Bucket=self._bucket, Key=key)["Body"].read()
+
+    def _next_small(self) -> bool:
+        """Queue small objects' GETs until GETS_AHEAD are ahead or a big one comes; take the first."""
+        while len(self._ahead) < GETS_AHEAD:
+            key_size = next(self._keys, None)
+            if key_size is None:
+                break
+            key, size = key_size
+            if size > AHEAD_MAX_BYTES:
+                self._ahead.append(self._pool.submit(self._open, key))
+                break
+            self._ahead.append(self._pool.submit(self._whole, key))
+        if not self._ahead:
+            return False
+        result = self._ahead.popleft().result()
+        if isinstance(result, bytes):
+            self._held, self._offset = result, 0
+        else:
+            self._body = result
+        return True
 
     def readable(self) -> bool:
         return True
@@ -49,11 +90,21 @@ class ConcatenatedBodies(io.RawIOBase):
         wanted = -1 if size is None else size
         pieces: list[bytes] = []
         while wanted != 0:
+            if self._held is not None:
+                end = len(self._held) if wanted < 0 else min(len(self._held), self._offset + wanted)
+                piece = self._held[self._offset : end]
+                self._offset = end
+                if self._offset >= len(self._held):
+                    self._held = None
+                if piece:
+                    pieces.append(piece)
+                    if wanted > 0:
+                        wanted -= len(piece)
+                continue
             if self._body is None:
-                key = next(self._keys, None)
-                if key is None:
+                if not self._next_small():
                     break
-                self._body = self._s3.get_object(Bucket=self._bucket, Key=key)
+                continue
             piece = self._body["Body"].read(None if wanted < 0 else wanted)
             if not piece:
                 self._body["Body"].close()
@@ -67,7 +118,9 @@ class ConcatenatedBodies(io.RawIOBase):
 
 def _client(spec: dict[str, Any]) -> S3Client:
     # Endpoint, region and credentials come from the environment, as for archiver's worker.
-    config = Config(max_pool_connections=spec["upload_concurrency"] + 4, signature_version="s3v4")
+    config = Config(
+        max_pool_connections=spec["upload_concurrency"] + 4 + GETS_AHEAD, signature_version="s3v4"
+    )
     return boto3.session.Session().client("s3", config=config)
 
 
@@ -79,7 +132,7 @@ def raw_copy(spec: dict[str, Any]) -> dict[str, Any]:
     s3 = _client(spec)
     started = time.monotonic()
     # A file-like object: s3transfer only calls read() on a non-seekable one.
-    reader = cast("IO[bytes]", ConcatenatedBodies(s3, spec["source_bucket"], spec["keys"]))
+    reader = cast("IO[bytes]", ConcatenatedBodies(s3, spec["source_bucket"], spec["keys"], spec.get("sizes")))
     s3.upload_fileobj(
         reader, spec["destination_bucket"], spec["destination_key"], Config=_transfer_config(spec)
     )

@@ -173,13 +173,21 @@ def _tail(log: Path, lines: int = 25) -> str:
 
 
 def run_baseline(
-    method: str, ctx: RunContext, scenario: Scenario, sources: list[Source], *, round_number: int = 1
+    method: str,
+    ctx: RunContext,
+    scenario: Scenario,
+    sources: list[Source],
+    *,
+    round_number: int = 1,
+    tag: str | None = None,
 ) -> MethodResult:
     """`raw`, `inmemory` or `download` (bench/children.py) in a subprocess against the scenario's sources."""
-    key = f"{method}/{ctx.run_id}-{round_number}.{'bin' if method == 'raw' else 'zip'}"
+    tag = tag or str(round_number)
+    key = f"{method}/{ctx.run_id}-{tag}.{'bin' if method == 'raw' else 'zip'}"
     spec = {
         "source_bucket": scenario.source_bucket,
         "keys": [source.key for source in sources],
+        "sizes": [source.size for source in sources],
         "entry_names": [source.entry_name for source in sources],
         "compressible": scenario.compressible,
         "destination_bucket": scenario.destination_bucket,
@@ -191,7 +199,7 @@ def run_baseline(
     result_path = ctx.workdir / f"{scenario.name}-{method}-result.json"
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
-    log = ctx.logdir / f"{scenario.name}-{method}-{round_number}.log"
+    log = ctx.logdir / f"{scenario.name}-{method}-{tag}.log"
     socket_log = log.with_name(log.name + ".sockets.json")
     measured = run_measured(
         metered(socket_log, "bench.children", method, str(spec_path), str(result_path)),

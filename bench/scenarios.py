@@ -37,6 +37,8 @@ DEFAULT_METHODS = ("raw", "inmemory", "archiver")
 SERVER_SIDE_METHODS = ("raw", "archiver", "archiver-stream", "download")
 
 Kind = Literal["random", "text"]
+# Where requests, not bytes, set the pace: measured with and without S3-like latency.
+REQUEST_BOUND_LATENCIES = (0.0, 20.0)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,9 @@ class Scenario:
     extension: str
     content_type: str
     methods: tuple[str, ...] = DEFAULT_METHODS
+    # Delays added to the first byte of every S3 response (bench/latency.py), each a run of every method:
+    # request-bound scenarios are measured as AWS users see them (S3 answers in tens of milliseconds).
+    latencies_ms: tuple[float, ...] = (0,)
 
     @property
     def total_bytes(self) -> int:
@@ -112,6 +117,17 @@ SCENARIOS: dict[str, Scenario] = {
             "random",
             "jpg",
             "image/jpeg",
+            latencies_ms=REQUEST_BOUND_LATENCIES,
+        ),
+        Scenario(
+            "medium",
+            "400 × 3 MiB incompressible photos (.jpg)",
+            400,
+            3 * MiB,
+            "random",
+            "jpg",
+            "image/jpeg",
+            latencies_ms=REQUEST_BOUND_LATENCIES,
         ),
         Scenario("text", "1 × 512 MiB pseudo-English text (.txt)", 1, 512 * MiB, "text", "txt", "text/plain"),
         Scenario(
