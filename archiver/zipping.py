@@ -122,8 +122,10 @@ class _Member(Method):
         source: Iterator[bytes],
         name: str,
         copy: Callable[[], CopiedData | None] | None = None,
+        crc_of_bytes: bool = False,
     ) -> None:
         self._size, self._level, self._crc32, self._source = size, level, crc32, source
+        self._crc_of_bytes = crc_of_bytes  # crc32 was computed from these very bytes
         self._name = name  # the source as requested, for errors
         self._copy = copy
         self._copied: CopiedData | None = None
@@ -135,7 +137,10 @@ class _Member(Method):
             yield from self._copied.chunks()
             return
         if self._buffered is None:
-            yield from self._checked(self._source) if self._level is None else self._source
+            if self._level is not None:
+                yield from _even(self._source)
+            else:
+                yield from self._source if self._crc_of_bytes else self._checked(self._source)
             return
         self._buffered.reverse()  # pop from the end: each chunk is freed once written
         while self._buffered:
@@ -170,6 +175,23 @@ class _Member(Method):
             zip64 = past or deflate_bound(self._size, self._level) >= ZIP32_LIMIT
             chosen = (ZIP_64 if zip64 else ZIP_32)._get(offset, compressor(self._level))
         return (chosen[0], _AUTO_UPGRADE_END_RECORDS, *chosen[2:])
+
+
+def _even(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The same bytes in pieces of exactly CHUNK_SIZE (the last shorter). Deflate's output depends on how
+    its input is cut: fed the network's pieces, which vary from run to run, the same sources would not
+    make the same archive."""
+    pending = bytearray()
+    for chunk in chunks:
+        if not pending and len(chunk) == CHUNK_SIZE:
+            yield chunk
+            continue
+        pending += chunk
+        while len(pending) >= CHUNK_SIZE:
+            yield bytes(pending[:CHUNK_SIZE])
+            del pending[:CHUNK_SIZE]
+    if pending:
+        yield bytes(pending)
 
 
 @dataclass(frozen=True)
@@ -221,6 +243,7 @@ def zip_chunks(
                 source=open_source(index, obj),
                 name=obj.ref.source,
                 copy=offer,
+                crc_of_bytes=obj.crc_of_bytes,
             )
             yield entry.path, obj.last_modified, FILE_MODE, member, member.chunks()
 

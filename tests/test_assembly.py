@@ -121,8 +121,9 @@ def test_copied_archive_is_the_streamed_archive(
         assert ranges == sorted(f"bytes={start}-{end - 1}" for start, end in expected_copies(files, name))
         assert {c.headers["x-amz-copy-source-if-match"] for c in mine} == {etag}
         gets = fault_proxy.requests_matching(operation="GetObject", since=since, path_contains=f"/in/{name}")
-        assert [g.headers.get("range") for g in gets] == [f"bytes=0-{LEAD_BYTES - 1}"]
-        assert [g.headers.get("if-match") for g in gets] == [etag]
+        # The first GET, whose answer showed a big object, was dropped unread; then the lead.
+        assert [g.headers.get("range") for g in gets] == [None, f"bytes=0-{LEAD_BYTES - 1}"]
+        assert [g.headers.get("if-match") for g in gets] == [None, etag]
 
     # What passed through the worker: every uploaded part, against the archive's size.
     uploads = fault_proxy.requests_matching(operation="UploadPart", since=since)
@@ -240,7 +241,8 @@ def test_crc_from_copied_parts_on_a_server_that_returns_them(
     assert {c.headers["x-amz-copy-source"].rpartition("/")[2] for c in copies} == set(BIG)
     for name in BIG:
         gets = seaweedfs.requests_matching(operation="GetObject", path_contains=f"/in/{name}")
-        assert [g.headers.get("range") for g in gets] == [f"bytes=0-{LEAD_BYTES - 1}"]
+        # The first GET, whose answer showed a big object, was dropped unread; then the lead.
+        assert [g.headers.get("range") for g in gets] == [None, f"bytes=0-{LEAD_BYTES - 1}"]
 
 
 @pytest.mark.slow

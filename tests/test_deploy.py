@@ -839,12 +839,12 @@ def worst_case_memory(**overrides: Any) -> float:
     """MiB the worker may peak at, by the README's formula (Memory), counting every optional term:
     interpreter, UploadConcurrency + 1 parts in flight and one more beside a copy, the read-ahead, the
     largest request (1 KiB a file, its 8 MiB body five times over), a buffered deflate entry, copied
-    leads."""
+    leads, obstore's runtime with the source GETs' threads."""
     p = {k: float(v) for k, v in Resolver(**overrides).params.items() if k in WORKER_MEMORY_PARAMETERS}
     mib = 1024 * 1024
     part = max(p["PartSize"], math.ceil(p["MaxArchiveBytes"] / 10_000 / mib) * mib)
     buffers = (p["UploadConcurrency"] + 2) * part + p["PrefetchBytes"] + 1024 * p["MaxFiles"]
-    return 75 + buffers / mib + 5 * 8 + 16 + 10
+    return 75 + buffers / mib + 5 * 8 + 16 + 10 + 10
 
 
 def test_task_memory_help_counts_every_buffer() -> None:

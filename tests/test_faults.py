@@ -66,34 +66,52 @@ def run_passes(
     return notes
 
 
+@pytest.mark.parametrize("prefetch_bytes", [None, MiB], ids=["small-one-get", "big-headed"])
 def test_cut_get_is_resumed_with_range_and_if_match(
-    stack: Stack, fault_proxy: FaultProxy, tmp_path: Path
+    stack: Stack, fault_proxy: FaultProxy, tmp_path: Path, prefetch_bytes: int | None
 ) -> None:
-    """A GetObject cut mid-body is resumed with Range from the byte it stopped at and If-Match on the ETag."""
+    """A GET cut mid-body is resumed with Range from the byte it stopped at, for the same version: a big
+    source HEADed first (PREFETCH_BYTES=1 MiB makes 3 MiB big: its first GET is dropped after the answer,
+    then it is streamed) with If-Match on the HEAD's ETag; a small source read by its one GET by
+    object_store, which resumes it itself and compares the answer's ETag with the first one's (a changed
+    source: tests/test_small_sources.py)."""
     body = random.Random(1).randbytes(3 * MiB + 12_345)
     stack.put("big/cut.bin", body)
     etag = stack.clients.s3.head_object(Bucket=stack.source_bucket, Key="big/cut.bin")["ETag"]
+    big = prefetch_bytes is not None
     fault_proxy.configure(
         rate=1.0,
         kinds=("cut",),
         service="s3",
         limit=1,
         cut_after=MiB,
-        match=lambda r: r.operation == "GetObject" and r.path.endswith("/big/cut.bin"),
+        # The read that is cut: the small source's only GET; the big one's stream, which has If-Match.
+        match=lambda r: (
+            r.operation == "GetObject"
+            and r.path.endswith("/big/cut.bin")
+            and ("if-match" in r.headers) == big
+        ),
     )
     stack.send({"request_id": "cut-1", "files": [{"source": "big/cut.bin"}]})
-    assert worker.run(worker.connect(stack.settings()), burst=True) == 0
+    settings = stack.settings(prefetch_bytes=prefetch_bytes) if big else stack.settings()
+    assert worker.run(worker.connect(settings), burst=True) == 0
 
     notes = drain(stack)
     assert [n["status"] for n in notes] == ["completed"], notes
     check_archive(stack.download("download/cut-1/cut-1.zip"), {"cut.bin": body}, tmp_path)
     gets = fault_proxy.requests_matching(operation="GetObject", path_contains="big/cut.bin")
+    heads = fault_proxy.requests_matching(operation="HeadObject", path_contains="big/cut.bin")
+    assert len(heads) == int(big)
+    if big:
+        probe, *gets = gets
+        assert probe.fault is None and "if-match" not in probe.headers
     assert [g.fault for g in gets] == ["cut", None]
     assert "range" not in gets[0].headers
-    start = int(gets[1].headers["range"].removeprefix("bytes=").removesuffix("-"))
-    assert gets[1].headers["range"] == f"bytes={start}-"
+    start = int(gets[1].headers["range"].removeprefix("bytes=").split("-")[0])
+    assert gets[1].headers["range"] in (f"bytes={start}-", f"bytes={start}-{len(body) - 1}")
     assert 0 < start <= MiB  # what the client got before the cut, less at most a half-read chunk
-    assert [g.headers.get("if-match") for g in gets] == [etag, etag]
+    assert gets[0].headers.get("if-match") == (etag if big else None)
+    assert gets[1].headers.get("if-match") == (etag if big else None)
     assert stack.incomplete_uploads() == []
 
 
@@ -186,11 +204,14 @@ def test_forbidden_bucket_sends_no_s3_request(stack: Stack, fault_proxy: FaultPr
 def test_expected_bucket_owner_on_every_s3_request(
     stack: Stack, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
-    """EXPECTED_BUCKET_OWNER goes on every S3 request the worker sends, and never into the archive URL."""
+    """EXPECTED_BUCKET_OWNER goes on every S3 request the worker sends, and never into the archive URL:
+    boto3's (HEAD of a big source, its stream, the upload) and obstore's (the one GET of a small source,
+    a signed header). PREFETCH_BYTES=32 KiB makes `two.bin` (25.6 kB) big and `one.txt` small."""
     stack.put("one.txt", b"one\n" * 1000)
     stack.put("two.bin", bytes(range(256)) * 100)
     stack.send({"request_id": "owner-1", "files": [{"source": "one.txt"}, {"source": "two.bin"}]})
-    assert worker.run(worker.connect(stack.settings(expected_bucket_owner=OWNER)), burst=True) == 0
+    settings = stack.settings(expected_bucket_owner=OWNER, prefetch_bytes=32 * 1024)
+    assert worker.run(worker.connect(settings), burst=True) == 0
 
     notes = drain(stack)
     assert [n["status"] for n in notes] == ["completed"], notes
@@ -198,6 +219,9 @@ def test_expected_bucket_owner_on_every_s3_request(
     assert {r.operation for r in sent} >= {
         *("HeadObject", "GetObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload")
     }
+    small = fault_proxy.requests_matching(service="s3", path_contains="one.txt")
+    assert [r.operation for r in small] == ["GetObject"]  # one request, no HEAD
+    assert fault_proxy.requests_matching(operation="HeadObject", path_contains="two.bin")
     assert [(r.operation, r.headers.get("x-amz-expected-bucket-owner")) for r in sent] == [
         (r.operation, OWNER) for r in sent
     ]
@@ -233,9 +257,12 @@ def test_transient_failures_release_then_fail_then_dead_letter(stack: Stack, fau
     assert notes[0]["error"]["retryable"] is True
     assert notes[0]["error"]["code"] == "internal"
     assert notes[0]["error"]["message"].startswith("gave up after 3 attempts")
-    heads = fault_proxy.requests_matching(operation="HeadObject", path_contains="/flaky/")
-    assert heads and all(h.fault for h in heads)
-    assert fault_proxy.requests_matching(operation="CreateMultipartUpload") == []
+    gets = fault_proxy.requests_matching(operation="GetObject", path_contains="/flaky/")
+    assert gets and all(g.fault for g in gets)
+    # Each attempt's upload, begun before its sources answered, was aborted.
+    creates = fault_proxy.requests_matching(operation="CreateMultipartUpload")
+    assert len(creates) == len(fault_proxy.requests_matching(operation="AbortMultipartUpload")) == 3
+    assert stack.archive_keys() == [] and stack.incomplete_uploads() == []
 
     # SQS moves the message to the DLQ at the first receive after its last delivery's release.
     def in_dlq() -> bool:

@@ -22,31 +22,49 @@ def run_once(stack: Stack, request: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("storage_class", ["GLACIER", "DEEP_ARCHIVE"])
-def test_an_archived_source_fails_before_any_upload(
+def test_an_archived_source_fails_without_an_archive(
     stack: Stack, fault_proxy: FaultProxy, storage_class: str
 ) -> None:
-    """The HEAD says GLACIER or DEEP_ARCHIVE with no finished restore: `source_archived`, decided before
-    an upload is created."""
+    """GLACIER or DEEP_ARCHIVE with no finished restore: `source_archived`, from a small source's one
+    GET (403 InvalidObjectState; the upload already begun is aborted)."""
     stack.put("a.txt", b"alpha")
     stack.put("cold.jpg", b"frozen", StorageClass=storage_class)
     note = run_once(stack, {"files": [{"source": "a.txt"}, {"source": "cold.jpg"}]})
     assert (note["status"], note["error"]["code"]) == ("failed", "source_archived")
     assert "cold.jpg" in note["error"]["message"]
     assert note["error"]["retryable"] is False
+    assert fault_proxy.requests_matching(operation="HeadObject") == []
+
+
+@pytest.mark.parametrize("storage_class", ["GLACIER", "DEEP_ARCHIVE"])
+def test_an_archived_big_source_fails_before_any_upload(
+    stack: Stack, fault_proxy: FaultProxy, storage_class: str
+) -> None:
+    """Sources HEADed first (PREFETCH_BYTES=0): the HEAD says GLACIER or DEEP_ARCHIVE with no finished
+    restore, `source_archived` decided before an upload is created."""
+    stack.put("a.txt", b"alpha")
+    stack.put("cold.jpg", b"frozen", StorageClass=storage_class)
+    stack.send({"files": [{"source": "a.txt"}, {"source": "cold.jpg"}]})
+    assert worker.run(worker.connect(stack.settings(prefetch_bytes=0)), burst=True) == 0
+    (note,) = stack.notifications(1)
+    assert (note["status"], note["error"]["code"]) == ("failed", "source_archived")
     assert fault_proxy.requests_matching(operation="CreateMultipartUpload") == []
 
 
 def test_an_archived_source_the_head_did_not_reveal_fails_on_its_get(
     stack: Stack, fault_proxy: FaultProxy
 ) -> None:
-    """A server whose HEAD leaves out the storage class: the GET's 403 InvalidObjectState is permanent
-    `source_archived`, the upload is aborted, and nothing is retried."""
+    """A server whose HEAD leaves out the storage class (sources HEADed first, PREFETCH_BYTES=0): the
+    GET's 403 InvalidObjectState is permanent `source_archived`, the upload is aborted, and nothing is
+    retried."""
     stack.put("cold.jpg", b"frozen", StorageClass="GLACIER")
     fault_proxy.configure(
         match=lambda seen: seen.operation == "HeadObject" and seen.path.endswith("/cold.jpg"),
         response_headers=(("x-amz-storage-class", None),),
     )
-    note = run_once(stack, {"files": [{"source": "cold.jpg"}]})
+    stack.send({"files": [{"source": "cold.jpg"}]})
+    assert worker.run(worker.connect(stack.settings(prefetch_bytes=0)), burst=True) == 0
+    (note,) = stack.notifications(1)
     assert (note["status"], note["error"]["code"]) == ("failed", "source_archived")
     assert len(fault_proxy.requests_matching(operation="GetObject", path_contains="cold.jpg")) == 1
 
