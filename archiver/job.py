@@ -56,7 +56,7 @@ def s3_connections(settings: Settings) -> int:
 
 def small_limit(settings: Settings) -> int:
     """Sources up to this size are read by one GET and no HEAD, whole into the read-ahead window: half
-    of PREFETCH_BYTES (8 MiB by default: photos, the workload this is for, are 50 KiB-5 MiB), and below
+    of PREFETCH_BYTES (6 MiB by default: photos, the workload this is for, are 50 KiB-5 MiB), and below
     SERVER_SIDE_COPY_MIN_BYTES, since S3 copies what is bigger. 0 (PREFETCH_BYTES=0): every source is
     HEADed first, then streamed."""
     limit = settings.prefetch_bytes // 2

@@ -41,7 +41,7 @@ def test_defaults_match_the_contract(env: pytest.MonkeyPatch) -> None:
     assert settings.max_files == 50_000
     assert settings.max_archive_bytes == 100 * 1024**3
     assert settings.part_size == 8 * 1024**2
-    assert settings.prefetch_bytes == 16 * 1024**2
+    assert settings.prefetch_bytes == 12 * 1024**2
     assert settings.upload_concurrency == 4
     assert settings.visibility_timeout == 120
     assert settings.job_timeout == 21_600
