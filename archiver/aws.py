@@ -148,7 +148,10 @@ class SourceStores:
             client_options={
                 "allow_http": self._endpoint.startswith("http://"),
                 "connect_timeout": timedelta(seconds=10),
-                "timeout": timedelta(seconds=60),
+                # A whole GET, body included: sources read here are small (6 MiB by default). A server
+                # that stalls mid-body (seen once in SeaweedFS under load) costs this long, then the
+                # read resumes.
+                "timeout": timedelta(seconds=20),
                 "default_headers": headers,
             },
             retry_config={"max_retries": 5, "retry_timeout": timedelta(seconds=60)},

@@ -35,9 +35,10 @@ log = structlog.get_logger(__name__)
 HEAD_CONCURRENCY = 8  # HEADs at once
 # GETs of sources in flight at once, ahead of the zip writer: against S3's tens of milliseconds to a
 # first byte, 2,000 small objects took 6.1 s with 8, 2.2 s with 32, 1.9 s with 64 and 2.1 s with 128
-# (bench/candidates.py, +20 ms). They cost threads and sockets, not memory: a body is read only into
-# room in PREFETCH_BYTES.
-SOURCE_GETS = 64
+# (bench/candidates.py, +20 ms, GETs alone). 32, not 64: each costs a thread and a few hundred KiB of
+# buffers, and the worker on 2,000 x 100 KiB peaked at 151-155 MiB with 64 and 131-138 MiB with 32
+# (make bench, 12 MiB window), for 3.7 s against 3.8 s at +20 ms.
+SOURCE_GETS = 32
 # S3 calls a worker makes outside the job's thread pools: the job's own, the heartbeat's lease renewals,
 # status writes, and one spare.
 OTHER_S3_CALLERS = 4

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     # 8 MiB, not the 16 MiB first suggested: measured the same throughput, and it keeps a worker with
     # 4 uploads in flight under 150 MiB (README, Performance).
     part_size: int = Field(default=8 * MiB, ge=MIN_PART_SIZE, le=MAX_PART_SIZE)
-    # 12 MiB: with 64 GETs in flight the window stays full (at 32 MiB, 400 x 3 MiB peaked at 161 MiB of
+    # 12 MiB: with 32-64 GETs in flight the window stays full (at 32 MiB, 400 x 3 MiB peaked at 161 MiB of
     # RSS; at 16 MiB, 2,000 x 100 KiB at 145-151 MiB; at 12 MiB 138-144 MiB), and 12 MiB still holds 120
     # objects of 100 KiB or 4 of 3 MiB, enough to hide S3's latency (README, Performance).
     prefetch_bytes: int = Field(default=12 * MiB, ge=0)

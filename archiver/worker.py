@@ -104,7 +104,7 @@ def return_big_buffers_to_the_os() -> None:
     (a part buffer), after which parts come from the heap, which fragments and never shrinks: measured
     40-55 MiB of peak RSS on a 1 GiB archive. With the threshold fixed, each part is mmapped and handed
     back when its upload is done. And at most 2 heaps (arenas): glibc gives up to 8 per core to threads
-    that allocate at once, and the 64 source readers (and obstore's own threads) each kept freed bodies
+    that allocate at once, and the 32 source readers (and obstore's own threads) each kept freed bodies
     in their own, 12-55 MiB of peak RSS on 400 x 3 MiB (measured). A no-op where the C library is not
     glibc."""
     try:
