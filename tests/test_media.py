@@ -81,9 +81,12 @@ def put_without_crc(stack: Stack, key: str, body: bytes, content_type: str) -> N
     assert "ChecksumCRC32" not in found
 
 
-def test_the_archive_holds_each_entry_at_its_level(stack: Stack, tmp_path: Path) -> None:
+@pytest.mark.parametrize("small", [True, False], ids=["small-read-whole", "big-headed"])
+def test_the_archive_holds_each_entry_at_its_level(stack: Stack, tmp_path: Path, small: bool) -> None:
     """Through the worker, with compressible bytes everywhere: deflate level 1 shrinks them, stored
-    blocks (level 0) grow them a little, STORED keeps their size and needs no data descriptor."""
+    blocks (level 0) grow them a little, STORED keeps their size and needs no data descriptor. A small
+    source's CRC-32 comes from the bytes held, so all its media are STORED; a big one (PREFETCH_BYTES of
+    64 KiB makes these 150 kB sources big) is STORED only with S3's full-object CRC-32."""
     body = b"the same line again and again\n" * 5_000
     stack.put("notes.txt", body, ContentType="text/plain")
     stack.put("drawing.svg", body, ContentType="image/svg+xml")
@@ -93,7 +96,8 @@ def test_the_archive_holds_each_entry_at_its_level(stack: Stack, tmp_path: Path)
     put_without_crc(stack, "scans/0002", body, "application/pdf")
     keys = ["notes.txt", "drawing.svg", "photo.png", "scans/0001", "film.mp4", "scans/0002"]
     stack.send({"request_id": "levels", "files": [{"source": key} for key in keys]})
-    worker.run(worker.connect(stack.settings()), burst=True)
+    prefetch = {} if small else {"prefetch_bytes": 64 * 1024}
+    worker.run(worker.connect(stack.settings(**prefetch)), burst=True)
 
     (note,) = stack.notifications(1)
     assert note["status"] == "completed", note
@@ -105,9 +109,11 @@ def test_the_archive_holds_each_entry_at_its_level(stack: Stack, tmp_path: Path)
     for name in ("notes.txt", "drawing.svg"):
         assert info[name].compress_type == zipfile.ZIP_DEFLATED
         assert info[name].compress_size < len(body) // 20, name  # level 1 at work
-    for name in ("photo.png", "0001"):
+    stored = ("photo.png", "0001", "film.mp4", "0002") if small else ("photo.png", "0001")
+    for name in stored:
         assert info[name].compress_type == zipfile.ZIP_STORED, name
+        assert info[name].compress_size == len(body), name
         assert not info[name].flag_bits & 0x08, f"{name}: STORED with a data descriptor"
-    for name in ("film.mp4", "0002"):
+    for name in () if small else ("film.mp4", "0002"):
         assert info[name].compress_type == zipfile.ZIP_DEFLATED, name
         assert len(body) < info[name].compress_size < len(body) * 1.01, name  # stored blocks: level 0

@@ -151,12 +151,15 @@ def test_a_duplicate_gets_a_fresh_link_and_timestamp(stack: Stack, tmp_path: Pat
 
 
 @pytest.mark.parametrize("case", ["missing", "archived", "too large"])
-def test_requests_that_cannot_succeed_fail_before_any_upload_is_created(
-    stack: Stack, fault_proxy: FaultProxy, case: str
+@pytest.mark.parametrize("heads_first", [True, False], ids=["heads-first", "one-get"])
+def test_requests_that_cannot_succeed_never_leave_an_archive(
+    stack: Stack, fault_proxy: FaultProxy, case: str, heads_first: bool
 ) -> None:
-    """After the HEADs and before CreateMultipartUpload: a missing source (`on_missing: fail`), a source
-    in Glacier, sources over MAX_ARCHIVE_BYTES. Counted at the proxy, since an upload created then
-    aborted would leave the bucket looking the same."""
+    """A missing source (`on_missing: fail`), a source in Glacier, sources over MAX_ARCHIVE_BYTES. With
+    every source HEADed first (PREFETCH_BYTES=0): after the HEADs, before CreateMultipartUpload. With one
+    GET per small source (the default, §3, archive): no HEAD at all, and the upload created meanwhile is
+    aborted, never completed. Counted at the proxy, since an upload created then aborted would leave the
+    bucket looking the same as one never created."""
     stack.put("a.txt", b"a" * 600)
     stack.put("cold.txt", b"cold", StorageClass="GLACIER")
     stack.put("b.txt", b"b" * 600)
@@ -166,11 +169,19 @@ def test_requests_that_cannot_succeed_fail_before_any_upload_is_created(
         "too large": ("b.txt", "too_large"),
     }[case]
     stack.send({"request_id": "early", "files": [{"source": "a.txt"}, {"source": second}]})
-    worker.run(worker.connect(stack.settings(max_archive_bytes=1000)), burst=True)
+    prefetch = {"prefetch_bytes": 0} if heads_first else {}
+    worker.run(worker.connect(stack.settings(max_archive_bytes=1000, **prefetch)), burst=True)
 
     (note,) = stack.notifications(1)
     assert (note["status"], note["error"]["code"], note["error"]["retryable"]) == ("failed", code, False)
-    heads = operations(fault_proxy, "HeadObject")
-    assert {seen.path.rsplit("/", 1)[1] for seen in heads} == {"a.txt", second}
-    assert operations(fault_proxy, "CreateMultipartUpload") == []
+    heads = {seen.path.rsplit("/", 1)[1] for seen in operations(fault_proxy, "HeadObject")}
+    created = operations(fault_proxy, "CreateMultipartUpload")
+    if heads_first:
+        assert heads == {"a.txt", second}
+        assert created == []
+    else:
+        assert heads == set()
+        assert len(created) == len(operations(fault_proxy, "AbortMultipartUpload")) <= 1
+    assert operations(fault_proxy, "CompleteMultipartUpload") == []
+    assert stack.archive_keys() == [] and stack.incomplete_uploads() == []
     assert stack.queue_depth() == 0
