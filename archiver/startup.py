@@ -1,5 +1,5 @@
-"""Start-up checks of `archiver worker`: before its first poll, the queues and the destination bucket its
-settings name must exist and the endpoint must answer (contract §6, settings).
+"""Start-up checks of `archiver worker`: before its first poll, the queues and the buckets its settings name
+must exist (the source bucket may refuse listing) and the endpoint must answer (contract §6, settings).
 
 Without them a queue typo ends in a traceback, a bucket typo sends every request to the DLQ, and an
 endpoint nobody answers is retried for minutes. Each problem is one line instead: a wrong setting is a
@@ -62,6 +62,7 @@ def check(settings: Settings, clients: AwsClients | None = None) -> None:
             _check_source_queue(clients.sqs, settings.sqs_source_queue),
             _check_destination_queue(clients.sqs, settings.sqs_destination_queue),
             _check_bucket(clients, settings.s3_destination_bucket, settings.expected_bucket_owner),
+            _check_source_bucket(clients, settings.s3_source_bucket, settings.expected_bucket_owner),
         )
         if problem
     ]
@@ -101,7 +102,20 @@ def _check_destination_queue(sqs: SQSClient, name_or_url: str) -> str | None:
 def _check_bucket(clients: AwsClients, bucket: str, owner: str | None) -> str | None:
     """HeadBucket, which needs the s3:ListBucket the worker has on its destination bucket anyway; with
     EXPECTED_BUCKET_OWNER set it also checks the bucket is that account's."""
-    where = f"S3_DESTINATION_BUCKET {bucket}"
+    return _head_bucket(clients, f"S3_DESTINATION_BUCKET {bucket}", bucket, owner, forbidden_ok=False)
+
+
+def _check_source_bucket(clients: AwsClients, bucket: str, owner: str | None) -> str | None:
+    """A mistyped S3_SOURCE_BUCKET would fail every request that names a plain key as `source_not_found`
+    (NoSuchBucket), a permanent failure for requests that are fine. s3:ListBucket on it is recommended,
+    not required (contract §3, archive), so a 403 passes: only a bucket that does not exist, or is in
+    another region, stops the worker."""
+    return _head_bucket(clients, f"S3_SOURCE_BUCKET {bucket}", bucket, owner, forbidden_ok=True)
+
+
+def _head_bucket(
+    clients: AwsClients, where: str, bucket: str, owner: str | None, *, forbidden_ok: bool
+) -> str | None:
     try:
         clients.s3.head_bucket(Bucket=bucket)
     except Exception as exc:
@@ -109,6 +123,8 @@ def _check_bucket(clients: AwsClients, bucket: str, owner: str | None) -> str | 
             status = http_status(exc)
             if status == 404:
                 return f"{where}: no such bucket"
+            if status == 403 and forbidden_ok:
+                return None
             if status == 403:
                 owner_note = f" or is not owned by EXPECTED_BUCKET_OWNER {owner}" if owner else ""
                 return f"{where}: access denied (the role lacks s3:ListBucket on it{owner_note})"

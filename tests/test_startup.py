@@ -17,8 +17,11 @@ import pytest
 
 from archiver import startup
 from archiver.cli import UNREACHABLE_EXIT
+from archiver.errors import SettingsError
 from archiver.settings import MiB
+from archiver.startup import startup_clients
 from tests.conftest import Stack
+from tests.faultproxy import FaultProxy
 
 
 def start_worker(stack: Stack, **settings: str) -> subprocess.CompletedProcess[str]:
@@ -71,6 +74,41 @@ def test_a_destination_bucket_typo_stops_the_worker_before_any_request_is_taken(
     assert visible == "1", "the request was received although the worker should not have polled"
 
 
+def test_a_source_bucket_typo_stops_the_worker(stack: Stack) -> None:
+    """A mistyped S3_SOURCE_BUCKET would fail every plain-key request as source_not_found (NoSuchBucket),
+    permanently: exit 2 and one line, nothing received."""
+    stack.send({"request_id": "never-taken", "files": [{"source": "a.txt"}]})
+    result = start_worker(stack, S3_SOURCE_BUCKET=f"{stack.source_bucket}-typo")
+    assert result.returncode == 2
+    assert one_line(result) == (
+        f"archiver: invalid setting: S3_SOURCE_BUCKET {stack.source_bucket}-typo: no such bucket"
+    )
+    assert stack.queue_depth() == 1
+
+
+def test_a_source_bucket_the_role_may_not_list_is_accepted(stack: Stack, fault_proxy: FaultProxy) -> None:
+    """s3:ListBucket on the source bucket is recommended, not required: HeadBucket's 403 there is no
+    reason to stop (on the destination bucket it is: the worker lists its uploads)."""
+    fault_proxy.configure(
+        rate=1.0,
+        kinds=("403",),
+        match=lambda seen: seen.method == "HEAD" and seen.path == f"/{stack.source_bucket}",
+    )
+    settings = stack.settings()
+    startup.check(settings, startup_clients(settings))  # raises nothing
+    refused = fault_proxy.requests_matching(method="HEAD", where=lambda seen: seen.fault == "403")
+    assert [seen.path.strip("/") for seen in refused] == [stack.source_bucket]
+    fault_proxy.configure(
+        rate=1.0,
+        kinds=("403",),
+        match=lambda seen: seen.method == "HEAD" and seen.path == f"/{stack.destination_bucket}",
+    )
+    with pytest.raises(
+        SettingsError, match=f"S3_DESTINATION_BUCKET {stack.destination_bucket}: access denied"
+    ):
+        startup.check(settings, startup_clients(settings))
+
+
 def test_every_wrong_setting_is_named_on_the_one_line(stack: Stack) -> None:
     """Three wrong settings at once: all three on one line, so one restart fixes them all."""
     result = start_worker(
@@ -78,11 +116,12 @@ def test_every_wrong_setting_is_named_on_the_one_line(stack: Stack) -> None:
         SQS_SOURCE_QUEUE="no-such-requests",
         SQS_DESTINATION_QUEUE="no-such-notifications",
         S3_DESTINATION_BUCKET="no-such-archives",
+        S3_SOURCE_BUCKET="no-such-sources",
     )
     assert result.returncode == 2
     line = one_line(result)
     assert line.startswith("archiver: invalid setting: ")
-    for name in ("SQS_SOURCE_QUEUE", "SQS_DESTINATION_QUEUE", "S3_DESTINATION_BUCKET"):
+    for name in ("SQS_SOURCE_QUEUE", "SQS_DESTINATION_QUEUE", "S3_DESTINATION_BUCKET", "S3_SOURCE_BUCKET"):
         assert name in line
 
 
@@ -95,7 +134,9 @@ def test_an_endpoint_that_does_not_answer_exits_69_within_seconds(stack: Stack) 
     elapsed = time.monotonic() - started
     assert result.returncode == UNREACHABLE_EXIT == 69
     assert one_line(result).startswith(f"archiver: cannot reach {endpoint}: ")
-    assert elapsed < 10, f"took {elapsed:.1f}s"
+    # The worker's own retries would take minutes; the start-up check's budget is seconds (a loaded
+    # machine gets a wide margin).
+    assert elapsed < 60, f"took {elapsed:.1f}s"
 
 
 def test_missing_credentials_are_a_wrong_setting(stack: Stack) -> None:
