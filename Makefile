@@ -57,8 +57,15 @@ lint: venv tools
 	$(DCLINT) docker-compose.yml
 	$(BIN)/cfn-lint deploy/archiver.yaml
 
-unit: venv tools localstack
-	$(BIN)/pytest
+# The mutation run (a few minutes, mostly CPU) goes on beside pytest, which waits on servers more than it
+# computes: together they take about as long as pytest alone. Either one failing fails `make test`.
+unit: venv tools localstack mutation-venv
+	@$(MUTATION_VENV)/bin/python scripts/mutation.py > mutants.log 2>&1 & mutation=$$!; \
+	$(BIN)/pytest; tests=$$?; \
+	wait $$mutation; mutated=$$?; \
+	echo "--- make mutation, run beside pytest (whole output: mutants.log)"; tail -n 1 mutants.log; \
+	if [ $$mutated -ne 0 ]; then cat mutants.log; fi; \
+	[ $$tests -eq 0 ] && [ $$mutated -eq 0 ]
 
 test: lint unit
 
@@ -74,7 +81,7 @@ constraints: venv mutation-venv localstack
 
 # Mutation testing of the decision code (scripts/mutation.py, docs/mutation.md), in a venv of its own:
 # mutmut brings rich, with which structlog renders every logged traceback with its locals, which slowed
-# tests of the suite that log errors by seconds each. Not part of `make test` (see README, Development).
+# tests of the suite that log errors by seconds each. `make test` runs it beside pytest (unit, above).
 MUTATION_VENV := .venv-mutation
 MUTATION_STAMP := $(MUTATION_VENV)/.installed-stamp
 
