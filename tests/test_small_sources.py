@@ -6,9 +6,14 @@ what they send."""
 from __future__ import annotations
 
 import io
+import json
 import random
 import struct
+import threading
 import zipfile
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +187,67 @@ def test_the_part_budget_grows_into_a_replan(stack: Stack) -> None:
     capped = stack.settings(part_size=5 * MiB, max_archive_bytes=20 * 1024 * MiB)
     budget = PartBudget.unknown(["a.jpg"] * 50_000, capped, "auto", small_limit=8 * MiB)
     assert budget.part_size == 5 * MiB  # bounded by MAX_ARCHIVE_BYTES, not by 50,000 x 8 MiB
+
+
+TASK_KEY_ID = "ASIATASKROLE00000001"
+TASK_TOKEN = "task-role-session-token"
+
+
+@pytest.fixture
+def task_role_endpoint() -> Iterator[str]:
+    """An ECS container credentials endpoint on 127.0.0.1 (what AWS_CONTAINER_CREDENTIALS_FULL_URI points
+    a task at), handing out temporary credentials of a task role."""
+
+    class Credentials(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            expires = (datetime.now(UTC) + timedelta(hours=6)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            body = json.dumps(
+                {
+                    "AccessKeyId": TASK_KEY_ID,
+                    "SecretAccessKey": "task-role-secret",
+                    "Token": TASK_TOKEN,
+                    "Expiration": expires,
+                }
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Credentials)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v2/credentials/task"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_source_gets_sign_with_the_task_roles_credentials(
+    stack: Stack,
+    fault_proxy: FaultProxy,
+    task_role_endpoint: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """On ECS the credentials come from the task role, through boto3's container provider: the source GETs,
+    which obstore sends, carry that role's key and session token, as boto3's own requests do."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", task_role_endpoint)
+    stack.put("album/one.jpg", b"one" * 1000)
+    note = run_once(stack, {"request_id": "task-role", "files": [{"source": "album/one.jpg"}]})
+
+    assert note["status"] == "completed", note
+    check_archive(stack.download("download/task-role/task-role.zip"), {"one.jpg": b"one" * 1000}, tmp_path)
+    (get,) = fault_proxy.requests_matching(operation="GetObject", path_contains="album/one.jpg")
+    assert f"Credential={TASK_KEY_ID}/" in get.headers["authorization"]
+    assert get.headers["x-amz-security-token"] == TASK_TOKEN
+    upload = fault_proxy.requests_matching(operation="CreateMultipartUpload")
+    assert upload and f"Credential={TASK_KEY_ID}/" in upload[0].headers["authorization"]
