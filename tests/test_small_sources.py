@@ -251,3 +251,29 @@ def test_source_gets_sign_with_the_task_roles_credentials(
     assert get.headers["x-amz-security-token"] == TASK_TOKEN
     upload = fault_proxy.requests_matching(operation="CreateMultipartUpload")
     assert upload and f"Credential={TASK_KEY_ID}/" in upload[0].headers["authorization"]
+
+
+AWKWARD_KEYS = [
+    *("a b.jpg", "a+b.jpg", "a%2Fb.jpg", "ü.jpg", "a#b?c.jpg", "x%y.jpg", "a~b", "a=b&c"),
+    *("dir/a b/c.jpg", "a%20b", "é/ñ.png", "[x]", "100%", "%41", "q'uote"),
+]
+
+
+def test_keys_that_need_encoding_are_read_by_one_get_each(
+    stack: Stack, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """obstore encodes keys its own way: spaces, `+`, `%`, `#`, `?`, `=`, `&`, non-ASCII and an encoded
+    slash each reach the object they name (a wrong encoding would read as a 404, a missing source), by one
+    GET and no HEAD."""
+    bodies = {key: f"body of {key}".encode() * 50 for key in AWKWARD_KEYS}
+    for key, body in bodies.items():
+        stack.put(f"odd/{key}", body)
+    note = run_once(stack, {"request_id": "odd-keys", "files": [{"source": f"odd/{key}"} for key in bodies]})
+
+    assert note["status"] == "completed", note
+    renamed = {entry["source"]: entry["name"] for entry in note["renamed"]}
+    expected = {renamed.get(f"odd/{key}", key.rsplit("/", 1)[-1]): body for key, body in bodies.items()}
+    check_archive(stack.download("download/odd-keys/odd-keys.zip"), expected, tmp_path)
+    assert fault_proxy.requests_matching(operation="HeadObject") == []
+    gets = fault_proxy.requests_matching(operation="GetObject", path_contains="/odd/")
+    assert sorted(get.path.split("/odd/", 1)[1] for get in gets) == sorted(bodies)
