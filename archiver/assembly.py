@@ -33,7 +33,7 @@ import structlog
 
 from archiver import crc
 from archiver.aws import error_code, http_status, is_transient, retry_transient
-from archiver.errors import JobAbandoned, PermanentError, TransientError
+from archiver.errors import JobAbandoned, TransientError, archive_too_large
 from archiver.multipart import RESERVE_GAP, Hole, MultipartUpload, PartLedger, choose_part_size
 from archiver.settings import MAX_PARTS, MIN_PART_SIZE, MiB, Settings
 from archiver.sources import SourceObject, read_source
@@ -343,11 +343,8 @@ class PartBudget:
             return
         size = entry.source.size
         self.known_bytes += size
-        limit = self._settings.max_archive_bytes
-        if self.known_bytes > limit:
-            raise PermanentError(
-                "too_large", f"the sources add up to more than {limit} bytes (MAX_ARCHIVE_BYTES)"
-            )
+        if self.known_bytes > self._settings.max_archive_bytes:
+            raise archive_too_large(self._settings.max_archive_bytes)
         self._bound += deflate_bound(size, DEFLATE_LEVEL) - self._guess
         if self._copies(entry) and self._fits(self._spares + COPY_EXTRA_PARTS):
             self.copyable.add(index)

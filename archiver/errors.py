@@ -44,6 +44,16 @@ class PermanentError(ArchiverError):
         self.message = message
 
 
+def archive_too_large(limit: int, total: int | None = None) -> PermanentError:
+    """MAX_ARCHIVE_BYTES passed: by the sum of the sizes the HEADs gave (`total`), or, while the sources
+    are read, by the sizes or the bytes seen so far."""
+    if total is None:
+        return PermanentError(
+            "too_large", f"the sources add up to more than {limit} bytes (MAX_ARCHIVE_BYTES)"
+        )
+    return PermanentError("too_large", f"the sources add up to {total} bytes; MAX_ARCHIVE_BYTES is {limit}")
+
+
 class TransientError(ArchiverError):
     """S3 or SQS could not do it now (throttling, 5xx, timeouts, a source that changed meanwhile)."""
 

@@ -14,7 +14,7 @@ import structlog
 from archiver import notify
 from archiver.assembly import CopiedEntry, Copier, PartBudget, Replan, copier_threads
 from archiver.aws import AwsClients
-from archiver.errors import ChecksumMismatch, PermanentError
+from archiver.errors import ChecksumMismatch, PermanentError, archive_too_large
 from archiver.models import (
     ArchiveInfo,
     ArchivePlan,
@@ -91,9 +91,7 @@ def resolve_entries(
         raise PermanentError("source_not_found", "none of the sources exists")
     total = sum(entry.source.size for entry in entries)
     if total > max_archive_bytes:
-        raise PermanentError(
-            "too_large", f"the sources add up to {total} bytes; MAX_ARCHIVE_BYTES is {max_archive_bytes}"
-        )
+        raise archive_too_large(max_archive_bytes, total)
     return Resolved(entries=entries, missing=missing, total_bytes=total)
 
 
@@ -324,7 +322,4 @@ class _Attempt:
         """Source bytes written: MAX_ARCHIVE_BYTES holds for what is read, too."""
         self.progress.bytes_done += size
         if self.progress.bytes_done > self.settings.max_archive_bytes:
-            limit = self.settings.max_archive_bytes
-            raise PermanentError(
-                "too_large", f"the sources add up to more than {limit} bytes (MAX_ARCHIVE_BYTES)"
-            )
+            raise archive_too_large(self.settings.max_archive_bytes)
