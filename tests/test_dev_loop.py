@@ -365,6 +365,17 @@ def test_envrc_dist_exports_every_setting_and_they_load(settings_env: pytest.Mon
         key: value for key, value in compose.items() if key != "AWS_ENDPOINT_URL"
     }
 
+    # The sizes, counts and times are the defaults, so a changed default cannot leave the dev loop on the
+    # old one.
+    numbers = {
+        name.upper(): field.default
+        for name, field in Settings.model_fields.items()
+        if type(field.default) in (int, float)
+    }
+    assert numbers and {key: exports[key] for key in numbers} == {
+        key: str(value) for key, value in numbers.items()
+    }
+
     for key in SETTING_NAMES:
         settings_env.setenv(key, exports[key])
     settings = load_settings()
