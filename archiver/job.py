@@ -82,8 +82,7 @@ def resolve_entries(
     upload: a missing source with `on_missing: fail`, no source at all, more bytes than allowed."""
     missing = [entry.ref.source for entry, obj in zip(plan.entries, objects, strict=True) if obj is None]
     if missing and plan.request.on_missing == "fail":
-        shown_missing = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise PermanentError("source_not_found", f"{len(missing)} source(s) not found: {shown_missing}")
+        raise sources_not_found(missing)
     entries = [
         ZipEntry(path=entry.path, source=obj) for entry, obj in zip(plan.entries, objects, strict=True) if obj
     ]
@@ -93,6 +92,14 @@ def resolve_entries(
     if total > max_archive_bytes:
         raise archive_too_large(max_archive_bytes, total)
     return Resolved(entries=entries, missing=missing, total_bytes=total)
+
+
+def sources_not_found(missing: Sequence[str]) -> PermanentError:
+    """`on_missing: fail` with missing sources: how many, and the first five."""
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    return PermanentError(
+        "source_not_found", f"{len(missing)} source(s) not found: {', '.join(missing[:5])}{more}"
+    )
 
 
 def build_archive(
@@ -248,13 +255,14 @@ class _Attempt:
             yield entry
 
     def _missing(self, prefetcher: Prefetcher, index: int) -> None:
-        """A source found missing by its GET: the permanent failure `on_missing: fail` asks for, naming
-        the others found so far; under `skip`, a replan, so that the upload's `entries` metadata, set
-        when it was created, is the number of entries the archive has."""
-        sources = [self.plan.entries[i].ref.source for i in sorted({index, *prefetcher.missing(5)})][:5]
+        """A source found missing by its GET: the permanent failure `on_missing: fail` asks for, counting
+        and naming the others found so far; under `skip`, a replan, so that the upload's `entries`
+        metadata, set when it was created, is the number of entries the archive has."""
+        found = sorted({index, *prefetcher.missing(len(self.plan.entries))})
+        sources = [self.plan.entries[i].ref.source for i in found]
         if self.plan.request.on_missing == "fail":
-            raise PermanentError("source_not_found", f"source(s) not found: {', '.join(sources)}")
-        raise Replan(f"source(s) not found, to be skipped: {', '.join(sources)}")
+            raise sources_not_found(sources)
+        raise Replan(f"source(s) not found, to be skipped: {', '.join(sources[:5])}")
 
     def _upload(
         self, planned: list[Planned], budget: PartBudget, *, trust_crc: bool, head_first: bool

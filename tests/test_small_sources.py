@@ -81,7 +81,7 @@ def test_a_missing_small_source_fails_with_its_upload_aborted(stack: Stack, faul
     stack.put("a.jpg", b"a" * 1000)
     note = run_once(stack, {"files": [{"source": "a.jpg"}, {"source": "gone.jpg"}]})
     assert (note["status"], note["error"]["code"]) == ("failed", "source_not_found")
-    assert "gone.jpg" in note["error"]["message"]
+    assert note["error"]["message"] == "1 source(s) not found: gone.jpg"  # as when HEADed first (§3, archive)
     assert stack.archive_keys() == [] and stack.incomplete_uploads() == []
     assert stack.queue_depth() == 0
     assert fault_proxy.requests_matching(operation="HeadObject", path_contains="a.jpg") == []
