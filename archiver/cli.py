@@ -75,20 +75,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
         request = parse_request(decode_body(body, max_files=settings.max_files))
         # The worker's own checks (names, allowed buckets, MAX_FILES), so a mistake fails here, not later.
         plan_archive(request, settings=settings, message_id="submit")
+        if request.request_id is None:
+            # The request's identity must live in its body: SQS gives a message moved back from the DLQ a
+            # new MessageId, which would otherwise become a new request_id (contract §5, delivery semantics).
+            request = request.model_copy(update={"request_id": f"submit-{uuid.uuid4().hex}"})
+        outgoing = request.model_dump_json(exclude_none=True)
+        size = len(outgoing.encode())
+        if size > MAX_POINTER_BYTES:
+            limit = f"a request is at most {MAX_POINTER_BYTES}"
+            raise PermanentError("too_large", f"{size} bytes of JSON; {limit}")
     except PermanentError as exc:
         print(f"invalid request ({exc.code}): {exc.message}", file=sys.stderr)
-        return 1
-    if request.request_id is None:
-        # The request's identity must live in its body: SQS gives a message moved back from the DLQ a
-        # new MessageId, which would otherwise become a new request_id (contract §5, delivery semantics).
-        request = request.model_copy(update={"request_id": f"submit-{uuid.uuid4().hex}"})
-    outgoing = request.model_dump_json(exclude_none=True)
-    size = len(outgoing.encode())
-    if size > MAX_POINTER_BYTES:
-        print(
-            f"invalid request (too_large): {size} bytes of JSON; a request is at most {MAX_POINTER_BYTES}",
-            file=sys.stderr,
-        )
         return 1
     clients = make_clients(expected_bucket_owner=settings.expected_bucket_owner)
     url = queue.resolve_queue_url(clients.sqs, settings.sqs_source_queue)
