@@ -79,11 +79,14 @@ class CopiedEntry:
     first: int
     last: int
     ledger: PartLedger
+    # Stream bytes written before this entry's data: the assembler's position when it reads the zip
+    # stream itself (it has taken every byte before the data by then), or a count kept upstream of it.
+    position: Callable[[], int]
 
     def chunks(self) -> Iterator[bytes]:
         """The entry's data as stream-zip sees it: the lead, then stand-ins the assembler drops. Runs
-        when stream-zip starts the data, by which time the assembler has taken every byte before it."""
-        start = self.ledger.position + LEAD_BYTES
+        when stream-zip starts the data, once every byte before it is written."""
+        start = self.position() + LEAD_BYTES
         self.ledger.add_hole(
             Hole(start=start, end=start + self.size - LEAD_BYTES, first=self.first, last=self.last)
         )
@@ -165,8 +168,10 @@ class Copier:
         part_size: int,
         concurrency: int,
         abandoned: Callable[[], bool],
+        position: Callable[[], int] | None = None,
     ) -> None:
         self._upload, self._abandoned = upload, abandoned
+        self._position = position or (lambda: upload.ledger.position)
         self._part_size, self._concurrency = part_size, concurrency
         self._pool = ThreadPoolExecutor(max_workers=copier_threads(concurrency), thread_name_prefix="copy")
         self.rejected = False  # the server refused a copy: this job streams the rest
@@ -213,6 +218,7 @@ class Copier:
             first=first,
             last=last,
             ledger=upload.ledger,
+            position=self._position,
         )
 
     @staticmethod

@@ -143,7 +143,7 @@ def parts_of(
 
 
 @retry_transient
-def _upload_part(
+def upload_part(
     s3: S3Client, *, bucket: str, key: str, upload_id: str, number: int, body: bytes | bytearray
 ) -> CompletedPartTypeDef:
     # botocore sends any bytes-like body as it is; its stubs only name bytes, and a bytes() copy of a
@@ -213,6 +213,11 @@ class MultipartUpload:
             if not upload.completed:
                 upload.abort()
 
+    @property
+    def parts(self) -> list[CompletedPartTypeDef]:
+        """The parts recorded so far (those uploaded apart from the stream, until `write` returns)."""
+        return list(self._parts)
+
     def add_parts(self, parts: Iterable[CompletedPartTypeDef], *, apart_bytes: int = 0) -> None:
         """Parts uploaded apart from the stream, under numbers reserved from the ledger."""
         self._parts.extend(parts)
@@ -229,7 +234,7 @@ class MultipartUpload:
         """Upload `chunks` as the stream's parts. At most `concurrency` parts are in flight and one more
         is being filled, which bounds memory at (concurrency + 1) x part_size whatever the size."""
         parts = parts_of(chunks, part_size, abandoned, self.ledger)
-        self._parts.extend(_upload_parts(self, parts, concurrency=concurrency))
+        self._parts.extend(upload_parts(self, parts, concurrency=concurrency))
 
     def complete(self, *, confirm: Callable[[], None] = _nothing) -> UploadedObject:
         """Complete the upload with every part. `confirm` runs right before, the one step that cannot be
@@ -297,17 +302,35 @@ def upload_threads(concurrency: int) -> int:
     return concurrency
 
 
-def _upload_parts(
+PartSender = Callable[[int, "bytes | bytearray"], "CompletedPartTypeDef | None"]
+
+
+def upload_parts(
     upload: MultipartUpload,
     numbered_parts: Iterator[tuple[int, bytes | bytearray]],
     *,
     concurrency: int,
+    send: PartSender | None = None,
 ) -> list[CompletedPartTypeDef]:
+    """Upload the parts, `concurrency` at a time; `send` may put a part elsewhere (a fan-out segment
+    keeps its first part apart), returning None for a part that is not one of the upload's."""
+    if send is None:
+
+        def send(number: int, body: bytes | bytearray) -> CompletedPartTypeDef | None:
+            return upload_part(
+                upload.s3,
+                bucket=upload.bucket,
+                key=upload.key,
+                upload_id=upload.upload_id,
+                number=number,
+                body=body,
+            )
+
     # A buffer slot is taken before a part starts filling and given back when its upload is done, so
     # at most `concurrency` parts are uploading and one is filling: (concurrency + 1) x part_size.
     slots = threading.BoundedSemaphore(concurrency + 1)
-    in_flight: set[Future[CompletedPartTypeDef]] = set()
-    done: list[Future[CompletedPartTypeDef]] = []
+    in_flight: set[Future[CompletedPartTypeDef | None]] = set()
+    done: list[Future[CompletedPartTypeDef | None]] = []
     with ThreadPoolExecutor(max_workers=upload_threads(concurrency), thread_name_prefix="part") as pool:
         try:
             while True:
@@ -319,15 +342,7 @@ def _upload_parts(
                 number, body = numbered
                 if number > MAX_PARTS:
                     raise PermanentError("too_large", f"the archive needs more than {MAX_PARTS} parts")
-                future = pool.submit(
-                    _upload_part,
-                    upload.s3,
-                    bucket=upload.bucket,
-                    key=upload.key,
-                    upload_id=upload.upload_id,
-                    number=number,
-                    body=body,
-                )
+                future = pool.submit(send, number, body)
                 future.add_done_callback(lambda _: slots.release())
                 in_flight.add(future)
                 del body, numbered
@@ -343,4 +358,4 @@ def _upload_parts(
         finally:
             for f in in_flight:
                 f.cancel()
-    return [f.result() for f in done]
+    return [part for part in (f.result() for f in done) if part is not None]

@@ -123,8 +123,10 @@ class _Member(Method):
         name: str,
         copy: Callable[[], CopiedData | None] | None = None,
         crc_of_bytes: bool = False,
+        base_offset: int = 0,
     ) -> None:
         self._size, self._level, self._crc32, self._source = size, level, crc32, source
+        self._base_offset = base_offset  # where the stream starts in the archive (a fan-out segment's)
         self._crc_of_bytes = crc_of_bytes  # crc32 was computed from these very bytes
         self._name = name  # the source as requested, for errors
         self._copy = copy
@@ -157,7 +159,7 @@ class _Member(Method):
             raise ChecksumMismatch(self._name)
 
     def _get(self, offset: int, default_get_compressobj: Any) -> Any:
-        past = offset >= ZIP32_LIMIT
+        past = self._base_offset + offset >= ZIP32_LIMIT
         # Copied server-side, the entry is STORED just as streaming with S3's CRC would write it.
         self._copied = self._copy() if self._copy is not None else None
         if self._copied is not None:
@@ -222,10 +224,14 @@ def zip_chunks(
     open_source: Callable[[int, SourceObject], Iterator[bytes]],
     compression: Compression,
     copy: Callable[[int, SourceObject], CopiedData | None] | None = None,
+    base_offset: int = 0,
 ) -> Iterator[bytes]:
     """The archive as 64 KiB chunks. Members are generated lazily: stream-zip asks for entry i's bytes
     only once entry i-1 is written, so sources are consumed strictly in order. `copy` is offered every
-    uncompressed entry when stream-zip reaches it; what it copies server-side is not read here."""
+    uncompressed entry when stream-zip reaches it; what it copies server-side is not read here.
+    `base_offset`: for a fan-out segment, an offset the stream's own offsets are counted from when an
+    entry's format is chosen (archiver.fanout places segments so that this gives the choice the whole
+    archive's offsets would); its central directory is the segment's, moved later (archiver.directory)."""
 
     def members() -> Iterator[tuple[str, Any, int, Method, Iterator[bytes]]]:
         for index, entry in enumerate(entries):
@@ -244,6 +250,7 @@ def zip_chunks(
                 name=obj.ref.source,
                 copy=offer,
                 crc_of_bytes=obj.crc_of_bytes,
+                base_offset=base_offset,
             )
             yield entry.path, obj.last_modified, FILE_MODE, member, member.chunks()
 

@@ -319,6 +319,7 @@ def test_layout_past_4_gib_is_the_streamed_one() -> None:
             first=first,
             last=first,
             ledger=layout,
+            position=lambda: layout.position,
         )
 
     chunks = zip_chunks(entries, open_source=open_source, compression="auto", copy=copy)
