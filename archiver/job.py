@@ -140,7 +140,9 @@ def build_archive(
             log.info("archive.replan", reason=str(exc))
             head_first = True
         progress.files_done = progress.bytes_done = 0
-    return _completed(clients, settings, plan, built)
+    return completed_notification(
+        clients, settings, plan, built.uploaded, paths=built.paths, missing=built.missing
+    )
 
 
 @dataclass
@@ -150,17 +152,23 @@ class _Built:
     missing: list[str] = field(default_factory=list)  # sources skipped
 
 
-def _completed(
-    clients: AwsClients, settings: Settings, plan: ArchivePlan, built: _Built
+def completed_notification(
+    clients: AwsClients,
+    settings: Settings,
+    plan: ArchivePlan,
+    uploaded: UploadedObject,
+    *,
+    paths: list[str],
+    missing: list[str],
 ) -> CompletedNotification:
-    uploaded = built.uploaded
+    """The completed notification of an archive with these entries (`paths`) and skipped sources."""
     log.info(
         "archive.assembled",
         bytes=uploaded.size,
         copied_bytes=uploaded.apart_bytes,
         streamed_bytes=uploaded.size - uploaded.apart_bytes,
     )
-    kept = set(built.paths)
+    kept = set(paths)
     return notify.completed(
         request_id=plan.request_id,
         archive=ArchiveInfo(
@@ -168,9 +176,9 @@ def _completed(
             key=uploaded.key,
             url=notify.archive_url(clients.presign, settings, bucket=uploaded.bucket, key=uploaded.key),
             size=uploaded.size,
-            entries=len(built.paths),
+            entries=len(paths),
         ),
-        skipped=[SkippedSource(source=source, reason="not_found") for source in built.missing],
+        skipped=[SkippedSource(source=source, reason="not_found") for source in missing],
         renamed=[renamed for renamed in plan.renamed if renamed.name in kept],
         metadata=plan.request.metadata,
     )

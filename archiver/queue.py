@@ -14,6 +14,9 @@ if TYPE_CHECKING:
 
 # SQS limits: a message is at most 1 MiB, long polling waits at most 20 s.
 LONG_POLL_SECONDS = 20
+# A message attribute that marks what workers send each other on the source queue (fan-out segment
+# tasks), so that nothing a producer sends is taken for one by its body alone.
+TASK_ATTRIBUTE = "ArchiverTask"
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,7 @@ class Message:
     body: str
     receive_count: int
     sent_at: datetime | None
+    task: str | None = None  # the TASK_ATTRIBUTE of a message a worker sent (a fan-out segment task)
 
 
 @retry_transient
@@ -51,6 +55,7 @@ def receive(sqs: SQSClient, queue_url: str, *, wait_seconds: int, visibility_tim
         WaitTimeSeconds=wait_seconds,
         VisibilityTimeout=visibility_timeout,
         MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
+        MessageAttributeNames=[TASK_ATTRIBUTE],
     )
     messages = response.get("Messages", [])
     if not messages:
@@ -58,12 +63,15 @@ def receive(sqs: SQSClient, queue_url: str, *, wait_seconds: int, visibility_tim
     raw = messages[0]
     attributes = raw.get("Attributes", {})
     sent = attributes.get("SentTimestamp")
+    marked = raw.get("MessageAttributes") or {}
+    task = marked[TASK_ATTRIBUTE].get("StringValue") if TASK_ATTRIBUTE in marked else None
     return Message(
         message_id=raw["MessageId"],
         receipt_handle=raw["ReceiptHandle"],
         body=raw.get("Body", ""),
         receive_count=int(attributes.get("ApproximateReceiveCount", "1")),
         sent_at=datetime.fromtimestamp(int(sent) / 1000, UTC) if sent else None,
+        task=task,
     )
 
 
@@ -94,4 +102,11 @@ def send(sqs: SQSClient, queue_url: str, body: str, *, payload_size: int | None 
     attributes: dict[str, Any] = {
         "ExtendedPayloadSize": {"DataType": "Number", "StringValue": str(payload_size)}
     }
+    return sqs.send_message(QueueUrl=queue_url, MessageBody=body, MessageAttributes=attributes)["MessageId"]
+
+
+@retry_transient
+def send_task(sqs: SQSClient, queue_url: str, body: str, *, kind: str) -> str:
+    """Send a task to the workers of `queue_url`, marked with TASK_ATTRIBUTE."""
+    attributes: dict[str, Any] = {TASK_ATTRIBUTE: {"DataType": "String", "StringValue": kind}}
     return sqs.send_message(QueueUrl=queue_url, MessageBody=body, MessageAttributes=attributes)["MessageId"]

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     # Uncompressed entries at least this big are copied inside S3 (UploadPartCopy) instead of streamed;
     # 0 turns server-side assembly off. Each still streams its first 5 MiB (README, Server-side assembly).
     server_side_copy_min_bytes: int = Field(default=64 * MiB, ge=0)
+    # Fan-out (README, Fan-out): a request whose sources add up to more than twice this many bytes is cut
+    # into segments of about this many source bytes, built by any worker on the source queue. 0 = off.
+    fanout_segment_bytes: int = Field(default=0, ge=0)
     visibility_timeout: int = Field(default=120, ge=10, le=SQS_MAX_VISIBILITY)
     job_timeout: int = Field(default=21_600, ge=1, lt=SQS_MAX_VISIBILITY)
     shutdown_grace: int = Field(default=25, ge=0)
@@ -70,6 +73,13 @@ class Settings(BaseSettings):
     def _check_copy_min(cls, value: int) -> int:
         if 0 < value < MIN_COPIED_OBJECT:
             raise ValueError(f"must be 0 (off) or at least {MIN_COPIED_OBJECT} (16 MiB)")
+        return value
+
+    @field_validator("fanout_segment_bytes")
+    @classmethod
+    def _check_segment_bytes(cls, value: int) -> int:
+        if 0 < value < MIN_PART_SIZE:
+            raise ValueError(f"must be 0 (off) or at least {MIN_PART_SIZE} (5 MiB)")
         return value
 
     @field_validator("allowed_source_buckets", mode="before")

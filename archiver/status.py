@@ -52,6 +52,9 @@ class Progress:
     started_at: str = field(default_factory=utc_timestamp)
     # Of the archive, copied by S3 (server-side assembly): for the metrics, not in the document.
     bytes_copied: int = 0
+    # A fanned-out archive's segments (archiver.fanout); 0 when it is built in one piece.
+    segments_total: int = 0
+    segments_done: int = 0
 
 
 class LeaseLost(TransientError):
@@ -90,6 +93,9 @@ def _document(
         "error": error,
         "notification": notification,
     }
+    if progress.segments_total:
+        document["segments_total"] = progress.segments_total
+        document["segments_done"] = progress.segments_done
     return json.dumps(document).encode()
 
 
@@ -291,12 +297,13 @@ def lease_remaining(document: dict[str, Any] | None, *, default_seconds: int) ->
 
 
 @retry_transient
-def abort_stale_uploads(s3: S3Client, *, bucket: str, key: str) -> int:
-    """Abort incomplete multipart uploads a dead worker left for this exact key; returns how many."""
+def abort_stale_uploads(s3: S3Client, *, bucket: str, key: str, keep: str | None = None) -> int:
+    """Abort incomplete multipart uploads a dead worker left for this exact key, but `keep` (a fanned-out
+    archive's upload, which its stored plan resumes); returns how many."""
     aborted = 0
     listing = s3.list_multipart_uploads(Bucket=bucket, Prefix=key)
     for upload in listing.get("Uploads", []):
-        if upload.get("Key") == key:
+        if upload.get("Key") == key and upload["UploadId"] != keep:
             s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
             aborted += 1
     return aborted

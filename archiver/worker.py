@@ -31,7 +31,7 @@ import botocore.exceptions
 import structlog
 from pydantic import ValidationError
 
-from archiver import heartbeat, job, metrics, notify, queue, request, settle, status
+from archiver import fanout, heartbeat, job, metrics, notify, queue, request, settle, status
 from archiver.aws import AwsClients, http_status, make_clients
 from archiver.errors import JobAbandoned, PermanentError, TransientError, clip
 from archiver.heartbeat import touch_health_file
@@ -225,6 +225,15 @@ class Attempt:
     notification: CompletedNotification | None = None  # once the archive exists
     extensions: int = 0  # visibility extensions, for the metrics
     abandon_reason: AbandonReason | None = None  # set by the heartbeat
+    claim: fanout.Claim | None = (
+        None  # on the fan-out segment this worker is building, renewed by the heartbeat
+    )
+
+    @property
+    def last_delivery(self) -> bool:
+        return self.max_receive_count is not None and self.message.receive_count >= self.max_receive_count
+
+    max_receive_count: int | None = None
 
     @property
     def archived(self) -> bool:
@@ -251,8 +260,17 @@ def request_context(**values: Any) -> Iterator[None]:
 
 def handle(worker: Worker, message: queue.Message) -> None:
     """Work on one message and settle it: delete after success or a permanent failure, else release."""
+    task = fanout.parse_task(message)
+    if task is not None:
+        _handle_task(worker, message, task)
+        return
     started = time.monotonic()
-    attempt = Attempt(message=message, request_id=message.message_id, shutdown=worker.shutdown)
+    attempt = Attempt(
+        message=message,
+        request_id=message.message_id,
+        shutdown=worker.shutdown,
+        max_receive_count=worker.max_receive_count,
+    )
     forced: ForcedExit | None = None
     with request_context(message_id=message.message_id, request_id=message.message_id):
         try:
@@ -273,6 +291,7 @@ def _beats(worker: Worker, attempt: Attempt) -> heartbeat.Beats:
     settings, sqs = worker.settings, worker.clients.sqs
 
     def renew_lease() -> bool:
+        _renew_claim(attempt)
         try:
             return attempt.lease is None or attempt.lease.renew(attempt.progress)
         except Exception as exc:
@@ -297,6 +316,66 @@ def _beats(worker: Worker, attempt: Attempt) -> heartbeat.Beats:
         stop_job=stop_job,
         on_extended=extended,
     )
+
+
+def _renew_claim(attempt: Attempt) -> None:
+    claim = attempt.claim
+    if claim is None:
+        return
+    try:
+        claim.renew()
+    except Exception as exc:  # at worst another worker builds the same segment the same way
+        log.warning("segment.claim_renew_failed", error=repr(exc))
+
+
+def _handle_task(worker: Worker, message: queue.Message, task: fanout.SegmentTask) -> None:
+    """A fan-out segment task: build the segment, or find there is nothing to do, and delete the task;
+    on an error, release it for another try (its last try records the failure for the coordinator)."""
+    started = time.monotonic()
+    attempt = Attempt(
+        message=message,
+        request_id=task.request_id,
+        shutdown=worker.shutdown,
+        max_receive_count=worker.max_receive_count,
+    )
+    run = fanout.TaskRun()
+    plan_dir = fanout.request_dir(worker.settings.s3_file_prefix, task.request_id)
+    with request_context(
+        message_id=message.message_id, request_id=task.request_id, segment=task.segment, archive_dir=plan_dir
+    ):
+        try:
+            with heartbeat.running(_beats(worker, attempt)):
+                fanout.run_task(
+                    worker.clients,
+                    worker.settings,
+                    task,
+                    run,
+                    abandoned=attempt.abandoned,
+                    last_delivery=attempt.last_delivery,
+                    hold=lambda claim: setattr(attempt, "claim", claim),
+                )
+            queue.delete(worker.clients.sqs, worker.source_url, message)
+        except ForcedExit:
+            _set_visibility(worker, message, 0)
+            raise
+        except Exception as exc:
+            run.outcome = "released"
+            shutdown = isinstance(exc, JobAbandoned) and worker.shutdown.requested.is_set()
+            if shutdown:
+                log.warning("segment_task.released", reason=str(exc))
+            else:
+                log.error("segment_task.error", exc_info=exc)
+            delay = (
+                0 if shutdown else release_delay(message.receive_count, worker.settings.visibility_timeout)
+            )
+            _set_visibility(worker, message, delay)
+        log.info(
+            "segment_task.done",
+            outcome=run.outcome,
+            reason=run.reason or None,
+            receive_count=message.receive_count,
+            duration_s=round(time.monotonic() - started, 3),
+        )
 
 
 def _outcome_of(worker: Worker, attempt: Attempt) -> Outcome:
@@ -456,7 +535,9 @@ def _archive_once(worker: Worker, attempt: Attempt, plan: ArchivePlan) -> Outcom
             holder_message_id=(previous or {}).get("message_id"),
         )
     lease = _claim(worker, attempt, plan, stored)
-    aborted = status.abort_stale_uploads(s3, bucket=plan.bucket, key=plan.key)
+    # A fanned-out request's upload is kept: its stored plan is resumed (archiver.fanout).
+    keep = fanout.stored_upload(worker.clients, plan) if settings.fanout_segment_bytes else None
+    aborted = status.abort_stale_uploads(s3, bucket=plan.bucket, key=plan.key, keep=keep)
     if aborted:
         log.info("request.stale_uploads_aborted", count=aborted)
     notification = _build(worker, attempt, plan, lease)
@@ -512,6 +593,10 @@ def _claim(worker: Worker, attempt: Attempt, plan: ArchivePlan, stored: status.S
 
 def _build(worker: Worker, attempt: Attempt, plan: ArchivePlan, lease: status.Lease) -> CompletedNotification:
     try:
+        if worker.settings.fanout_segment_bytes:
+            fanned = _fan_out(worker, attempt, plan, lease)
+            if fanned is not None:
+                return fanned
         return job.build_archive(
             worker.clients,
             worker.settings,
@@ -526,6 +611,29 @@ def _build(worker: Worker, attempt: Attempt, plan: ArchivePlan, lease: status.Le
         if attempt.abandon_reason == "lease_lost":
             raise status.LeaseLost(f"request {plan.request_id}: another worker took its lease") from None
         raise
+
+
+def _fan_out(
+    worker: Worker, attempt: Attempt, plan: ArchivePlan, lease: status.Lease
+) -> CompletedNotification | None:
+    """The archive built by segments over the fleet, or None when the request is too small to fan out."""
+    coordinator = fanout.Coordinator(
+        clients=worker.clients,
+        settings=worker.settings,
+        plan=plan,
+        source_url=worker.source_url,
+        progress=attempt.progress,
+        abandoned=attempt.abandoned,
+        confirm=lambda: lease.write("processing", attempt.progress),
+        last_delivery=attempt.last_delivery,
+        hold=lambda claim: setattr(attempt, "claim", claim),
+    )
+    fanned = coordinator.build()
+    if fanned is None:
+        return None
+    return job.completed_notification(
+        worker.clients, worker.settings, plan, fanned.uploaded, paths=fanned.paths, missing=fanned.missing
+    )
 
 
 def _previous_notification(

@@ -309,13 +309,14 @@ def test_task_role_resources_are_the_buckets_prefix_and_queues(allowed: list[str
         "s3:ListBucket": sources | {archive},
         "s3:PutObject": archive_objects,
         "s3:AbortMultipartUpload": archive_objects,
+        "s3:DeleteObject": archive_objects,
         "s3:ListBucketMultipartUploads": {archive},
         "sqs:ReceiveMessage": {source_queue},
         "sqs:DeleteMessage": {source_queue},
         "sqs:ChangeMessageVisibility": {source_queue},
         "sqs:GetQueueAttributes": {source_queue},
         "sqs:GetQueueUrl": {source_queue, destination_queue},
-        "sqs:SendMessage": {destination_queue},
+        "sqs:SendMessage": {source_queue, destination_queue},
         "ecs:UpdateTaskProtection": {f"arn:aws:ecs:{REGION}:{ACCOUNT}:task/archiver-cluster-1a2b3c/*"},
     }
     assert grants(AllowedSourceBuckets=allowed, FilePrefix="exports/zips")["s3:PutObject"] == {

@@ -29,6 +29,10 @@ ACTION_OF = {
     "s3:UploadPartCopy": "s3:PutObject",
     "s3:CompleteMultipartUpload": "s3:PutObject",
     "s3:AbortMultipartUpload": "s3:AbortMultipartUpload",
+    # A fanned-out archive's plan and records (archiver/fanout.py): listed, and deleted once complete.
+    "s3:ListObjectsV2": "s3:ListBucket",
+    "s3:DeleteObject": "s3:DeleteObject",
+    "s3:DeleteObjects": "s3:DeleteObject",
     "s3:ListMultipartUploads": "s3:ListBucketMultipartUploads",
     # The start-up check of the destination bucket (archiver/startup.py).
     "s3:HeadBucket": "s3:ListBucket",
@@ -118,16 +122,18 @@ def test_every_worker_call_is_granted_and_every_grant_is_used(
         {"request_id": "skipping", "on_missing": "skip", "files": [{"source": "a.txt"}, {"source": "no"}]},
         {"request_id": "missing", "files": [{"source": "no"}]},
         {"request_id": "copied", "files": [{"source": "a.txt"}, {"source": "big.mp4"}]},
+        # Fanned out (16 MiB > 2 x 5 MiB): its segment tasks go to the source queue and come back.
+        {"request_id": "fanned", "files": [{"source": "big.mp4"}, {"source": "a.txt"}]},
         pointer,
     ):
         stack.send(body)
     stack.send(json.dumps({"request_id": "x", "files": [{"source": "a.txt", "name": "b.txt"}]}))
-    settings = stack.settings(server_side_copy_min_bytes=16 * MiB)
+    settings = stack.settings(server_side_copy_min_bytes=16 * MiB, fanout_segment_bytes=5 * MiB)
     startup.check(settings, clients)
     running = worker.connect(settings, clients)
     running.emit_metrics = False
     worker.run(running, burst=True)
-    assert len(stack.notifications(7)) == 7
+    assert len(stack.notifications(8)) == 8
     # And a release: a message whose notification cannot be sent (the queue is gone) is put back.
     stack.send({"request_id": "released", "files": [{"source": "a.txt"}]})
     broken = worker.connect(stack.settings(sqs_destination_queue=stack.destination_url + "-gone"), clients)

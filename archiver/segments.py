@@ -1,0 +1,268 @@
+"""One segment of a fanned-out archive (archiver.fanout): a contiguous run of its entries, zipped by
+stream-zip exactly as the whole archive's run would write them, into the archive's multipart upload under
+the segment's own range of part numbers.
+
+What is not a plain part of the upload: the segment's central directory (stream-zip writes one at the end
+of the segment's stream; it is held back, cut off and recorded, offsets from the segment's start, for the
+coordinator to move into place), its first part (the head, kept as a temporary object: the bytes before it,
+the end of the previous segment, may be too few to make a part of S3's 5 MiB on their own, and the
+coordinator joins them to it), and a short last part that follows a server-side copy (the tail, kept the
+same way). A short last part after a streamed one is joined to it here, so most segments end in a full
+part.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from archiver.assembly import Copier
+from archiver.aws import AwsClients, retry_transient
+from archiver.directory import Directory, directory_bound, read_directory
+from archiver.errors import TransientError
+from archiver.multipart import MultipartUpload, parts_of, upload_part, upload_parts
+from archiver.prefetch import Planned, Prefetcher
+from archiver.settings import MIN_PART_SIZE
+from archiver.sources import SourceObject, fetch_small, read_source
+from archiver.zipping import Compression, ZipEntry, zip_chunks
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+
+log = structlog.get_logger(__name__)
+
+SOURCE_GETS = 32  # as archiver.job's
+
+
+@dataclass(frozen=True)
+class SegmentWork:
+    """What building one segment needs, all of it from the stored plan."""
+
+    index: int
+    entries: list[ZipEntry]
+    copyable: frozenset[int]  # positions in `entries` that S3 may copy server-side
+    first_part: int
+    last_part: int
+    base_offset: int  # for each entry's format (zipping.zip_chunks)
+    part_size: int
+    small_limit: int
+    compression: Compression
+    head_key: str
+    tail_key: str
+
+
+@dataclass
+class SegmentResult:
+    """What the coordinator needs of a built segment."""
+
+    length: int  # bytes of the segment's entries in the archive
+    parts: list[CompletedPartTypeDef]
+    head_size: int
+    tail_size: int  # 0: no tail
+    directory: bytes  # the segment's central directory records, offsets from its start
+    count: int
+    copied_bytes: int
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "length": self.length,
+            "parts": [dict(part) for part in self.parts],
+            "head_size": self.head_size,
+            "tail_size": self.tail_size,
+            "directory": base64.b64encode(self.directory).decode(),
+            "count": self.count,
+            "copied_bytes": self.copied_bytes,
+        }
+
+    @classmethod
+    def from_document(cls, document: dict[str, Any]) -> SegmentResult:
+        return cls(
+            length=int(document["length"]),
+            parts=list(document["parts"]),
+            head_size=int(document["head_size"]),
+            tail_size=int(document["tail_size"]),
+            directory=base64.b64decode(document["directory"]),
+            count=int(document["count"]),
+            copied_bytes=int(document.get("copied_bytes", 0)),
+        )
+
+
+@dataclass
+class _Counted:
+    """Bytes of the zip stream written so far: where a copied entry's data starts (assembly.CopiedEntry)
+    while the end of the stream is still held back from the part assembler."""
+
+    position: int = 0
+
+    def wrap(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            self.position += len(chunk)
+            yield chunk
+
+
+@dataclass
+class _WithoutDirectory:
+    """The zip stream without its central directory and end records: the last `held` bytes are kept
+    back until the stream ends, then the directory is read from them and only the entries' bytes passed
+    on. `held` is at least the directory's size (directory.directory_bound)."""
+
+    held: int
+    directory: Directory | None = None
+    _tail: bytearray = field(default_factory=bytearray)
+
+    def strip(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        length = 0
+        for chunk in chunks:
+            length += len(chunk)
+            self._tail += chunk
+            if len(self._tail) > 2 * self.held:
+                cut = len(self._tail) - self.held
+                yield bytes(self._tail[:cut])
+                del self._tail[:cut]
+        self.directory = read_directory(bytes(self._tail), length)
+        kept = len(self._tail) - (length - self.directory.entries_length)
+        if kept:
+            yield bytes(self._tail[:kept])
+        self._tail = bytearray()
+
+
+@dataclass
+class _Ends:
+    """Which parts of the segment are not the upload's: its first (the head) and a short last one that
+    could not be joined to the part before it (the tail)."""
+
+    first: int
+    tail: int | None = None
+
+    def join_short_last(
+        self, numbered: Iterator[tuple[int, bytes | bytearray]]
+    ) -> Iterator[tuple[int, bytes | bytearray]]:
+        """Each part once the next is seen: a last part under S3's 5 MiB is joined to the one before when
+        they are consecutive (nothing copied between), else it is the tail."""
+        held: tuple[int, bytes | bytearray] | None = None
+        for number, body in numbered:
+            if held is not None and len(body) < MIN_PART_SIZE and held[0] + 1 == number:
+                held = (held[0], bytes(held[1]) + bytes(body))
+                continue
+            if held is not None:
+                yield held
+            held = (number, body)
+        if held is not None:
+            if held[0] != self.first and len(held[1]) < MIN_PART_SIZE:
+                self.tail = held[0]
+            yield held
+
+
+def build_segment(
+    clients: AwsClients,
+    upload: MultipartUpload,
+    work: SegmentWork,
+    *,
+    concurrency: int,
+    prefetch_bytes: int,
+    abandoned: Callable[[], bool],
+    on_bytes: Callable[[int], None] = lambda _: None,
+) -> SegmentResult:
+    """Zip the segment's entries into the upload; its head and tail as temporary objects."""
+    s3 = clients.s3
+    upload.ledger.last_number = work.first_part - 1
+    counted = _Counted()
+    stripped = _WithoutDirectory(held=directory_bound([entry.path for entry in work.entries]))
+    ends = _Ends(first=work.first_part)
+    sizes = {"head": 0, "tail": 0}
+    copier = Copier(
+        upload,
+        part_size=work.part_size,
+        concurrency=concurrency,
+        abandoned=abandoned,
+        position=lambda: counted.position,
+    )
+
+    def fetch(planned: Planned, admit: Callable[[int], None]) -> Any:
+        assert isinstance(planned, SourceObject)
+        store = clients.source_store(planned.ref.bucket)
+        return fetch_small(
+            store, planned.ref, limit=work.small_limit, admit=admit, head=lambda: planned, known=planned
+        )
+
+    prefetcher = Prefetcher(
+        [entry.source for entry in work.entries],
+        fetch=fetch,
+        stream=lambda obj: read_source(s3, obj),
+        window_bytes=prefetch_bytes,
+        small_limit=work.small_limit,
+        workers=SOURCE_GETS,
+    )
+    entries = [_resolved(prefetcher, index, entry) for index, entry in enumerate(work.entries)]
+
+    def opened(index: int) -> Iterator[bytes]:
+        for chunk in prefetcher.open(index):
+            on_bytes(len(chunk))
+            yield chunk
+
+    def send(number: int, body: bytes | bytearray) -> CompletedPartTypeDef | None:
+        if number > work.last_part:
+            raise RuntimeError(
+                f"segment {work.index}: part {number} is past its range's end {work.last_part}"
+            )
+        if number == ends.first or number == ends.tail:
+            kind = "head" if number == ends.first else "tail"
+            _put_object(s3, upload.bucket, work.head_key if kind == "head" else work.tail_key, body)
+            sizes[kind] = len(body)
+            return None
+        return upload_part(
+            s3, bucket=upload.bucket, key=upload.key, upload_id=upload.upload_id, number=number, body=body
+        )
+
+    try:
+        chunks = zip_chunks(
+            (entry() for entry in entries),
+            open_source=lambda index, _: opened(index),
+            compression=work.compression,
+            copy=lambda index, obj: copier.copy(obj) if index in work.copyable else None,
+            base_offset=work.base_offset,
+        )
+        numbered = parts_of(stripped.strip(counted.wrap(chunks)), work.part_size, abandoned, upload.ledger)
+        streamed = upload_parts(upload, ends.join_short_last(numbered), concurrency=concurrency, send=send)
+    finally:
+        prefetcher.close()
+        copier.close()
+    directory = stripped.directory
+    assert directory is not None
+    if upload.ledger.position != directory.entries_length:
+        raise RuntimeError(
+            f"segment {work.index}: {upload.ledger.position} bytes assembled,"
+            f" {directory.entries_length} written"
+        )
+    return SegmentResult(
+        length=directory.entries_length,
+        parts=[*upload.parts, *streamed],
+        head_size=sizes["head"],
+        tail_size=sizes["tail"],
+        directory=directory.records,
+        count=directory.count,
+        copied_bytes=upload.apart_bytes,
+    )
+
+
+def _resolved(prefetcher: Prefetcher, index: int, entry: ZipEntry) -> Callable[[], ZipEntry]:
+    """The entry as its read found it (a small source's CRC-32 is that of the bytes its GET returned, as
+    when the whole archive is built in one piece): looked up only when stream-zip reaches it."""
+
+    def resolve() -> ZipEntry:
+        found = prefetcher.resolve(index)
+        obj = getattr(found, "obj", found)
+        if not isinstance(obj, SourceObject):
+            raise TransientError(f"{entry.source.ref.source} changed while being archived")
+        return ZipEntry(path=entry.path, source=obj)
+
+    return resolve
+
+
+@retry_transient
+def _put_object(s3: Any, bucket: str, key: str, body: bytes | bytearray) -> None:
+    s3.put_object(Bucket=bucket, Key=key, Body=bytes(body), ContentType="application/octet-stream")
