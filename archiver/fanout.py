@@ -46,7 +46,7 @@ from archiver.job import resolve_entries, small_limit
 from archiver.models import ArchivePlan, SourceRef, is_valid_request_id, utc_timestamp
 from archiver.multipart import MultipartUpload, UploadedObject, choose_part_size, upload_part
 from archiver.segments import SegmentResult, SegmentWork, build_segment
-from archiver.settings import MAX_PARTS, MIN_PART_SIZE, Settings
+from archiver.settings import MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, Settings
 from archiver.sources import SourceObject, head_sources
 from archiver.status import WORKER_ID, Progress
 from archiver.zipping import ZIP32_LIMIT, ZipEntry, archive_size_bound, is_uncompressed
@@ -108,7 +108,20 @@ def segment_runs(sizes: Sequence[int], segment_bytes: int) -> list[tuple[int, in
 
 
 def plan_layout(entries: list[ZipEntry], settings: Settings, compression: Any, segment_bytes: int) -> Layout:
-    """Segments, their part numbers and placement, and the part size that fits them in 10,000 parts."""
+    """Segments, their part numbers and placement, and the part size that fits them in 10,000 parts.
+
+    Each segment's range holds a few numbers more than its bytes need, so many segments make parts
+    bigger than a single worker's (and memory is (UPLOAD_CONCURRENCY + 2) x part size): segments double
+    in size until the part size is at most twice the one a single worker would use."""
+    single = choose_part_size(archive_size_bound(entries), settings.part_size)
+    while True:
+        layout = _layout(entries, settings, compression, segment_bytes)
+        if layout.part_size <= 2 * single or len(layout.segments) <= 2:
+            return layout
+        segment_bytes *= 2
+
+
+def _layout(entries: list[ZipEntry], settings: Settings, compression: Any, segment_bytes: int) -> Layout:
     runs = segment_runs([entry.source.size for entry in entries], segment_bytes)
     copyable, _ = plan_copies(entries, settings, compression)
     bounds = [archive_size_bound(entries[first : first + count]) for first, count in runs]
@@ -116,10 +129,11 @@ def plan_layout(entries: list[ZipEntry], settings: Settings, compression: Any, s
     # Beyond its bytes a segment's range holds its copies' spare numbers, and one for the join of a short
     # last part (numbers are only ever left unused, which S3 allows).
     extras = [COPY_EXTRA_PARTS * n + 2 for n in copies]
-    part_size = choose_part_size(sum(bounds), settings.part_size, extra_parts=sum(extras) + len(runs) + 1)
-    if copyable and part_size > MAX_COPY_PIECE:
+    spare = sum(extras) + len(runs) + 1
+    if copyable and (spare >= MAX_PARTS // 2 or _part_size(bounds, settings, spare) > MAX_COPY_PIECE):
         copyable, extras = frozenset(), [2] * len(runs)
-        part_size = choose_part_size(sum(bounds), settings.part_size, extra_parts=sum(extras) + len(runs) + 1)
+        spare = sum(extras) + len(runs) + 1
+    part_size = _part_size(bounds, settings, spare)
     segments: list[Segment] = []
     number, lower, upper = 1, 0, 0
     for index, ((first, count), bound, extra) in enumerate(zip(runs, bounds, extras, strict=True)):
@@ -148,6 +162,15 @@ def plan_layout(entries: list[ZipEntry], settings: Settings, compression: Any, s
 
 
 # ------------------------------------------------------------------------------------------- the store
+
+
+def _part_size(bounds: list[int], settings: Settings, spare: int) -> int:
+    if spare >= MAX_PARTS:
+        return MAX_PART_SIZE + 1  # too many segments for their numbers: the caller makes them bigger
+    try:
+        return choose_part_size(sum(bounds), settings.part_size, extra_parts=spare)
+    except PermanentError:
+        return MAX_PART_SIZE + 1
 
 
 def request_dir(prefix: str, request_id: str) -> str:
@@ -567,6 +590,7 @@ class Coordinator:
     # heartbeat renews it.
     hold: Callable[[Claim | None], None] = lambda _: None
     store: Store = field(init=False)
+    _results: dict[int, SegmentResult] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.store = Store(self.clients.s3, self.plan.bucket, self.plan.key.rsplit("/", 1)[0])
@@ -674,10 +698,11 @@ class Coordinator:
         return self._complete(stored, segments, results)
 
     def _recorded(self, stored: StoredPlan, segments: list[Segment]) -> dict[int, SegmentResult]:
+        """The segments recorded so far: one LIST, and a GET of each record not read before."""
         names = self.store.names()
-        results: dict[int, SegmentResult] = {}
+        results = self._results
         for segment in segments:
-            if _record_name(segment.index) not in names:
+            if segment.index in results or _record_name(segment.index) not in names:
                 continue
             record = self.store.read(_record_name(segment.index))
             if record is None or record.get("upload_id") != stored.upload_id:

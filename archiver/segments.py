@@ -31,6 +31,7 @@ from archiver.sources import SourceObject, fetch_small, read_source
 from archiver.zipping import Compression, ZipEntry, zip_chunks
 
 if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
     from mypy_boto3_s3.type_defs import CompletedPartTypeDef
 
 log = structlog.get_logger(__name__)
@@ -168,12 +169,10 @@ def build_segment(
     on_bytes: Callable[[int], None] = lambda _: None,
 ) -> SegmentResult:
     """Zip the segment's entries into the upload; its head and tail as temporary objects."""
-    s3 = clients.s3
     upload.ledger.last_number = work.first_part - 1
     counted = _Counted()
     stripped = _WithoutDirectory(held=directory_bound([entry.path for entry in work.entries]))
-    ends = _Ends(first=work.first_part)
-    sizes = {"head": 0, "tail": 0}
+    sink = _Sink(clients.s3, upload, work, _Ends(first=work.first_part))
     copier = Copier(
         upload,
         part_size=work.part_size,
@@ -181,42 +180,13 @@ def build_segment(
         abandoned=abandoned,
         position=lambda: counted.position,
     )
-
-    def fetch(planned: Planned, admit: Callable[[int], None]) -> Any:
-        assert isinstance(planned, SourceObject)
-        store = clients.source_store(planned.ref.bucket)
-        return fetch_small(
-            store, planned.ref, limit=work.small_limit, admit=admit, head=lambda: planned, known=planned
-        )
-
-    prefetcher = Prefetcher(
-        [entry.source for entry in work.entries],
-        fetch=fetch,
-        stream=lambda obj: read_source(s3, obj),
-        window_bytes=prefetch_bytes,
-        small_limit=work.small_limit,
-        workers=SOURCE_GETS,
-    )
+    prefetcher = _prefetcher(clients, work, prefetch_bytes)
     entries = [_resolved(prefetcher, index, entry) for index, entry in enumerate(work.entries)]
 
     def opened(index: int) -> Iterator[bytes]:
         for chunk in prefetcher.open(index):
             on_bytes(len(chunk))
             yield chunk
-
-    def send(number: int, body: bytes | bytearray) -> CompletedPartTypeDef | None:
-        if number > work.last_part:
-            raise RuntimeError(
-                f"segment {work.index}: part {number} is past its range's end {work.last_part}"
-            )
-        if number == ends.first or number == ends.tail:
-            kind = "head" if number == ends.first else "tail"
-            _put_object(s3, upload.bucket, work.head_key if kind == "head" else work.tail_key, body)
-            sizes[kind] = len(body)
-            return None
-        return upload_part(
-            s3, bucket=upload.bucket, key=upload.key, upload_id=upload.upload_id, number=number, body=body
-        )
 
     try:
         chunks = zip_chunks(
@@ -227,26 +197,76 @@ def build_segment(
             base_offset=work.base_offset,
         )
         numbered = parts_of(stripped.strip(counted.wrap(chunks)), work.part_size, abandoned, upload.ledger)
-        streamed = upload_parts(upload, ends.join_short_last(numbered), concurrency=concurrency, send=send)
+        parts = sink.ends.join_short_last(numbered)
+        streamed = upload_parts(upload, parts, concurrency=concurrency, send=sink.send)
     finally:
         prefetcher.close()
         copier.close()
     directory = stripped.directory
     assert directory is not None
     if upload.ledger.position != directory.entries_length:
-        raise RuntimeError(
-            f"segment {work.index}: {upload.ledger.position} bytes assembled,"
-            f" {directory.entries_length} written"
-        )
+        raise RuntimeError(f"segment {work.index}: {upload.ledger.position} bytes assembled, not {directory}")
     return SegmentResult(
         length=directory.entries_length,
         parts=[*upload.parts, *streamed],
-        head_size=sizes["head"],
-        tail_size=sizes["tail"],
+        head_size=sink.sizes["head"],
+        tail_size=sink.sizes["tail"],
         directory=directory.records,
         count=directory.count,
         copied_bytes=upload.apart_bytes,
     )
+
+
+def _prefetcher(clients: AwsClients, work: SegmentWork, prefetch_bytes: int) -> Prefetcher:
+    """The segment's sources, read as a single worker reads them once HEADed: a small one whole by one
+    GET (If-Match the plan's ETag), a big one streamed."""
+
+    def fetch(planned: Planned, admit: Callable[[int], None]) -> Any:
+        assert isinstance(planned, SourceObject)
+        store = clients.source_store(planned.ref.bucket)
+        return fetch_small(
+            store, planned.ref, limit=work.small_limit, admit=admit, head=lambda: planned, known=planned
+        )
+
+    return Prefetcher(
+        [entry.source for entry in work.entries],
+        fetch=fetch,
+        stream=lambda obj: read_source(clients.s3, obj),
+        window_bytes=prefetch_bytes,
+        small_limit=work.small_limit,
+        workers=SOURCE_GETS,
+    )
+
+
+@dataclass
+class _Sink:
+    """Where each of the segment's parts goes: the upload, or (head and tail) a temporary object."""
+
+    s3: S3Client
+    upload: MultipartUpload
+    work: SegmentWork
+    ends: _Ends
+    sizes: dict[str, int] = field(default_factory=lambda: {"head": 0, "tail": 0})
+
+    def send(self, number: int, body: bytes | bytearray) -> CompletedPartTypeDef | None:
+        work, upload = self.work, self.upload
+        if number > work.last_part:
+            raise RuntimeError(
+                f"segment {work.index}: part {number} is past its range's end {work.last_part}"
+            )
+        if number in (self.ends.first, self.ends.tail):
+            kind = "head" if number == self.ends.first else "tail"
+            _put_object(self.s3, upload.bucket, work.head_key if kind == "head" else work.tail_key, body)
+            self.sizes[kind] = len(body)
+            return None
+        return upload_part(
+            self.s3,
+            bucket=upload.bucket,
+            key=upload.key,
+            upload_id=upload.upload_id,
+            number=number,
+            body=body,
+        )
 
 
 def _resolved(prefetcher: Prefetcher, index: int, entry: ZipEntry) -> Callable[[], ZipEntry]:
@@ -264,5 +284,5 @@ def _resolved(prefetcher: Prefetcher, index: int, entry: ZipEntry) -> Callable[[
 
 
 @retry_transient
-def _put_object(s3: Any, bucket: str, key: str, body: bytes | bytearray) -> None:
+def _put_object(s3: S3Client, bucket: str, key: str, body: bytes | bytearray) -> None:
     s3.put_object(Bucket=bucket, Key=key, Body=bytes(body), ContentType="application/octet-stream")

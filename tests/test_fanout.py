@@ -12,6 +12,7 @@ import random
 import subprocess
 import sys
 import threading
+import zipfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,10 +26,12 @@ from hypothesis import strategies as st
 
 from archiver import fanout, queue
 from archiver.directory import directory_bound, end_records, needs_zip64, relocate
-from archiver.models import SourceRef
+from archiver.errors import PermanentError, TransientError
+from archiver.models import SourceRef, parse_request, plan_archive
 from archiver.segments import _WithoutDirectory
 from archiver.settings import MiB, load_settings
 from archiver.sources import SourceObject
+from archiver.status import Progress
 from archiver.zipping import ZipEntry, zip_chunks
 from tests.conftest import Stack, wait_for
 from tests.faultproxy import FaultProxy, Faults, Seen
@@ -118,6 +121,38 @@ def test_the_end_records_follow_stream_zip_past_65535_entries() -> None:
     entries = [ZipEntry(path=f"{i}.txt", source=_source(i, b"", crc=True)) for i in range(len(datas))]
     whole = b"".join(zip_chunks(entries, open_source=lambda i, _: iter(()), compression="auto"))
     assert _segmented(entries, datas, [0, 30_000, 65_537]) == whole
+
+
+def test_a_segment_placed_past_4_gib_reads_back_at_its_offsets(tmp_path: Path) -> None:
+    """A segment that starts past 4 GiB: its entries get zip64 fields and its directory records keep
+    their offsets in zip64 extra fields, which `relocate` moves. Written at 5 GiB into a sparse file,
+    zipfile reads every entry back where the directory says it is."""
+    rng = random.Random(7)
+    datas = [rng.randbytes(1000), b"text " * 5000, b""]
+    entries = [
+        ZipEntry(path="a.jpg", source=_source(0, datas[0], crc=True)),
+        ZipEntry(path="b.txt", source=_source(1, datas[1], crc=False)),
+        ZipEntry(path="c/", source=_source(2, datas[2], crc=True)),
+    ]
+    base = 5 * 1024 * MiB
+    stripped = _WithoutDirectory(held=directory_bound([entry.path for entry in entries]))
+    zipped = zip_chunks(
+        entries, open_source=lambda i, _: _chunks(datas[i]), compression="auto", base_offset=base
+    )
+    body = b"".join(stripped.strip(zipped))
+    found = stripped.directory
+    assert found is not None and needs_zip64(found.records)
+    records = relocate(found.records, base)
+    path = tmp_path / "sparse.zip"
+    with path.open("wb") as out:
+        out.seek(base)
+        out.write(body + records)
+        out.write(end_records(count=3, size=len(records), start=base + len(body), zip64=True))
+    with zipfile.ZipFile(path) as archive:
+        assert archive.namelist() == ["a.jpg", "b.txt", "c/"]
+        assert [info.header_offset >= base for info in archive.infolist()] == [True] * 3
+        assert [archive.read(name) for name in archive.namelist()] == datas
+    assert relocate(records, -base) == found.records
 
 
 def test_layout_places_segments_around_4_gib() -> None:
@@ -466,3 +501,39 @@ def test_a_segment_that_cannot_be_read_fails_the_request_and_aborts_the_upload(
     assert stack.incomplete_uploads() == []
     assert not [key for key in stack.archive_keys() if key.endswith(".zip")]
     assert stack.status("fanned")["status"] == "failed"
+
+
+def test_a_segment_task_that_keeps_failing_ends_the_request_on_its_last_delivery(stack: Stack) -> None:
+    """A segment whose source changed after the plan (its GET finds another version) fails the same way
+    on every delivery: released until its last, where the failure is recorded; the coordinator then
+    fails the request and aborts the upload, leaving no plan behind."""
+    photos(stack, 12, 2 * MiB)
+    settings = stack.settings(fanout_segment_bytes=6 * MiB)
+    document = request("changing", [f"p{i:03d}.jpg" for i in range(12)])
+    plan = plan_archive(parse_request(document), settings=settings, message_id="m-1")
+    coordinator = fanout.Coordinator(
+        clients=stack.clients,
+        settings=settings,
+        plan=plan,
+        source_url=stack.source_url,
+        progress=Progress(),
+        abandoned=lambda: False,
+        confirm=lambda: None,
+        last_delivery=False,
+    )
+    stored = coordinator._plan()
+    assert stored is not None and len(stored.segments) == 4
+    stack.put("album/p004.jpg", b"another version")  # in segment 1
+    task = fanout.SegmentTask("changing", 1)
+    run = fanout.TaskRun()
+    with pytest.raises(TransientError, match=r"p004\.jpg changed"):
+        fanout.run_task(stack.clients, settings, task, run, abandoned=lambda: False, last_delivery=False)
+    assert records(stack, "changing") == []
+    last = fanout.TaskRun()
+    fanout.run_task(stack.clients, settings, task, last, abandoned=lambda: False, last_delivery=True)
+    assert last.outcome == "failed" and "p004.jpg changed" in last.reason
+    with pytest.raises(PermanentError, match="segment 1 kept failing") as failed:
+        coordinator.build()
+    assert failed.value.code == "internal"
+    assert stack.incomplete_uploads() == []
+    assert not [key for key in stack.archive_keys() if "/fanout/" in key]
