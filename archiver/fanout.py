@@ -208,13 +208,16 @@ class Store:
     def write(self, name: str, document: dict[str, Any], **condition: str) -> str:
         return _put(self.s3, self.bucket, self.key(name), json.dumps(document).encode(), condition)
 
-    def names(self) -> set[str]:
-        """The names under the fanout/ directory, one LIST (two for thousands of segments)."""
-        found: set[str] = set()
+    def names(self, start: str = "") -> dict[str, datetime]:
+        """The names under the fanout/ directory that begin with `start`, and when each was last written:
+        one LIST per 1,000."""
+        found: dict[str, datetime] = {}
         for page in self.s3.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=f"{self.root}/"
+            Bucket=self.bucket, Prefix=f"{self.root}/{start}"
         ):
-            found.update(item["Key"][len(self.root) + 1 :] for item in page.get("Contents", []))
+            found.update(
+                (item["Key"][len(self.root) + 1 :], item["LastModified"]) for item in page.get("Contents", [])
+            )
         return found
 
     def clear(self) -> None:
@@ -427,7 +430,8 @@ def build_and_record(
         upload,
         work,
         concurrency=settings.upload_concurrency,
-        prefetch_bytes=settings.prefetch_bytes,
+        # Room for the largest body the plan reads whole, whatever this worker's own window.
+        prefetch_bytes=max(settings.prefetch_bytes, 2 * work.small_limit),
         abandoned=abandoned,
         on_bytes=on_bytes,
     )
@@ -591,6 +595,7 @@ class Coordinator:
     hold: Callable[[Claim | None], None] = lambda _: None
     store: Store = field(init=False)
     _results: dict[int, SegmentResult] = field(init=False, default_factory=dict)
+    _listing: dict[str, datetime] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.store = Store(self.clients.s3, self.plan.bucket, self.plan.key.rsplit("/", 1)[0])
@@ -699,7 +704,7 @@ class Coordinator:
 
     def _recorded(self, stored: StoredPlan, segments: list[Segment]) -> dict[int, SegmentResult]:
         """The segments recorded so far: one LIST, and a GET of each record not read before."""
-        names = self.store.names()
+        names = self._listing = self.store.names("segment-")
         results = self._results
         for segment in segments:
             if segment.index in results or _record_name(segment.index) not in names:
@@ -723,14 +728,20 @@ class Coordinator:
     ) -> Segment | None:
         """Claim and build one segment nobody is building, from the end (workers take tasks from about
         the start); a chained one once the segments before it are done. None: nothing to take now."""
+        first_missing = min(s.index for s in segments if s.index not in results)
+        now = datetime.now(UTC)
         for segment in reversed(segments):
             if segment.index in results:
                 continue
             base = segment.base
             if base is None:
-                if any(s.index not in results for s in segments[: segment.index]):
+                if segment.index != first_missing:
                     continue
                 base = sum(results[s.index].length for s in segments[: segment.index])
+            # A claim written (or renewed, every few seconds) within its term is live: not even read.
+            claimed = self._listing.get(_claim_name(segment.index))
+            if claimed is not None and (now - claimed).total_seconds() < self.settings.visibility_timeout:
+                continue
             claim = Claim(self.store, segment.index, self.settings.visibility_timeout)
             if not claim.take():
                 continue
