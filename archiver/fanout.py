@@ -42,7 +42,7 @@ from archiver.assembly import COPY_EXTRA_PARTS, MAX_COPY_PIECE, plan_copies
 from archiver.aws import AwsClients, http_status, retry_transient
 from archiver.directory import end_records, needs_zip64, relocate
 from archiver.errors import JobAbandoned, PermanentError, TransientError
-from archiver.job import resolve_entries, small_limit
+from archiver.job import PLAN_HEAD_CONCURRENCY, resolve_entries, small_limit
 from archiver.models import ArchivePlan, SourceRef, is_valid_request_id, utc_timestamp
 from archiver.multipart import MultipartUpload, UploadedObject, choose_part_size, upload_part
 from archiver.segments import SegmentResult, SegmentWork, build_segment
@@ -62,8 +62,7 @@ PLAN_VERSION = 1
 # At most this many segments: each takes a few part numbers of S3's 10,000 and one task message; past it
 # segments grow (a 5 TiB archive gets segments of ~2.6 GiB).
 MAX_SEGMENTS = 2_000
-POLL_SECONDS = 2.0  # between looks at the segment records while other workers build
-HEAD_CONCURRENCY = 32
+POLL_SECONDS = 0.5  # between looks (a LIST) at the segment records while other workers build
 ZIP32_END = ZIP32_LIMIT
 
 
@@ -625,7 +624,7 @@ class Coordinator:
 
     def _plan(self) -> StoredPlan | None:
         refs = [entry.ref for entry in self.plan.entries]
-        objects = head_sources(self.clients.s3, refs, concurrency=HEAD_CONCURRENCY)
+        objects = head_sources(self.clients.s3, refs, concurrency=PLAN_HEAD_CONCURRENCY)
         resolved = resolve_entries(self.plan, objects, max_archive_bytes=self.settings.max_archive_bytes)
         segment_bytes = self.settings.fanout_segment_bytes
         if resolved.total_bytes <= 2 * segment_bytes:
@@ -766,51 +765,31 @@ class Coordinator:
         self, stored: StoredPlan, segments: list[Segment], results: dict[int, SegmentResult]
     ) -> Fanned:
         """Join the segments' ends into parts, append the central directory, complete the upload."""
-        s3, bucket, key = self.clients.s3, self.plan.bucket, self.plan.key
         upload = MultipartUpload(
-            s3,
-            bucket=bucket,
-            key=key,
+            self.clients.s3,
+            bucket=self.plan.bucket,
+            key=self.plan.key,
             upload_id=stored.upload_id,
             metadata=_metadata(self.plan, int(stored.document["entries"])),
         )
-        parts: list[CompletedPartTypeDef] = []
-        pending = bytearray()
-        directory = bytearray()
-        offset, count, zip64, copied = 0, 0, False, 0
-        for segment in segments:
-            result = results[segment.index]
-            head_key = self.store.key(f"segment-{segment.index:05d}.head")
-            if not pending and result.head_size >= MIN_PART_SIZE:
-                parts.append(_copy_in(s3, upload, segment.first_part, head_key, result.head_size))
-            else:
-                pending += _get(s3, bucket, head_key)
-                if len(pending) >= MIN_PART_SIZE:
-                    parts.append(_send(s3, upload, segment.first_part, pending))
-                    pending = bytearray()
-                elif result.parts or result.tail_size:
-                    raise RuntimeError(f"segment {segment.index}: a head under 5 MiB with parts after it")
-            parts.extend(result.parts)
-            if result.tail_size:
-                pending += _get(s3, bucket, self.store.key(f"segment-{segment.index:05d}.tail"))
+        ordered = [results[segment.index] for segment in segments]
+        parts, pending = self._joined(upload, segments, ordered)
+        directory, offset, zip64 = bytearray(), 0, False
+        for result in ordered:
             directory += relocate(result.directory, offset)
             zip64 = zip64 or needs_zip64(result.directory)
             offset += result.length
-            count += result.count
-            copied += result.copied_bytes
-        pending += directory
-        pending += end_records(count=count, size=len(directory), start=offset, zip64=zip64)
-        size = (
-            offset
-            + len(directory)
-            + len(end_records(count=count, size=len(directory), start=offset, zip64=zip64))
+        ends = end_records(
+            count=sum(r.count for r in ordered), size=len(directory), start=offset, zip64=zip64
         )
-        parts.append(_send(s3, upload, stored.document["final_part"], pending))
+        pending += directory + ends
+        parts.append(_send(self.clients.s3, upload, stored.document["final_part"], pending))
+        copied = sum(result.copied_bytes for result in ordered)
         upload.add_parts(parts, apart_bytes=copied)
-        upload.ledger.position = size
+        upload.ledger.position = offset + len(directory) + len(ends)
         uploaded = upload.complete(confirm=self.confirm)
         self.progress.bytes_copied = copied
-        log.info("fanout.completed", segments=len(segments), parts=len(parts), bytes=size)
+        log.info("fanout.completed", segments=len(segments), parts=len(parts), bytes=uploaded.size)
         try:
             self.store.clear()
         except Exception as exc:
@@ -822,6 +801,35 @@ class Coordinator:
             paths=[entry.path for entry in self.plan.entries if entry.ref.source not in gone],
             missing=missing,
         )
+
+    def _joined(
+        self, upload: MultipartUpload, segments: list[Segment], ordered: list[SegmentResult]
+    ) -> tuple[list[CompletedPartTypeDef], bytearray]:
+        """Every segment's parts, its head copied in (in parallel) or joined to what precedes it (a
+        previous tail, small segments) into a part of at least 5 MiB; and what is left for the last part."""
+        s3, bucket = self.clients.s3, self.plan.bucket
+        parts: list[CompletedPartTypeDef] = []
+        pending = bytearray()
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="join") as pool:
+            copies = []
+            for segment, result in zip(segments, ordered, strict=True):
+                head_key = self.store.key(f"segment-{segment.index:05d}.head")
+                if not pending and result.head_size >= MIN_PART_SIZE:
+                    copies.append(
+                        pool.submit(_copy_in, s3, upload, segment.first_part, head_key, result.head_size)
+                    )
+                else:
+                    pending += _get(s3, bucket, head_key)
+                    if len(pending) >= MIN_PART_SIZE:
+                        parts.append(_send(s3, upload, segment.first_part, pending))
+                        pending = bytearray()
+                    elif result.parts or result.tail_size:
+                        raise RuntimeError(f"segment {segment.index}: a head under 5 MiB with parts after it")
+                parts.extend(result.parts)
+                if result.tail_size:
+                    pending += _get(s3, bucket, self.store.key(f"segment-{segment.index:05d}.tail"))
+            parts.extend(future.result() for future in copies)
+        return parts, pending
 
     def _abort(self, stored: StoredPlan) -> None:
         """End the fan-out for good: the upload aborted, the plan marked so segment tasks are dropped."""

@@ -33,6 +33,8 @@ from archiver.zipping import ZipEntry, zip_chunks
 log = structlog.get_logger(__name__)
 
 HEAD_CONCURRENCY = 8  # HEADs at once
+# HEADs at once when a fan-out coordinator plans: every source is HEADed before anything else starts.
+PLAN_HEAD_CONCURRENCY = 32
 # GETs of sources in flight at once, ahead of the zip writer: against S3's tens of milliseconds to a
 # first byte, 2,000 small objects took 6.1 s with 8, 2.2 s with 32, 1.9 s with 64 and 2.1 s with 128
 # (bench/candidates.py, +20 ms, GETs alone). 32, not 64: each costs a thread and a few hundred KiB of
@@ -50,7 +52,7 @@ def s3_connections(settings: Settings) -> int:
     return (
         upload_threads(settings.upload_concurrency)
         + copier_threads(settings.upload_concurrency)
-        + HEAD_CONCURRENCY
+        + (PLAN_HEAD_CONCURRENCY if settings.fanout_segment_bytes else HEAD_CONCURRENCY)
         + OTHER_S3_CALLERS
     )
 

@@ -75,6 +75,8 @@ class PartLedger:
     last_number: int = 0  # the highest part number the stream has passed, streamed or apart
     reserved_last: int = 0  # the highest number reserved for parts uploaded apart
     holes: deque[Hole] = field(default_factory=deque)
+    # A fan-out segment's last part, under 5 MiB, that could not be joined to the one before (parts_of)
+    short_last: int = 0
 
     def reserve(self, count: int) -> int:
         """The first of `count` numbers for parts uploaded apart from the stream. The writer may reserve
@@ -103,15 +105,25 @@ class PartLedger:
 
 
 def parts_of(
-    chunks: Iterable[bytes], part_size: int, abandoned: Callable[[], bool], ledger: PartLedger
+    chunks: Iterable[bytes],
+    part_size: int,
+    abandoned: Callable[[], bool],
+    ledger: PartLedger,
+    *,
+    join_short_last: bool = False,
 ) -> Iterator[tuple[int, bytes | bytearray]]:
     """Regroup chunks into numbered parts of `part_size` bytes (the last one shorter), leaving out the
     ranges other parts fill (`ledger.holes`). Each part is filled in place and handed over as it is:
     joining and slicing would hold every part twice. A part that ends where a hole starts is cut there:
-    it holds the copied object's lead, so it is at least 5 MiB, and at most part_size + 5 MiB."""
+    it holds the copied object's lead, so it is at least 5 MiB, and at most part_size + 5 MiB.
+
+    `join_short_last` (a fan-out segment, whose end is not the archive's): a full part is held back
+    until 5 MiB more are written after it, so that a last part under S3's minimum is joined to it; one
+    that cannot be (a copy came between) is numbered in `ledger.short_last`."""
     part = bytearray(part_size)
     filled = 0
     emitted = False
+    held: tuple[int, bytearray] | None = None
     for chunk in chunks:
         if abandoned():
             raise JobAbandoned("the job was stopped before its archive was complete")
@@ -133,13 +145,25 @@ def parts_of(
             filled += take
             ledger.position += take
             data = data[take:]
+            if held is not None and filled >= MIN_PART_SIZE:
+                yield held
+                held = None
             if filled == end:
                 del part[filled:]  # a part cut short where a hole starts
-                yield ledger.number_streamed(), part
+                if join_short_last and end == part_size:
+                    held = (ledger.number_streamed(), part)
+                else:
+                    yield ledger.number_streamed(), part
                 emitted = True
                 part, filled = bytearray(part_size), 0
-    if filled or not emitted:
-        yield ledger.number_streamed(), bytes(part[:filled])
+    if held is not None:
+        held[1].extend(part[:filled])  # under 5 MiB, or the part would have been handed over
+        yield held
+    elif filled or not emitted:
+        number = ledger.number_streamed()
+        if join_short_last and emitted and filled < MIN_PART_SIZE:
+            ledger.short_last = number
+        yield number, bytes(part[:filled])
 
 
 @retry_transient

@@ -26,7 +26,6 @@ from archiver.directory import Directory, directory_bound, read_directory
 from archiver.errors import TransientError
 from archiver.multipart import MultipartUpload, parts_of, upload_part, upload_parts
 from archiver.prefetch import Planned, Prefetcher
-from archiver.settings import MIN_PART_SIZE
 from archiver.sources import SourceObject, fetch_small, read_source
 from archiver.zipping import Compression, ZipEntry, zip_chunks
 
@@ -131,33 +130,6 @@ class _WithoutDirectory:
         self._tail = bytearray()
 
 
-@dataclass
-class _Ends:
-    """Which parts of the segment are not the upload's: its first (the head) and a short last one that
-    could not be joined to the part before it (the tail)."""
-
-    first: int
-    tail: int | None = None
-
-    def join_short_last(
-        self, numbered: Iterator[tuple[int, bytes | bytearray]]
-    ) -> Iterator[tuple[int, bytes | bytearray]]:
-        """Each part once the next is seen: a last part under S3's 5 MiB is joined to the one before when
-        they are consecutive (nothing copied between), else it is the tail."""
-        held: tuple[int, bytes | bytearray] | None = None
-        for number, body in numbered:
-            if held is not None and len(body) < MIN_PART_SIZE and held[0] + 1 == number:
-                held = (held[0], bytes(held[1]) + bytes(body))
-                continue
-            if held is not None:
-                yield held
-            held = (number, body)
-        if held is not None:
-            if held[0] != self.first and len(held[1]) < MIN_PART_SIZE:
-                self.tail = held[0]
-            yield held
-
-
 def build_segment(
     clients: AwsClients,
     upload: MultipartUpload,
@@ -172,7 +144,7 @@ def build_segment(
     upload.ledger.last_number = work.first_part - 1
     counted = _Counted()
     stripped = _WithoutDirectory(held=directory_bound([entry.path for entry in work.entries]))
-    sink = _Sink(clients.s3, upload, work, _Ends(first=work.first_part))
+    sink = _Sink(clients.s3, upload, work)
     copier = Copier(
         upload,
         part_size=work.part_size,
@@ -196,8 +168,8 @@ def build_segment(
             copy=lambda index, obj: copier.copy(obj) if index in work.copyable else None,
             base_offset=work.base_offset,
         )
-        numbered = parts_of(stripped.strip(counted.wrap(chunks)), work.part_size, abandoned, upload.ledger)
-        parts = sink.ends.join_short_last(numbered)
+        stream = stripped.strip(counted.wrap(chunks))
+        parts = parts_of(stream, work.part_size, abandoned, upload.ledger, join_short_last=True)
         streamed = upload_parts(upload, parts, concurrency=concurrency, send=sink.send)
     finally:
         prefetcher.close()
@@ -245,7 +217,6 @@ class _Sink:
     s3: S3Client
     upload: MultipartUpload
     work: SegmentWork
-    ends: _Ends
     sizes: dict[str, int] = field(default_factory=lambda: {"head": 0, "tail": 0})
 
     def send(self, number: int, body: bytes | bytearray) -> CompletedPartTypeDef | None:
@@ -254,8 +225,8 @@ class _Sink:
             raise RuntimeError(
                 f"segment {work.index}: part {number} is past its range's end {work.last_part}"
             )
-        if number in (self.ends.first, self.ends.tail):
-            kind = "head" if number == self.ends.first else "tail"
+        if number in (work.first_part, upload.ledger.short_last):
+            kind = "head" if number == work.first_part else "tail"
             _put_object(self.s3, upload.bucket, work.head_key if kind == "head" else work.tail_key, body)
             self.sizes[kind] = len(body)
             return None

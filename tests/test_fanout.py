@@ -28,6 +28,7 @@ from archiver import fanout, queue
 from archiver.directory import directory_bound, end_records, needs_zip64, relocate
 from archiver.errors import PermanentError, TransientError
 from archiver.models import SourceRef, parse_request, plan_archive
+from archiver.multipart import PartLedger, parts_of
 from archiver.segments import _WithoutDirectory
 from archiver.settings import MiB, load_settings
 from archiver.sources import SourceObject
@@ -537,3 +538,24 @@ def test_a_segment_task_that_keeps_failing_ends_the_request_on_its_last_delivery
     assert failed.value.code == "internal"
     assert stack.incomplete_uploads() == []
     assert not [key for key in stack.archive_keys() if "/fanout/" in key]
+
+
+@given(
+    length=st.integers(min_value=0, max_value=30 * MiB),
+    part_size=st.sampled_from([5 * MiB, 8 * MiB]),
+    chunk=st.sampled_from([1000, 65536, 3 * MiB]),
+)
+@settings(max_examples=25, deadline=None)
+def test_a_segments_parts_are_all_at_least_5_mib_unless_it_is_one_part(
+    length: int, part_size: int, chunk: int
+) -> None:
+    """With `join_short_last`, whatever the stream's length and how it is cut, the parts are its bytes
+    in order, consecutive numbers, each at least S3's 5 MiB, but for a stream that is one part."""
+    data = bytes(range(256)) * (length // 256) + bytes(length % 256)
+    ledger = PartLedger(last_number=40)
+    chunks = (data[i : i + chunk] for i in range(0, len(data), chunk))
+    parts = list(parts_of(chunks, part_size, lambda: False, ledger, join_short_last=True))
+    assert b"".join(bytes(body) for _, body in parts) == data
+    assert [number for number, _ in parts] == list(range(41, 41 + len(parts)))
+    assert len(parts) == 1 or all(len(body) >= 5 * MiB for _, body in parts)
+    assert ledger.short_last == 0

@@ -433,3 +433,56 @@ def test_a_request_that_keeps_failing_goes_to_the_dlq_and_a_redrive_completes_it
     assert note["status"] == "completed", note
     assert note["request_id"] == "refused-at-first"
     check_archive(download(note["archive"]["url"]), {"cold.txt": cold, "warm.txt": b"still here\n"}, tmp_path)
+
+
+def test_a_fanned_out_request_on_localstack_is_the_single_worker_archive(
+    resources: LocalStack, tmp_path: Path
+) -> None:
+    """Fan-out against LocalStack's S3 and SQS (conditional writes of claims, task message attributes,
+    UploadPartCopy of segment heads, DeleteObjects), a background worker beside a burst one: the archive
+    is byte for byte the one a single worker writes with fan-out off, and no temporary object is left."""
+    # Pairs of photos make 6 MiB segments whose heads LocalStack copies in; the last two, each a segment
+    # of its own under 5 MiB, are joined by the coordinator into one part.
+    photos = {f"fan/p{i}.jpg": os.urandom(3 * MiB - 16 * i if i < 6 else 3 * MiB + i) for i in range(8)}
+    for key, body in photos.items():
+        upload(env := developer_env(resources, tmp_path), tmp_path, f"s3://source-images/{key}", body)
+    files = [{"source": key} for key in photos]
+    send(env, {"files": files, "request_id": "fan-single"})
+    run_burst(env)
+    (single,) = receive_notifications(env)
+    assert single["status"] == "completed", single
+    fanned_env = developer_env(resources, tmp_path, FANOUT_SEGMENT_BYTES=str(6 * MiB), PART_SIZE=str(5 * MiB))
+    workers = []
+    for index in range(2):
+        with (tmp_path / f"worker-{index}.log").open("wb") as log:
+            workers.append(
+                subprocess.Popen(
+                    [str(VENV_BIN / "archiver"), "worker"],
+                    env=fanned_env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    try:
+        send(fanned_env, {"files": files, "request_id": "fan-out"})
+        found: list[dict[str, Any]] = []
+        wait_for(
+            lambda: found.extend(receive_notifications(fanned_env)) or found,
+            timeout=120,
+            what="the fanned-out notification",
+            interval=0.5,
+        )
+    finally:
+        for worker in workers:
+            stop(worker)
+    (note,) = found
+    assert note["status"] == "completed", note
+    data = download(note["archive"]["url"])
+    check_archive(data, {key.rsplit("/", 1)[1]: body for key, body in photos.items()}, tmp_path)
+    assert data == download(single["archive"]["url"])
+    logs = "".join((tmp_path / f"worker-{index}.log").read_text() for index in range(2))
+    assert logs.count("fanout.planned") == 1 and logs.count("fanout.completed") == 1  # DEV_MODE: console
+    assert logs.count("segment.built") == 5  # each segment built once
+    listing = aws(env, "s3api", "list-objects-v2", "--bucket", "zip-storage", "--prefix", "download/fan-out/")
+    keys = [item["Key"] for item in json.loads(listing or "{}").get("Contents", [])]
+    assert sorted(keys) == ["download/fan-out/fan-out.zip", "download/fan-out/status.json"]
