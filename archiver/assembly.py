@@ -48,7 +48,6 @@ from archiver.zipping import (
 )
 
 if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
     from mypy_boto3_s3.type_defs import CompletedPartTypeDef, CopyPartResultTypeDef
 
 log = structlog.get_logger(__name__)
@@ -130,15 +129,12 @@ class CopyRejected(Exception):
 
 @retry_transient
 def _copy_part(
-    s3: S3Client, upload: MultipartUpload, number: int, obj: SourceObject, start: int, end: int
+    upload: MultipartUpload, number: int, obj: SourceObject, start: int, end: int
 ) -> CopyPartResultTypeDef:
     try:
-        response = s3.upload_part_copy(
-            Bucket=upload.bucket,
-            Key=upload.key,
-            UploadId=upload.upload_id,
-            PartNumber=number,
-            CopySource={"Bucket": obj.ref.bucket, "Key": obj.ref.key},
+        return upload.copy_part(
+            number,
+            {"Bucket": obj.ref.bucket, "Key": obj.ref.key},
             CopySourceRange=f"bytes={start}-{end - 1}",
             CopySourceIfMatch=obj.etag,
         )
@@ -148,7 +144,6 @@ def _copy_part(
         if http_status(exc) == 501 or not is_transient(exc):
             raise CopyRejected(error_code(exc) or str(http_status(exc))) from exc
         raise
-    return response["CopyPartResult"]
 
 
 def copier_threads(concurrency: int) -> int:
@@ -192,7 +187,7 @@ class Copier:
             return None
         lead = self._pool.submit(lambda: list(read_source(s3, obj, end=LEAD_BYTES)))
         copies = [
-            self._pool.submit(_copy_part, s3, upload, number, obj, start, end)
+            self._pool.submit(_copy_part, upload, number, obj, start, end)
             for number, (start, end) in enumerate(ranges, first)
         ]
         # Every copy must have finished, one way or the other, before its number can be reused.

@@ -44,7 +44,7 @@ from archiver.directory import end_records, needs_zip64, relocate
 from archiver.errors import JobAbandoned, PermanentError, TransientError
 from archiver.job import PLAN_HEAD_CONCURRENCY, resolve_entries, small_limit
 from archiver.models import ArchivePlan, SourceRef, is_valid_request_id, utc_timestamp
-from archiver.multipart import MultipartUpload, UploadedObject, choose_part_size, upload_part
+from archiver.multipart import MultipartUpload, UploadedObject, choose_part_size
 from archiver.segments import SegmentResult, SegmentWork, build_segment
 from archiver.settings import MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, Settings
 from archiver.sources import SourceObject, head_sources
@@ -783,7 +783,7 @@ class Coordinator:
             count=sum(r.count for r in ordered), size=len(directory), start=offset, zip64=zip64
         )
         pending += directory + ends
-        parts.append(_send(self.clients.s3, upload, stored.document["final_part"], pending))
+        parts.append(upload.upload_part(int(stored.document["final_part"]), pending))
         copied = sum(result.copied_bytes for result in ordered)
         upload.add_parts(parts, apart_bytes=copied)
         upload.ledger.position = offset + len(directory) + len(ends)
@@ -815,13 +815,11 @@ class Coordinator:
             for segment, result in zip(segments, ordered, strict=True):
                 head_key = self.store.key(f"segment-{segment.index:05d}.head")
                 if not pending and result.head_size >= MIN_PART_SIZE:
-                    copies.append(
-                        pool.submit(_copy_in, s3, upload, segment.first_part, head_key, result.head_size)
-                    )
+                    copies.append(pool.submit(_copy_in, upload, segment.first_part, head_key))
                 else:
                     pending += _get(s3, bucket, head_key)
                     if len(pending) >= MIN_PART_SIZE:
-                        parts.append(_send(s3, upload, segment.first_part, pending))
+                        parts.append(upload.upload_part(segment.first_part, pending))
                         pending = bytearray()
                     elif result.parts or result.tail_size:
                         raise RuntimeError(f"segment {segment.index}: a head under 5 MiB with parts after it")
@@ -867,32 +865,19 @@ def _create_upload(s3: S3Client, plan: ArchivePlan, *, entries: int) -> str:
     )
 
 
-def _send(
-    s3: S3Client, upload: MultipartUpload, number: int, body: bytes | bytearray
-) -> CompletedPartTypeDef:
-    return upload_part(
-        s3, bucket=upload.bucket, key=upload.key, upload_id=upload.upload_id, number=number, body=body
-    )
-
-
 @retry_transient
-def _copy_in(s3: S3Client, upload: MultipartUpload, number: int, key: str, size: int) -> CompletedPartTypeDef:
-    """A segment's head, a temporary object, copied into the upload as its part inside S3."""
+def _copy_in(upload: MultipartUpload, number: int, key: str) -> CompletedPartTypeDef:
+    """A segment's head, a temporary object, copied into the upload as its part inside S3; fetched and
+    uploaded where the server does not copy (501)."""
     try:
-        response = s3.upload_part_copy(
-            Bucket=upload.bucket,
-            Key=upload.key,
-            UploadId=upload.upload_id,
-            PartNumber=number,
-            CopySource={"Bucket": upload.bucket, "Key": key},
-        )
+        result = upload.copy_part(number, {"Bucket": upload.bucket, "Key": key})
     except botocore.exceptions.ClientError as exc:
         if http_status(exc) != 501:
             raise
-        return _send(s3, upload, number, _get(s3, upload.bucket, key))
-    part: CompletedPartTypeDef = {"PartNumber": number, "ETag": response["CopyPartResult"]["ETag"]}
-    if "ChecksumCRC32" in response["CopyPartResult"]:
-        part["ChecksumCRC32"] = response["CopyPartResult"]["ChecksumCRC32"]
+        return upload.upload_part(number, _get(upload.s3, upload.bucket, key))
+    part: CompletedPartTypeDef = {"PartNumber": number, "ETag": result["ETag"]}
+    if "ChecksumCRC32" in result:
+        part["ChecksumCRC32"] = result["ChecksumCRC32"]
     return part
 
 

@@ -22,7 +22,7 @@ from archiver.settings import MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, MiB
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef, CopyPartResultTypeDef, CopySourceTypeDef
 
 log = structlog.get_logger(__name__)
 
@@ -237,6 +237,24 @@ class MultipartUpload:
             if not upload.completed:
                 upload.abort()
 
+    def upload_part(self, number: int, body: bytes | bytearray) -> CompletedPartTypeDef:
+        return upload_part(
+            self.s3, bucket=self.bucket, key=self.key, upload_id=self.upload_id, number=number, body=body
+        )
+
+    def copy_part(self, number: int, source: CopySourceTypeDef, **conditions: str) -> CopyPartResultTypeDef:
+        """UploadPartCopy of `source` (a `Bucket`, `Key` mapping) into part `number`: one try, the
+        callers decide what a refusal means."""
+        response = self.s3.upload_part_copy(
+            Bucket=self.bucket,
+            Key=self.key,
+            UploadId=self.upload_id,
+            PartNumber=number,
+            CopySource=source,
+            **conditions,  # type: ignore[arg-type]
+        )
+        return response["CopyPartResult"]
+
     @property
     def parts(self) -> list[CompletedPartTypeDef]:
         """The parts recorded so far (those uploaded apart from the stream, until `write` returns)."""
@@ -338,17 +356,7 @@ def upload_parts(
 ) -> list[CompletedPartTypeDef]:
     """Upload the parts, `concurrency` at a time; `send` may put a part elsewhere (a fan-out segment
     keeps its first part apart), returning None for a part that is not one of the upload's."""
-    if send is None:
-
-        def send(number: int, body: bytes | bytearray) -> CompletedPartTypeDef | None:
-            return upload_part(
-                upload.s3,
-                bucket=upload.bucket,
-                key=upload.key,
-                upload_id=upload.upload_id,
-                number=number,
-                body=body,
-            )
+    send = send or upload.upload_part
 
     # A buffer slot is taken before a part starts filling and given back when its upload is done, so
     # at most `concurrency` parts are uploading and one is filling: (concurrency + 1) x part_size.

@@ -24,7 +24,7 @@ from archiver.assembly import Copier
 from archiver.aws import AwsClients, retry_transient
 from archiver.directory import Directory, directory_bound, read_directory
 from archiver.errors import TransientError
-from archiver.multipart import MultipartUpload, parts_of, upload_part, upload_parts
+from archiver.multipart import MultipartUpload, parts_of, upload_parts
 from archiver.prefetch import Planned, Prefetcher
 from archiver.sources import SourceObject, fetch_small, read_source
 from archiver.zipping import Compression, ZipEntry, zip_chunks
@@ -230,14 +230,7 @@ class _Sink:
             _put_object(self.s3, upload.bucket, work.head_key if kind == "head" else work.tail_key, body)
             self.sizes[kind] = len(body)
             return None
-        return upload_part(
-            self.s3,
-            bucket=upload.bucket,
-            key=upload.key,
-            upload_id=upload.upload_id,
-            number=number,
-            body=body,
-        )
+        return upload.upload_part(number, body)
 
 
 def _resolved(prefetcher: Prefetcher, index: int, entry: ZipEntry) -> Callable[[], ZipEntry]:

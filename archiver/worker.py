@@ -265,12 +265,7 @@ def handle(worker: Worker, message: queue.Message) -> None:
         _handle_task(worker, message, task)
         return
     started = time.monotonic()
-    attempt = Attempt(
-        message=message,
-        request_id=message.message_id,
-        shutdown=worker.shutdown,
-        max_receive_count=worker.max_receive_count,
-    )
+    attempt = _attempt(worker, message, message.message_id)
     forced: ForcedExit | None = None
     with request_context(message_id=message.message_id, request_id=message.message_id):
         try:
@@ -318,6 +313,15 @@ def _beats(worker: Worker, attempt: Attempt) -> heartbeat.Beats:
     )
 
 
+def _attempt(worker: Worker, message: queue.Message, request_id: str) -> Attempt:
+    return Attempt(
+        message=message,
+        request_id=request_id,
+        shutdown=worker.shutdown,
+        max_receive_count=worker.max_receive_count,
+    )
+
+
 def _renew_claim(attempt: Attempt) -> None:
     claim = attempt.claim
     if claim is None:
@@ -332,12 +336,7 @@ def _handle_task(worker: Worker, message: queue.Message, task: fanout.SegmentTas
     """A fan-out segment task: build the segment, or find there is nothing to do, and delete the task;
     on an error, release it for another try (its last try records the failure for the coordinator)."""
     started = time.monotonic()
-    attempt = Attempt(
-        message=message,
-        request_id=task.request_id,
-        shutdown=worker.shutdown,
-        max_receive_count=worker.max_receive_count,
-    )
+    attempt = _attempt(worker, message, task.request_id)
     run = fanout.TaskRun()
     plan_dir = fanout.request_dir(worker.settings.s3_file_prefix, task.request_id)
     with request_context(
