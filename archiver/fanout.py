@@ -125,12 +125,12 @@ def _layout(entries: list[ZipEntry], settings: Settings, compression: Any, segme
     copyable, _ = plan_copies(entries, settings, compression)
     bounds = [archive_size_bound(entries[first : first + count]) for first, count in runs]
     copies = [sum(1 for i in range(first, first + count) if i in copyable) for first, count in runs]
-    # Beyond its bytes a segment's range holds its copies' spare numbers, and one for the join of a short
-    # last part (numbers are only ever left unused, which S3 allows).
-    extras = [COPY_EXTRA_PARTS * n + 2 for n in copies]
+    # Beyond its bytes a segment's range holds its copies' spare numbers, one for its smaller first part,
+    # and two for rounding (numbers are only ever left unused, which S3 allows).
+    extras = [COPY_EXTRA_PARTS * n + 3 for n in copies]
     spare = sum(extras) + len(runs) + 1
     if copyable and (spare >= MAX_PARTS // 2 or _part_size(bounds, settings, spare) > MAX_COPY_PIECE):
-        copyable, extras = frozenset(), [2] * len(runs)
+        copyable, extras = frozenset(), [3] * len(runs)
         spare = sum(extras) + len(runs) + 1
     part_size = _part_size(bounds, settings, spare)
     segments: list[Segment] = []

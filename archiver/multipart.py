@@ -111,16 +111,21 @@ def parts_of(
     ledger: PartLedger,
     *,
     join_short_last: bool = False,
+    first_size: int = 0,
+    at_least: int = 0,
 ) -> Iterator[tuple[int, bytes | bytearray]]:
     """Regroup chunks into numbered parts of `part_size` bytes (the last one shorter), leaving out the
     ranges other parts fill (`ledger.holes`). Each part is filled in place and handed over as it is:
     joining and slicing would hold every part twice. A part that ends where a hole starts is cut there:
     it holds the copied object's lead, so it is at least 5 MiB, and at most part_size + 5 MiB.
 
-    `join_short_last` (a fan-out segment, whose end is not the archive's): a full part is held back
-    until 5 MiB more are written after it, so that a last part under S3's minimum is joined to it; one
-    that cannot be (a copy came between) is numbered in `ledger.short_last`."""
-    part = bytearray(part_size)
+    For a fan-out segment, whose end is not the archive's: `join_short_last` holds a full part back until
+    5 MiB more are written after it, so that a last part under S3's minimum is joined to it (one that
+    cannot be, a copy having come between, is numbered in `ledger.short_last`), unless the stream is
+    known to be at least `at_least` bytes long and that many follow anyway; `first_size` makes the first
+    part smaller, so that its upload starts sooner."""
+    size = first_size or part_size
+    part = bytearray(size)
     filled = 0
     emitted = False
     held: tuple[int, bytearray] | None = None
@@ -137,8 +142,8 @@ def parts_of(
                 if ledger.position == hole.end:
                     ledger.passed(hole)
                 continue
-            end = part_size
-            if hole is not None and hole.start - (ledger.position - filled) < part_size + MIN_PART_SIZE:
+            end = size
+            if hole is not None and hole.start - (ledger.position - filled) < size + MIN_PART_SIZE:
                 end = hole.start - (ledger.position - filled)
             take = min(len(data), end - filled)
             part[filled : filled + take] = data[:take]
@@ -150,12 +155,14 @@ def parts_of(
                 held = None
             if filled == end:
                 del part[filled:]  # a part cut short where a hole starts
-                if join_short_last and end == part_size:
+                more_follow = ledger.position + MIN_PART_SIZE <= at_least
+                if join_short_last and end == size and not more_follow:
                     held = (ledger.number_streamed(), part)
                 else:
                     yield ledger.number_streamed(), part
                 emitted = True
-                part, filled = bytearray(part_size), 0
+                size = part_size
+                part, filled = bytearray(size), 0
     if held is not None:
         held[1].extend(part[:filled])  # under 5 MiB, or the part would have been handed over
         yield held

@@ -61,7 +61,8 @@ class Prefetcher:
         self._turn = 0  # the lowest entry that has not passed the window's gate
         self._passed: set[int] = set()  # entries past the gate, above the turn
         self._sizes: dict[int, int] = {}  # room each entry holds in the window
-        self._getting: set[int] = set()  # GETs sent whose body has no room yet
+        # GETs sent whose body has no room yet, with the body's size when a HEAD told it (None: unknown)
+        self._getting: dict[int, int | None] = {}
         self._seen = [0, 0]  # small bodies admitted: how many, how many bytes
         self._workers = max(1, workers)
         self._closed = False
@@ -121,7 +122,7 @@ class Prefetcher:
             return self._fetch(planned, lambda size: self._admit(index, size))
         finally:
             with self._lock:
-                self._getting.discard(index)
+                self._getting.pop(index, None)
                 if index not in self._sizes:
                     self._pass_locked(index)
                 self._wake_locked()
@@ -129,19 +130,25 @@ class Prefetcher:
     def _start(self, index: int) -> None:
         """Wait until this GET may be sent: an answer waiting for room holds a connection, and the start
         of its body in the client's buffers, so GETs are sent only while the bodies they should bring
-        (at the mean size of those seen so far) fit the window beside what it holds. The entry whose
-        turn it is always goes."""
+        (their HEADed sizes, or the mean size of those seen so far) fit the window beside what it holds.
+        Known sizes matter where bandwidth is the limit: 32 GETs sent at once share it, and the body the
+        writer waits for arrives with the 31 others, not before them. The entry whose turn it is always
+        goes."""
+        planned = self._planned[index]
+        size = planned.size if isinstance(planned, SourceObject) else None
 
         def may() -> bool:
             count, total = self._seen
-            waiting = (len(self._getting) + 1) * (total // count if count else 0)
+            mean = total // count if count else 0
+            sizes = [*self._getting.values(), size]
+            waiting = sum(mean if known is None else known for known in sizes)
             return index == self._turn or (
                 len(self._getting) < self._workers and self._reserved + waiting <= self._window
             )
 
         with self._lock:
             self._wait_locked(index, may)
-            self._getting.add(index)
+            self._getting[index] = size
 
     def _admit(self, index: int, size: int) -> None:
         """Wait for room in the window, given in request order."""
@@ -149,7 +156,7 @@ class Prefetcher:
             self._wait_locked(index, lambda: self._turn == index and self._reserved + size <= self._window)
             self._reserved += size
             self._sizes[index] = size
-            self._getting.discard(index)
+            self._getting.pop(index, None)
             self._seen[0] += 1
             self._seen[1] += size
             self._pass_locked(index)

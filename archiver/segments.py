@@ -26,8 +26,9 @@ from archiver.directory import Directory, directory_bound, read_directory
 from archiver.errors import TransientError
 from archiver.multipart import MultipartUpload, parts_of, upload_parts
 from archiver.prefetch import Planned, Prefetcher
+from archiver.settings import MIN_PART_SIZE
 from archiver.sources import SourceObject, fetch_small, read_source
-from archiver.zipping import Compression, ZipEntry, zip_chunks
+from archiver.zipping import Compression, ZipEntry, is_uncompressed, zip_chunks
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -53,6 +54,12 @@ class SegmentWork:
     compression: Compression
     head_key: str
     tail_key: str
+
+    @property
+    def least_bytes(self) -> int:
+        """The fewest bytes the segment's entries can take: their uncompressed data, which no format
+        shrinks (parts_of then knows a short last part cannot follow sooner)."""
+        return sum(entry.source.size for entry in self.entries if is_uncompressed(entry, self.compression))
 
 
 @dataclass
@@ -169,7 +176,15 @@ def build_segment(
             base_offset=work.base_offset,
         )
         stream = stripped.strip(counted.wrap(chunks))
-        parts = parts_of(stream, work.part_size, abandoned, upload.ledger, join_short_last=True)
+        parts = parts_of(
+            stream,
+            work.part_size,
+            abandoned,
+            upload.ledger,
+            join_short_last=True,
+            first_size=MIN_PART_SIZE,
+            at_least=work.least_bytes,
+        )
         streamed = upload_parts(upload, parts, concurrency=concurrency, send=sink.send)
     finally:
         prefetcher.close()

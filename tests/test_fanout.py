@@ -544,17 +544,30 @@ def test_a_segment_task_that_keeps_failing_ends_the_request_on_its_last_delivery
     length=st.integers(min_value=0, max_value=30 * MiB),
     part_size=st.sampled_from([5 * MiB, 8 * MiB]),
     chunk=st.sampled_from([1000, 65536, 3 * MiB]),
+    first_size=st.sampled_from([0, 5 * MiB]),
+    known=st.sampled_from([0.0, 0.5, 1.0]),
 )
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 def test_a_segments_parts_are_all_at_least_5_mib_unless_it_is_one_part(
-    length: int, part_size: int, chunk: int
+    length: int, part_size: int, chunk: int, first_size: int, known: float
 ) -> None:
-    """With `join_short_last`, whatever the stream's length and how it is cut, the parts are its bytes
-    in order, consecutive numbers, each at least S3's 5 MiB, but for a stream that is one part."""
+    """With `join_short_last`, whatever the stream's length, how it is cut, the first part's size and
+    how much of the length is known beforehand, the parts are its bytes in order, consecutive numbers,
+    each at least S3's 5 MiB, but for a stream that is one part."""
     data = bytes(range(256)) * (length // 256) + bytes(length % 256)
     ledger = PartLedger(last_number=40)
     chunks = (data[i : i + chunk] for i in range(0, len(data), chunk))
-    parts = list(parts_of(chunks, part_size, lambda: False, ledger, join_short_last=True))
+    parts = list(
+        parts_of(
+            chunks,
+            part_size,
+            lambda: False,
+            ledger,
+            join_short_last=True,
+            first_size=first_size,
+            at_least=int(length * known),
+        )
+    )
     assert b"".join(bytes(body) for _, body in parts) == data
     assert [number for number, _ in parts] == list(range(41, 41 + len(parts)))
     assert len(parts) == 1 or all(len(body) >= 5 * MiB for _, body in parts)
