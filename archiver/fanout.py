@@ -62,7 +62,9 @@ PLAN_VERSION = 1
 # At most this many segments: each takes a few part numbers of S3's 10,000 and one task message; past it
 # segments grow (a 5 TiB archive gets segments of ~2.6 GiB).
 MAX_SEGMENTS = 2_000
-POLL_SECONDS = 0.5  # between looks (a LIST) at the segment records while other workers build
+# Between looks (a LIST) at the segment records while other workers build: from the first, doubling to
+# the second while no record arrives.
+POLL_SECONDS = (0.25, 4.0)
 ZIP32_END = ZIP32_LIMIT
 
 
@@ -290,6 +292,7 @@ def _entry_of(row: list[Any]) -> tuple[ZipEntry, bool]:
 @dataclass(frozen=True)
 class StoredPlan:
     document: dict[str, Any]
+    resumed: bool = True  # read back, not just written
 
     @property
     def upload_id(self) -> str:
@@ -676,14 +679,15 @@ class Coordinator:
             source_bytes=resolved.total_bytes,
             upload_id=upload_id,
         )
-        return StoredPlan(document)
+        return StoredPlan(document, resumed=False)
 
     def _run(self, stored: StoredPlan) -> Fanned:
         segments = stored.segments
         self.progress.segments_total = len(segments)
         self.progress.files_total = int(stored.document["entries"])
         self.progress.bytes_total = int(stored.document["source_bytes"])
-        results = self._recorded(stored, segments)
+        # A plan just written has no records to look for.
+        results = self._recorded(stored, segments) if stored.resumed else {}
         # Tasks for what is left, the chained ones aside; on a resume some may be sent twice, which costs a
         # dropped message.
         send_tasks(
@@ -692,13 +696,16 @@ class Coordinator:
             self.plan.request_id,
             [s.index for s in segments if s.index not in results and s.base is not None],
         )
+        pause = POLL_SECONDS[0]
         while len(results) < len(segments):
             if self.abandoned():
                 raise JobAbandoned("the job was stopped while its segments were being built")
-            segment = self._next_to_build(stored, segments, results)
-            if segment is None:
-                time.sleep(POLL_SECONDS)
+            if self._next_to_build(stored, segments, results) is None:
+                time.sleep(pause)
+            done = len(results)
             results = self._recorded(stored, segments)
+            # Quick while records arrive (the end is near), slower while none does: LISTs cost money.
+            pause = POLL_SECONDS[0] if len(results) > done else min(2 * pause, POLL_SECONDS[1])
         return self._complete(stored, segments, results)
 
     def _recorded(self, stored: StoredPlan, segments: list[Segment]) -> dict[int, SegmentResult]:
