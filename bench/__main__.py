@@ -1,4 +1,4 @@
-"""`python -m bench [--scenarios large,small,medium,text,huge,xlarge] [--methods NAMES] [--quick]
+"""`python -m bench [--scenarios large,small,medium,text,huge,xlarge,fanout] [--methods NAMES] [--quick]
 [--repeat N] [--latency-ms 0,20] [--profile NAMES|all]`.
 
 One run starts SeaweedFS and moto, then for each scenario uploads its sources, runs each of its methods
@@ -25,13 +25,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import methods, profile, report, scenarios, servers
+from bench import fanout, methods, profile, report, scenarios, servers
 from bench.report import MethodResult, ScenarioResult
-from bench.scenarios import SCENARIOS, Scenario
+from bench.scenarios import FANOUT_METHODS, SCENARIOS, Scenario
 from bench.tuning import Tuning, server_side_copy_min_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("raw", "inmemory", "archiver", "archiver-stream", "download")
+METHODS = ("raw", "inmemory", "archiver", "archiver-stream", "download", *FANOUT_METHODS)
 ARCHIVER_METHODS = ("archiver", "archiver-stream")
 GiB = 1024**3
 # SeaweedFS frees deleted objects' space only when a bucket is dropped or volumes are vacuumed: a scenario
@@ -249,6 +249,8 @@ def _run_method(
         tag = f"{round_number}" if not latency else f"{round_number}-{latency:g}ms"
         if method in ARCHIVER_METHODS:
             outcome = methods.run_archiver(ctx, scenario, sources, method=method, attempt=tag)
+        elif method in FANOUT_METHODS:
+            outcome = fanout.run_fanout(ctx, scenario, sources, method=method, attempt=tag)
         else:
             outcome = methods.run_baseline(method, ctx, scenario, sources, round_number=round_number, tag=tag)
     except Exception as exc:  # one broken method must not cost the other methods' numbers

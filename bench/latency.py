@@ -1,28 +1,55 @@
-"""`python -m bench.latency UPSTREAM_HOST:PORT DELAY_MS`: a TCP proxy on a free port of 127.0.0.1 that holds
-back the first byte of every HTTP response by DELAY_MS, the way S3 answers from tens of milliseconds away.
-It prints `listening on http://127.0.0.1:PORT` once it accepts connections, and runs until SIGTERM.
+"""`python -m bench.latency UPSTREAM_HOST:PORT DELAY_MS [--rate-bytes-per-s N]`: a TCP proxy on a free port
+of 127.0.0.1 that holds back the first byte of every HTTP response by DELAY_MS, the way S3 answers from tens
+of milliseconds away, and (with `--rate-bytes-per-s`) caps its bandwidth at N bytes a second each way. It
+prints `listening on http://127.0.0.1:PORT` once it accepts connections, and runs until SIGTERM.
 
 Why: local servers answer in well under a millisecond, so a bench against them measures client CPU, not
 what AWS users see. S3 itself takes ~20-50 ms to a first byte; with that latency the number of requests
-in flight, not the CPU per request, decides how fast thousands of small objects are read.
+in flight, not the CPU per request, decides how fast thousands of small objects are read. The rate cap
+stands for one task's share of the network (the fan-out scenario, bench/fanout.py): on loopback every
+process would otherwise share one machine's memory bandwidth, and more workers could not go faster.
 
 How: one asyncio task per direction of each connection. Bytes from the client go upstream at once and
 mark the connection as waiting for an answer; the first bytes that come back after that are held for
 DELAY_MS, the rest of the response follows them without delay. HTTP/1.1 clients (botocore, object_store)
 never pipeline, so every request gets its own delay; a `100 Continue` before an upload's body counts as
-an answer too, as a real round trip would. Stdlib only, in its own process so that it never shares a GIL
-with a measured method (it does share the machine's cores, like the S3 server does).
+an answer too, as a real round trip would. The cap is a token bucket per direction, shared by every
+connection of this proxy (uploads by all of them together get N bytes a second, downloads another N);
+a chunk that overdraws the bucket waits until the debt is paid, so concurrent connections are served
+first come, first served, and the burst is at most one chunk. Stdlib only, in its own process so that it
+never shares a GIL with a measured method (it does share the machine's cores, like the S3 server does).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import signal
 import socket
 import sys
+import time
 
 CHUNK = 256 * 1024
+
+
+class TokenBucket:
+    """`rate` bytes a second, at most `burst` saved up while idle; shared by the connections of one
+    direction. `delay(n)` takes n bytes (the balance may go negative) and says how long to wait before
+    sending them: the time the debt takes to refill."""
+
+    def __init__(self, rate: float, burst: int = CHUNK) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def delay(self, size: int) -> float:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.tokens -= size
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
 
 class _Connection:
@@ -32,7 +59,12 @@ class _Connection:
 
 
 async def _pump(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connection: _Connection, *, downstream: bool
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    connection: _Connection,
+    *,
+    downstream: bool,
+    bucket: TokenBucket | None,
 ) -> None:
     try:
         while data := await reader.read(CHUNK):
@@ -41,6 +73,8 @@ async def _pump(
             elif connection.waiting:
                 connection.waiting = False
                 await asyncio.sleep(connection.delay)
+            if bucket is not None and (wait := bucket.delay(len(data))) > 0:
+                await asyncio.sleep(wait)
             writer.write(data)
             await writer.drain()
     except (ConnectionError, OSError):
@@ -57,7 +91,11 @@ def _no_delay(writer: asyncio.StreamWriter) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def serve(upstream: tuple[str, int], delay: float) -> None:
+async def serve(upstream: tuple[str, int], delay: float, rate: float | None = None) -> None:
+    # One bucket per direction for the whole proxy: the cap is on the link, not on each connection.
+    up_bucket = None if rate is None else TokenBucket(rate)
+    down_bucket = None if rate is None else TokenBucket(rate)
+
     async def handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         try:
             up_reader, up_writer = await asyncio.open_connection(*upstream)
@@ -68,8 +106,8 @@ async def serve(upstream: tuple[str, int], delay: float) -> None:
         _no_delay(up_writer)
         connection = _Connection(delay)
         await asyncio.gather(
-            _pump(client_reader, up_writer, connection, downstream=False),
-            _pump(up_reader, client_writer, connection, downstream=True),
+            _pump(client_reader, up_writer, connection, downstream=False, bucket=up_bucket),
+            _pump(up_reader, client_writer, connection, downstream=True, bucket=down_bucket),
         )
         for writer in (client_writer, up_writer):
             writer.close()
@@ -86,9 +124,20 @@ async def serve(upstream: tuple[str, int], delay: float) -> None:
 
 
 def main(argv: list[str]) -> int:
-    upstream, delay_ms = argv
-    host, _, port = upstream.rpartition(":")
-    asyncio.run(serve((host, int(port)), float(delay_ms) / 1000))
+    parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.split("\n\n")[0])
+    parser.add_argument("upstream", metavar="UPSTREAM_HOST:PORT")
+    parser.add_argument("delay_ms", metavar="DELAY_MS", type=float)
+    parser.add_argument(
+        "--rate-bytes-per-s",
+        type=float,
+        default=None,
+        help="cap each direction (all connections together) at this many bytes a second (default: no cap)",
+    )
+    args = parser.parse_args(argv)
+    if args.rate_bytes_per_s is not None and args.rate_bytes_per_s <= 0:
+        parser.error("--rate-bytes-per-s must be positive")
+    host, _, port = args.upstream.rpartition(":")
+    asyncio.run(serve((host, int(port)), args.delay_ms / 1000, args.rate_bytes_per_s))
     return 0
 
 

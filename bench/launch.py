@@ -1,5 +1,5 @@
 """`python bench/launch.py RESULT COMMAND...`: run COMMAND as the child of this small process and write
-its exit code and peak RSS to RESULT (JSON).
+its exit code, peak RSS and CPU seconds (user + system) to RESULT (JSON).
 
 Why a launcher: the kernel's `ru_maxrss` for a child is the larger of the child's own peak and the RSS of
 the memory image it was forked from, recorded when it execs. Spawned straight from the bench (which
@@ -29,7 +29,14 @@ def main(argv: list[str]) -> int:
     _, status, usage = os.wait4(pid, 0)
     exit_code = os.waitstatus_to_exitcode(status)
     with open(result_path, "w", encoding="utf-8") as result:
-        json.dump({"exit_code": exit_code, "max_rss_kib": usage.ru_maxrss}, result)
+        json.dump(
+            {
+                "exit_code": exit_code,
+                "max_rss_kib": usage.ru_maxrss,
+                "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
+            },
+            result,
+        )
     return exit_code if exit_code >= 0 else 128 - exit_code
 
 

@@ -35,6 +35,8 @@ QUICK_FACTOR = 16
 DEFAULT_METHODS = ("raw", "inmemory", "archiver")
 # Both of archiver's paths, next to the copy and the download they are compared with.
 SERVER_SIDE_METHODS = ("raw", "archiver", "archiver-stream", "download")
+# Issue #15 (bench/fanout.py): one worker with fan-out off; four with it on; four with one SIGKILLed.
+FANOUT_METHODS = ("fanout-1", "fanout-4", "fanout-4-kill")
 
 Kind = Literal["random", "text"]
 # Where requests, not bytes, set the pace: measured with and without S3-like latency.
@@ -143,6 +145,17 @@ SCENARIOS: dict[str, Scenario] = {
             "mp4",
             "video/mp4",
             methods=SERVER_SIDE_METHODS,
+        ),
+        # Issue #15's measure of fan-out: each worker behind its own +20 ms, 12 MB/s-each-way proxy.
+        Scenario(
+            "fanout",
+            "256 × 2 MiB incompressible photos (.jpg), 512 MiB, each worker via its own 12 MB/s +20 ms proxy",
+            256,
+            2 * MiB,
+            "random",
+            "jpg",
+            "image/jpeg",
+            methods=FANOUT_METHODS,
         ),
     )
 }

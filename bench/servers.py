@@ -327,16 +327,28 @@ def install_sigterm_as_interrupt() -> None:
 
 
 @contextlib.contextmanager
-def latency_proxy(upstream: str, delay_ms: float, workdir: Path) -> Iterator[str]:
+def latency_proxy(
+    upstream: str,
+    delay_ms: float,
+    workdir: Path,
+    *,
+    rate_bytes_per_s: float | None = None,
+    name: str | None = None,
+) -> Iterator[str]:
     """bench/latency.py in front of `upstream` (an http://host:port URL), holding back each response's
-    first byte by `delay_ms`; yields its URL. A delay of 0 yields `upstream` itself: no extra hop."""
-    if not delay_ms:
+    first byte by `delay_ms` and, with `rate_bytes_per_s`, capping each direction at that rate; yields
+    its URL. No delay and no cap yields `upstream` itself: no extra hop. `name` tells apart the logs of
+    proxies running at once (one per worker in the fan-out scenario)."""
+    if not delay_ms and rate_bytes_per_s is None:
         yield upstream
         return
     host_port = upstream.removeprefix("http://").rstrip("/")
-    log = workdir / f"latency-{delay_ms:g}ms.log"
+    log = workdir / f"latency-{name or f'{delay_ms:g}ms'}.log"
     log.unlink(missing_ok=True)
-    process = spawn([sys.executable, "-m", "bench.latency", host_port, str(delay_ms)], log=log)
+    args = [sys.executable, "-m", "bench.latency", host_port, str(delay_ms)]
+    if rate_bytes_per_s is not None:
+        args += ["--rate-bytes-per-s", str(rate_bytes_per_s)]
+    process = spawn(args, log=log)
 
     def listening() -> str | None:
         for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
@@ -348,7 +360,10 @@ def latency_proxy(upstream: str, delay_ms: float, workdir: Path) -> Iterator[str
         wait_ready(lambda: listening() is not None, process=process, what="latency proxy", log=log)
         url = listening()
         assert url is not None
-        print(f"bench: {delay_ms:g} ms to first byte via {url} (in front of {upstream})", file=sys.stderr)
+        cap = "" if rate_bytes_per_s is None else f", {rate_bytes_per_s / 1e6:g} MB/s each way"
+        print(
+            f"bench: {delay_ms:g} ms to first byte{cap} via {url} (in front of {upstream})", file=sys.stderr
+        )
         yield url
     finally:
         stop(process)

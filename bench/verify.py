@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ class ArchiveCheck:
     methods: dict[str, int] = field(default_factory=dict)
     compressed_ratio: float | None = None
     data_checked: bool = False
+    sha256: str | None = None  # of the whole object, when asked for (the fan-out scenario compares them)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -38,19 +40,32 @@ class ArchiveCheck:
             "methods": self.methods,
             "compressed_ratio": self.compressed_ratio,
             "crc_data_checked": self.data_checked,
+            "sha256": self.sha256,
         }
 
 
 def check_archive(
-    s3: S3Client, *, bucket: str, key: str, sources: list[Source], workdir: Path
+    s3: S3Client, *, bucket: str, key: str, sources: list[Source], workdir: Path, digest: bool = False
 ) -> ArchiveCheck:
-    """Entry count, names, sizes and CRC-32s against the sources; every byte too when it is small enough."""
+    """Entry count, names, sizes and CRC-32s against the sources; every byte too when it is small enough;
+    and with `digest`, the SHA-256 of the whole object, to tell whether two runs made the same bytes."""
     path = workdir / "archive-under-test.zip"
     s3.download_file(bucket, key, str(path), Config=TransferConfig(max_concurrency=8))
     try:
-        return _check_file(path, sources)
+        check = _check_file(path, sources)
+        if digest:
+            check.sha256 = _sha256(path)
+        return check
     finally:
         path.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with path.open("rb") as archive:
+        while chunk := archive.read(1024 * 1024):
+            hasher.update(chunk)
+    return hasher.hexdigest()
 
 
 def _check_file(path: Path, sources: list[Source]) -> ArchiveCheck:
