@@ -163,14 +163,27 @@ def parts_of(
                 emitted = True
                 size = part_size
                 part, filled = bytearray(size), 0
+    yield from _last_part(held, part[:filled], ledger, emitted=emitted, join_short_last=join_short_last)
+
+
+def _last_part(
+    held: tuple[int, bytearray] | None,
+    rest: bytearray,
+    ledger: PartLedger,
+    *,
+    emitted: bool,
+    join_short_last: bool,
+) -> Iterator[tuple[int, bytes | bytearray]]:
+    """The stream's end: what is left joined to a held part (it is under 5 MiB, or the part would have
+    been handed over), else a part of its own; at least one part, for an empty stream."""
     if held is not None:
-        held[1].extend(part[:filled])  # under 5 MiB, or the part would have been handed over
+        held[1].extend(rest)
         yield held
-    elif filled or not emitted:
+    elif rest or not emitted:
         number = ledger.number_streamed()
-        if join_short_last and emitted and filled < MIN_PART_SIZE:
+        if join_short_last and emitted and len(rest) < MIN_PART_SIZE:
             ledger.short_last = number
-        yield number, bytes(part[:filled])
+        yield number, bytes(rest)
 
 
 @retry_transient

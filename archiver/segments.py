@@ -24,7 +24,7 @@ from archiver.assembly import Copier
 from archiver.aws import AwsClients, retry_transient
 from archiver.directory import Directory, directory_bound, read_directory
 from archiver.errors import TransientError
-from archiver.multipart import MultipartUpload, parts_of, upload_parts
+from archiver.multipart import MultipartUpload, PartLedger, parts_of, upload_parts
 from archiver.prefetch import Planned, Prefetcher
 from archiver.settings import MIN_PART_SIZE
 from archiver.sources import SourceObject, fetch_small, read_source
@@ -175,16 +175,7 @@ def build_segment(
             copy=lambda index, obj: copier.copy(obj) if index in work.copyable else None,
             base_offset=work.base_offset,
         )
-        stream = stripped.strip(counted.wrap(chunks))
-        parts = parts_of(
-            stream,
-            work.part_size,
-            abandoned,
-            upload.ledger,
-            join_short_last=True,
-            first_size=MIN_PART_SIZE,
-            at_least=work.least_bytes,
-        )
+        parts = _parts(stripped.strip(counted.wrap(chunks)), work, abandoned, upload.ledger)
         streamed = upload_parts(upload, parts, concurrency=concurrency, send=sink.send)
     finally:
         prefetcher.close()
@@ -201,6 +192,22 @@ def build_segment(
         directory=directory.records,
         count=directory.count,
         copied_bytes=upload.apart_bytes,
+    )
+
+
+def _parts(
+    stream: Iterator[bytes], work: SegmentWork, abandoned: Callable[[], bool], ledger: PartLedger
+) -> Iterator[tuple[int, bytes | bytearray]]:
+    """The segment's parts: the first of 5 MiB, so its upload starts sooner; a short last part joined
+    to the one before where it can be."""
+    return parts_of(
+        stream,
+        work.part_size,
+        abandoned,
+        ledger,
+        join_short_last=True,
+        first_size=MIN_PART_SIZE,
+        at_least=work.least_bytes,
     )
 
 
