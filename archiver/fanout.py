@@ -48,7 +48,7 @@ from archiver.multipart import MultipartUpload, UploadedObject, choose_part_size
 from archiver.segments import SegmentResult, SegmentWork, build_segment
 from archiver.settings import MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, Settings
 from archiver.sources import SourceObject, head_sources
-from archiver.status import WORKER_ID, Progress
+from archiver.status import WORKER_ID, LeaseLost, Progress
 from archiver.zipping import ZIP32_LIMIT, ZipEntry, archive_size_bound, is_uncompressed
 
 if TYPE_CHECKING:
@@ -618,8 +618,10 @@ class Coordinator:
         try:
             return self._run(stored)
         except Exception as exc:
+            # Not when stopped (a redelivery resumes the plan), nor when another worker took the lease
+            # (it completes this very upload).
             final = isinstance(exc, PermanentError) or (
-                self.last_delivery and not isinstance(exc, JobAbandoned)
+                self.last_delivery and not isinstance(exc, JobAbandoned | LeaseLost)
             )
             if final:
                 self._abort(stored)

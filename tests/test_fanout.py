@@ -32,7 +32,7 @@ from archiver.multipart import PartLedger, parts_of
 from archiver.segments import _WithoutDirectory
 from archiver.settings import MiB, load_settings
 from archiver.sources import SourceObject
-from archiver.status import Progress
+from archiver.status import LeaseLost, Progress
 from archiver.zipping import ZipEntry, zip_chunks
 from tests.conftest import Stack, wait_for
 from tests.faultproxy import FaultProxy, Faults, Seen
@@ -572,3 +572,33 @@ def test_a_segments_parts_are_all_at_least_5_mib_unless_it_is_one_part(
     assert [number for number, _ in parts] == list(range(41, 41 + len(parts)))
     assert len(parts) == 1 or all(len(body) >= 5 * MiB for _, body in parts)
     assert ledger.short_last == 0
+
+
+def test_a_coordinator_that_lost_its_lease_leaves_the_upload_to_the_new_holder(stack: Stack) -> None:
+    """On its last delivery too: the worker that took the lease completes this very plan and upload, so
+    the one that lost it (finding out just before completing) must abort nothing."""
+    photos(stack, 12, 2 * MiB)
+    settings = stack.settings(fanout_segment_bytes=6 * MiB)
+    plan = plan_archive(
+        parse_request(request("taken", [f"p{i:03d}.jpg" for i in range(12)])),
+        settings=settings,
+        message_id="m",
+    )
+
+    def taken() -> None:
+        raise LeaseLost("request taken: the status document is another worker's now")
+
+    coordinator = fanout.Coordinator(
+        clients=stack.clients,
+        settings=settings,
+        plan=plan,
+        source_url=stack.source_url,
+        progress=Progress(),
+        abandoned=lambda: False,
+        confirm=taken,
+        last_delivery=True,
+    )
+    with pytest.raises(LeaseLost):
+        coordinator.build()
+    assert stack.incomplete_uploads() == ["download/taken/taken.zip"]
+    assert plan_exists(stack, "taken") and len(records(stack, "taken")) == 4
