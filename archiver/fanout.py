@@ -41,7 +41,7 @@ from archiver import queue
 from archiver.assembly import COPY_EXTRA_PARTS, MAX_COPY_PIECE, plan_copies
 from archiver.aws import AwsClients, http_status, retry_transient
 from archiver.directory import end_records, needs_zip64, relocate
-from archiver.errors import JobAbandoned, PermanentError, TransientError
+from archiver.errors import JobAbandoned, PermanentError, TransientError, clip
 from archiver.job import PLAN_HEAD_CONCURRENCY, resolve_entries, small_limit
 from archiver.models import ArchivePlan, SourceRef, is_valid_request_id, utc_timestamp
 from archiver.multipart import MultipartUpload, UploadedObject, choose_part_size
@@ -49,7 +49,7 @@ from archiver.segments import SegmentResult, SegmentWork, build_segment
 from archiver.settings import MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, Settings
 from archiver.sources import SourceObject, head_sources
 from archiver.status import WORKER_ID, LeaseLost, Progress
-from archiver.zipping import ZIP32_LIMIT, ZipEntry, archive_size_bound, is_uncompressed
+from archiver.zipping import ZIP32_LIMIT, Compression, ZipEntry, archive_size_bound, is_uncompressed
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -59,13 +59,12 @@ log = structlog.get_logger(__name__)
 
 TASK_KIND = "segment"
 PLAN_VERSION = 1
-# At most this many segments: each takes a few part numbers of S3's 10,000 and one task message; past it
-# segments grow (a 5 TiB archive gets segments of ~2.6 GiB).
+# About this many segments at most: each takes a few part numbers of S3's 10,000 and one task message, so
+# past it segments grow (plan_layout grows them further to keep parts small: 5 TiB gets 4 GiB segments).
 MAX_SEGMENTS = 2_000
 # Between looks (a LIST) at the segment records while other workers build: from the first, doubling to
 # the second while no record arrives.
 POLL_SECONDS = (0.25, 4.0)
-ZIP32_END = ZIP32_LIMIT
 
 
 # ------------------------------------------------------------------------------------------- the layout
@@ -108,7 +107,9 @@ def segment_runs(sizes: Sequence[int], segment_bytes: int) -> list[tuple[int, in
     return runs
 
 
-def plan_layout(entries: list[ZipEntry], settings: Settings, compression: Any, segment_bytes: int) -> Layout:
+def plan_layout(
+    entries: list[ZipEntry], settings: Settings, compression: Compression, segment_bytes: int
+) -> Layout:
     """Segments, their part numbers and placement, and the part size that fits them in 10,000 parts.
 
     Each segment's range holds a few numbers more than its bytes need, so many segments make parts
@@ -122,7 +123,9 @@ def plan_layout(entries: list[ZipEntry], settings: Settings, compression: Any, s
         segment_bytes *= 2
 
 
-def _layout(entries: list[ZipEntry], settings: Settings, compression: Any, segment_bytes: int) -> Layout:
+def _layout(
+    entries: list[ZipEntry], settings: Settings, compression: Compression, segment_bytes: int
+) -> Layout:
     runs = segment_runs([entry.source.size for entry in entries], segment_bytes)
     copyable, _ = plan_copies(entries, settings, compression)
     bounds = [archive_size_bound(entries[first : first + count]) for first, count in runs]
@@ -139,8 +142,8 @@ def _layout(entries: list[ZipEntry], settings: Settings, compression: Any, segme
     number, lower, upper = 1, 0, 0
     for index, ((first, count), bound, extra) in enumerate(zip(runs, bounds, extras, strict=True)):
         span = -(-bound // part_size) + extra
-        below = upper + bound < ZIP32_END
-        base = lower if below or lower >= ZIP32_END else None
+        below = upper + bound < ZIP32_LIMIT
+        base = lower if below or lower >= ZIP32_LIMIT else None
         chunk = entries[first : first + count]
         segments.append(
             Segment(
@@ -564,7 +567,7 @@ def run_task(
         claim.release()
         if not last_delivery:
             raise
-        record_failure(store, plan, segment.index, "internal", f"segment {segment.index} kept failing: {exc}")
+        record_failure(store, plan, segment.index, "internal", clip(f"kept failing: {exc}"))
         run.outcome, run.reason = "failed", str(exc)
     finally:
         hold(None)
@@ -584,6 +587,9 @@ class Fanned:
 
 @dataclass
 class Coordinator:
+    """The worker that received a fanned-out request: plans it (or resumes its plan), sends its segment
+    tasks, builds segments while it waits, and joins them into the archive."""
+
     clients: AwsClients
     settings: Settings
     plan: ArchivePlan

@@ -533,7 +533,7 @@ def test_a_segment_task_that_keeps_failing_ends_the_request_on_its_last_delivery
     last = fanout.TaskRun()
     fanout.run_task(stack.clients, settings, task, last, abandoned=lambda: False, last_delivery=True)
     assert last.outcome == "failed" and "p004.jpg changed" in last.reason
-    with pytest.raises(PermanentError, match="segment 1 kept failing") as failed:
+    with pytest.raises(PermanentError, match="segment 1: kept failing") as failed:
         coordinator.build()
     assert failed.value.code == "internal"
     assert stack.incomplete_uploads() == []
