@@ -30,7 +30,7 @@ from archiver.errors import PermanentError, TransientError
 from archiver.models import SourceRef, parse_request, plan_archive
 from archiver.multipart import PartLedger, parts_of
 from archiver.segments import _WithoutDirectory
-from archiver.settings import MiB, load_settings
+from archiver.settings import MiB, Settings, load_settings
 from archiver.sources import SourceObject
 from archiver.status import LeaseLost, Progress
 from archiver.zipping import ZipEntry, zip_chunks
@@ -504,6 +504,23 @@ def test_a_segment_that_cannot_be_read_fails_the_request_and_aborts_the_upload(
     assert stack.status("fanned")["status"] == "failed"
 
 
+def coordinator_of(
+    stack: Stack, settings: Settings, document: dict[str, Any], *, confirm: Any, last_delivery: bool
+) -> fanout.Coordinator:
+    """The coordinator of a request, in this process, as the worker that received it makes it."""
+    plan = plan_archive(parse_request(document), settings=settings, message_id="m-1")
+    return fanout.Coordinator(
+        clients=stack.clients,
+        settings=settings,
+        plan=plan,
+        source_url=stack.source_url,
+        progress=Progress(),
+        abandoned=lambda: False,
+        confirm=confirm,
+        last_delivery=last_delivery,
+    )
+
+
 def test_a_segment_task_that_keeps_failing_ends_the_request_on_its_last_delivery(stack: Stack) -> None:
     """A segment whose source changed after the plan (its GET finds another version) fails the same way
     on every delivery: released until its last, where the failure is recorded; the coordinator then
@@ -511,17 +528,7 @@ def test_a_segment_task_that_keeps_failing_ends_the_request_on_its_last_delivery
     photos(stack, 12, 2 * MiB)
     settings = stack.settings(fanout_segment_bytes=6 * MiB)
     document = request("changing", [f"p{i:03d}.jpg" for i in range(12)])
-    plan = plan_archive(parse_request(document), settings=settings, message_id="m-1")
-    coordinator = fanout.Coordinator(
-        clients=stack.clients,
-        settings=settings,
-        plan=plan,
-        source_url=stack.source_url,
-        progress=Progress(),
-        abandoned=lambda: False,
-        confirm=lambda: None,
-        last_delivery=False,
-    )
+    coordinator = coordinator_of(stack, settings, document, confirm=lambda: None, last_delivery=False)
     stored = coordinator._plan()
     assert stored is not None and len(stored.segments) == 4
     stack.put("album/p004.jpg", b"another version")  # in segment 1
@@ -579,25 +586,12 @@ def test_a_coordinator_that_lost_its_lease_leaves_the_upload_to_the_new_holder(s
     the one that lost it (finding out just before completing) must abort nothing."""
     photos(stack, 12, 2 * MiB)
     settings = stack.settings(fanout_segment_bytes=6 * MiB)
-    plan = plan_archive(
-        parse_request(request("taken", [f"p{i:03d}.jpg" for i in range(12)])),
-        settings=settings,
-        message_id="m",
-    )
 
     def taken() -> None:
         raise LeaseLost("request taken: the status document is another worker's now")
 
-    coordinator = fanout.Coordinator(
-        clients=stack.clients,
-        settings=settings,
-        plan=plan,
-        source_url=stack.source_url,
-        progress=Progress(),
-        abandoned=lambda: False,
-        confirm=taken,
-        last_delivery=True,
-    )
+    document = request("taken", [f"p{i:03d}.jpg" for i in range(12)])
+    coordinator = coordinator_of(stack, settings, document, confirm=taken, last_delivery=True)
     with pytest.raises(LeaseLost):
         coordinator.build()
     assert stack.incomplete_uploads() == ["download/taken/taken.zip"]
