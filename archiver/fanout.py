@@ -197,17 +197,21 @@ class Store:
         return f"{self.root}/{name}"
 
     def read(self, name: str) -> dict[str, Any] | None:
+        return self.read_versioned(name)[0]
+
+    def read_versioned(self, name: str) -> tuple[dict[str, Any] | None, str | None]:
+        """The JSON document (None if absent or unreadable) and the object's ETag (None if absent)."""
         try:
-            body = _get(self.s3, self.bucket, self.key(name))
+            body, etag = _get_versioned(self.s3, self.bucket, self.key(name))
         except botocore.exceptions.ClientError as exc:
             if http_status(exc) in (403, 404):
-                return None
+                return None, None
             raise
         try:
             document = json.loads(body)
         except ValueError:
-            return None
-        return document if isinstance(document, dict) else None
+            return None, etag
+        return (document if isinstance(document, dict) else None), etag
 
     def write(self, name: str, document: dict[str, Any], **condition: str) -> str:
         return _put(self.s3, self.bucket, self.key(name), json.dumps(document).encode(), condition)
@@ -240,6 +244,12 @@ def _get(s3: S3Client, bucket: str, key: str) -> bytes:
 
 
 @retry_transient
+def _get_versioned(s3: S3Client, bucket: str, key: str) -> tuple[bytes, str]:
+    response = s3.get_object(Bucket=bucket, Key=key)
+    return response["Body"].read(), str(response["ETag"])
+
+
+@retry_transient
 def _put(s3: S3Client, bucket: str, key: str, body: bytes, condition: dict[str, str]) -> str:
     response = s3.put_object(
         Bucket=bucket,
@@ -257,6 +267,14 @@ def _record_name(index: int) -> str:
 
 def _claim_name(index: int) -> str:
     return f"segment-{index:05d}.claim"
+
+
+def _head_name(index: int) -> str:
+    return f"segment-{index:05d}.head"
+
+
+def _tail_name(index: int) -> str:
+    return f"segment-{index:05d}.tail"
 
 
 def _entries_name(index: int) -> str:
@@ -341,9 +359,9 @@ class Claim:
     def take(self) -> bool:
         name = _claim_name(self.index)
         try:
-            current = _head_etag(self.store, name)
+            held, current = self.store.read_versioned(name)
             if current is not None:
-                held = self.store.read(name) or {}
+                held = held or {}
                 if held.get("worker") != WORKER_ID and _remaining(held) > 0:
                     return False
                 self.etag = self.store.write(name, self._document(), IfMatch=current)
@@ -366,15 +384,6 @@ class Claim:
             self.store.s3.delete_object(Bucket=self.store.bucket, Key=self.store.key(_claim_name(self.index)))
         except Exception as exc:  # it expires by itself
             log.warning("segment.claim_release_failed", error=repr(exc))
-
-
-def _head_etag(store: Store, name: str) -> str | None:
-    try:
-        return str(store.s3.head_object(Bucket=store.bucket, Key=store.key(name))["ETag"])
-    except botocore.exceptions.ClientError as exc:
-        if http_status(exc) in (403, 404):
-            return None
-        raise
 
 
 def _remaining(claim: dict[str, Any]) -> float:
@@ -404,8 +413,8 @@ def load_work(store: Store, plan: StoredPlan, segment: Segment, base: int) -> Se
         part_size=int(plan.document["part_size"]),
         small_limit=int(plan.document["small_limit"]),
         compression=plan.document["compression"],
-        head_key=store.key(f"segment-{segment.index:05d}.head"),
-        tail_key=store.key(f"segment-{segment.index:05d}.tail"),
+        head_key=store.key(_head_name(segment.index)),
+        tail_key=store.key(_tail_name(segment.index)),
     )
 
 
@@ -418,7 +427,6 @@ def build_and_record(
     *,
     base: int,
     abandoned: Callable[[], bool],
-    on_bytes: Callable[[int], None] = lambda _: None,
 ) -> SegmentResult:
     """Build one segment into the plan's upload and write its record."""
     work = load_work(store, plan, segment, base)
@@ -438,7 +446,6 @@ def build_and_record(
         # Room for the largest body the plan reads whole, whatever this worker's own window.
         prefetch_bytes=max(settings.prefetch_bytes, 2 * work.small_limit),
         abandoned=abandoned,
-        on_bytes=on_bytes,
     )
     store.write(
         _record_name(segment.index), {"upload_id": plan.upload_id, "worker": WORKER_ID, **result.document()}
@@ -511,7 +518,6 @@ class TaskRun:
 
     outcome: str = "dropped"  # built, dropped (nothing to do), failed (recorded), released
     reason: str = ""
-    claim: Claim | None = None
 
 
 def run_task(
@@ -552,7 +558,6 @@ def run_task(
     if not claim.take():
         run.reason = "segment claimed by another worker"
         return
-    run.claim = claim
     hold(claim)
     try:
         build_and_record(clients, settings, store, plan, segment, base=segment.base, abandoned=abandoned)
@@ -602,19 +607,20 @@ class Coordinator:
     # heartbeat renews it.
     hold: Callable[[Claim | None], None] = lambda _: None
     store: Store = field(init=False)
+    # This request's live stored plan, read once when the coordinator is made: the worker keeps its
+    # upload from the stale ones it aborts, and `build` resumes it.
+    resumed: StoredPlan | None = field(init=False)
     _results: dict[int, SegmentResult] = field(init=False, default_factory=dict)
     _listing: dict[str, datetime] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.store = Store(self.clients.s3, self.plan.bucket, self.plan.key.rsplit("/", 1)[0])
-
-    def resumable(self) -> StoredPlan | None:
         stored = read_plan(self.store, self.plan.digest)
-        return None if stored is None or stored.aborted else stored
+        self.resumed = None if stored is None or stored.aborted else stored
 
     def build(self) -> Fanned | None:
         """The archive built by segments, or None when the request is too small to fan out."""
-        stored = self.resumable()
+        stored = self.resumed
         if stored is None:
             stored = self._plan()
             if stored is None:
@@ -828,7 +834,7 @@ class Coordinator:
         with ThreadPoolExecutor(max_workers=8, thread_name_prefix="join") as pool:
             copies = []
             for segment, result in zip(segments, ordered, strict=True):
-                head_key = self.store.key(f"segment-{segment.index:05d}.head")
+                head_key = self.store.key(_head_name(segment.index))
                 if not pending and result.head_size >= MIN_PART_SIZE:
                     copies.append(pool.submit(_copy_in, upload, segment.first_part, head_key))
                 else:
@@ -840,7 +846,7 @@ class Coordinator:
                         raise RuntimeError(f"segment {segment.index}: a head under 5 MiB with parts after it")
                 parts.extend(result.parts)
                 if result.tail_size:
-                    pending += _get(s3, bucket, self.store.key(f"segment-{segment.index:05d}.tail"))
+                    pending += _get(s3, bucket, self.store.key(_tail_name(segment.index)))
             parts.extend(future.result() for future in copies)
         return parts, pending
 
@@ -894,10 +900,3 @@ def _copy_in(upload: MultipartUpload, number: int, key: str) -> CompletedPartTyp
     if "ChecksumCRC32" in result:
         part["ChecksumCRC32"] = result["ChecksumCRC32"]
     return part
-
-
-def stored_upload(clients: AwsClients, plan: ArchivePlan) -> str | None:
-    """The upload of this request's live stored plan, which a resumed coordinator keeps."""
-    store = Store(clients.s3, plan.bucket, plan.key.rsplit("/", 1)[0])
-    stored = read_plan(store, plan.digest)
-    return None if stored is None or stored.aborted else stored.upload_id

@@ -24,10 +24,11 @@ from archiver.assembly import Copier
 from archiver.aws import AwsClients, retry_transient
 from archiver.directory import Directory, directory_bound, read_directory
 from archiver.errors import TransientError
+from archiver.job import SOURCE_GETS
 from archiver.multipart import MultipartUpload, PartLedger, parts_of, upload_parts
 from archiver.prefetch import Planned, Prefetcher
 from archiver.settings import MIN_PART_SIZE
-from archiver.sources import SourceObject, fetch_small, read_source
+from archiver.sources import Fetched, SourceObject, fetch_small, read_source
 from archiver.zipping import Compression, ZipEntry, is_uncompressed, zip_chunks
 
 if TYPE_CHECKING:
@@ -35,8 +36,6 @@ if TYPE_CHECKING:
     from mypy_boto3_s3.type_defs import CompletedPartTypeDef
 
 log = structlog.get_logger(__name__)
-
-SOURCE_GETS = 32  # as archiver.job's
 
 
 @dataclass(frozen=True)
@@ -99,39 +98,28 @@ class SegmentResult:
 
 
 @dataclass
-class _Counted:
-    """Bytes of the zip stream written so far: where a copied entry's data starts (assembly.CopiedEntry)
-    while the end of the stream is still held back from the part assembler."""
-
-    position: int = 0
-
-    def wrap(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
-        for chunk in chunks:
-            self.position += len(chunk)
-            yield chunk
-
-
-@dataclass
 class _WithoutDirectory:
     """The zip stream without its central directory and end records: the last `held` bytes are kept
     back until the stream ends, then the directory is read from them and only the entries' bytes passed
-    on. `held` is at least the directory's size (directory.directory_bound)."""
+    on. `held` is at least the directory's size (directory.directory_bound). `position` counts the bytes
+    zipped so far, held ones included: where a copied entry's data starts (assembly.CopiedEntry), which
+    the part assembler, behind the held bytes, cannot tell."""
 
     held: int
     directory: Directory | None = None
+    position: int = 0
     _tail: bytearray = field(default_factory=bytearray)
 
     def strip(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
-        length = 0
         for chunk in chunks:
-            length += len(chunk)
+            self.position += len(chunk)
             self._tail += chunk
             if len(self._tail) > 2 * self.held:
                 cut = len(self._tail) - self.held
                 yield bytes(self._tail[:cut])
                 del self._tail[:cut]
-        self.directory = read_directory(bytes(self._tail), length)
-        kept = len(self._tail) - (length - self.directory.entries_length)
+        self.directory = read_directory(bytes(self._tail), self.position)
+        kept = len(self._tail) - (self.position - self.directory.entries_length)
         if kept:
             yield bytes(self._tail[:kept])
         self._tail = bytearray()
@@ -145,11 +133,9 @@ def build_segment(
     concurrency: int,
     prefetch_bytes: int,
     abandoned: Callable[[], bool],
-    on_bytes: Callable[[int], None] = lambda _: None,
 ) -> SegmentResult:
     """Zip the segment's entries into the upload; its head and tail as temporary objects."""
     upload.ledger.last_number = work.first_part - 1
-    counted = _Counted()
     stripped = _WithoutDirectory(held=directory_bound([entry.path for entry in work.entries]))
     sink = _Sink(clients.s3, upload, work)
     copier = Copier(
@@ -157,25 +143,19 @@ def build_segment(
         part_size=work.part_size,
         concurrency=concurrency,
         abandoned=abandoned,
-        position=lambda: counted.position,
+        position=lambda: stripped.position,
     )
     prefetcher = _prefetcher(clients, work, prefetch_bytes)
     entries = [_resolved(prefetcher, index, entry) for index, entry in enumerate(work.entries)]
-
-    def opened(index: int) -> Iterator[bytes]:
-        for chunk in prefetcher.open(index):
-            on_bytes(len(chunk))
-            yield chunk
-
     try:
         chunks = zip_chunks(
             (entry() for entry in entries),
-            open_source=lambda index, _: opened(index),
+            open_source=lambda index, _: prefetcher.open(index),
             compression=work.compression,
             copy=lambda index, obj: copier.copy(obj) if index in work.copyable else None,
             base_offset=work.base_offset,
         )
-        parts = _parts(stripped.strip(counted.wrap(chunks)), work, abandoned, upload.ledger)
+        parts = _parts(stripped.strip(chunks), work, abandoned, upload.ledger)
         streamed = upload_parts(upload, parts, concurrency=concurrency, send=sink.send)
     finally:
         prefetcher.close()
@@ -261,7 +241,7 @@ def _resolved(prefetcher: Prefetcher, index: int, entry: ZipEntry) -> Callable[[
 
     def resolve() -> ZipEntry:
         found = prefetcher.resolve(index)
-        obj = getattr(found, "obj", found)
+        obj = found.obj if isinstance(found, Fetched) else found
         if not isinstance(obj, SourceObject):
             raise TransientError(f"{entry.source.ref.source} changed while being archived")
         return ZipEntry(path=entry.path, source=obj)

@@ -534,12 +534,13 @@ def _archive_once(worker: Worker, attempt: Attempt, plan: ArchivePlan) -> Outcom
             holder_message_id=(previous or {}).get("message_id"),
         )
     lease = _claim(worker, attempt, plan, stored)
+    coordinator = _coordinator(worker, attempt, plan, lease) if settings.fanout_segment_bytes else None
     # A fanned-out request's upload is kept: its stored plan is resumed (archiver.fanout).
-    keep = fanout.stored_upload(worker.clients, plan) if settings.fanout_segment_bytes else None
+    keep = coordinator.resumed.upload_id if coordinator and coordinator.resumed else None
     aborted = status.abort_stale_uploads(s3, bucket=plan.bucket, key=plan.key, keep=keep)
     if aborted:
         log.info("request.stale_uploads_aborted", count=aborted)
-    notification = _build(worker, attempt, plan, lease)
+    notification = _build(worker, attempt, plan, lease, coordinator)
     # Written before the twin clean-up below: once the status says `completed`, no other worker claims
     # the key, so any upload left on it is this worker's own. Not best effort: without it a duplicate
     # would build again, perhaps after the producer deleted the sources.
@@ -590,10 +591,16 @@ def _claim(worker: Worker, attempt: Attempt, plan: ArchivePlan, stored: status.S
     return attempt.lease
 
 
-def _build(worker: Worker, attempt: Attempt, plan: ArchivePlan, lease: status.Lease) -> CompletedNotification:
+def _build(
+    worker: Worker,
+    attempt: Attempt,
+    plan: ArchivePlan,
+    lease: status.Lease,
+    coordinator: fanout.Coordinator | None,
+) -> CompletedNotification:
     try:
-        if worker.settings.fanout_segment_bytes:
-            fanned = _fan_out(worker, attempt, plan, lease)
+        if coordinator is not None:
+            fanned = _fan_out(worker, plan, coordinator)
             if fanned is not None:
                 return fanned
         return job.build_archive(
@@ -612,11 +619,11 @@ def _build(worker: Worker, attempt: Attempt, plan: ArchivePlan, lease: status.Le
         raise
 
 
-def _fan_out(
+def _coordinator(
     worker: Worker, attempt: Attempt, plan: ArchivePlan, lease: status.Lease
-) -> CompletedNotification | None:
-    """The archive built by segments over the fleet, or None when the request is too small to fan out."""
-    coordinator = fanout.Coordinator(
+) -> fanout.Coordinator:
+    """This request's fan-out coordinator, which reads the request's stored plan, if any, once."""
+    return fanout.Coordinator(
         clients=worker.clients,
         settings=worker.settings,
         plan=plan,
@@ -627,6 +634,12 @@ def _fan_out(
         last_delivery=attempt.last_delivery,
         hold=lambda claim: setattr(attempt, "claim", claim),
     )
+
+
+def _fan_out(
+    worker: Worker, plan: ArchivePlan, coordinator: fanout.Coordinator
+) -> CompletedNotification | None:
+    """The archive built by segments over the fleet, or None when the request is too small to fan out."""
     fanned = coordinator.build()
     if fanned is None:
         return None

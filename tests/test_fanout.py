@@ -540,8 +540,11 @@ def test_a_segment_task_that_keeps_failing_ends_the_request_on_its_last_delivery
     last = fanout.TaskRun()
     fanout.run_task(stack.clients, settings, task, last, abandoned=lambda: False, last_delivery=True)
     assert last.outcome == "failed" and "p004.jpg changed" in last.reason
+    # The request's next delivery: its coordinator resumes the stored plan and finds the failure.
+    resumed = coordinator_of(stack, settings, document, confirm=lambda: None, last_delivery=False)
+    assert resumed.resumed is not None and resumed.resumed.upload_id == stored.upload_id
     with pytest.raises(PermanentError, match="segment 1: kept failing") as failed:
-        coordinator.build()
+        resumed.build()
     assert failed.value.code == "internal"
     assert stack.incomplete_uploads() == []
     assert not [key for key in stack.archive_keys() if "/fanout/" in key]
