@@ -31,13 +31,14 @@ from typing import Any
 
 from bench import servers
 from bench.methods import (
-    LAUNCHER,
     STOP_GRACE,
     NotificationWaiter,
     RunContext,
+    launch,
     metered,
     parse_worker_log,
     read_socket_log,
+    read_usage,
     timeout_for,
     worker_env,
 )
@@ -152,10 +153,7 @@ class Worker:
                 os.killpg(self.process.pid, signum)
 
     def usage(self) -> dict[str, Any]:
-        try:
-            return dict(json.loads(self.usage_path.read_text()))
-        except (OSError, ValueError):
-            return {"exit_code": self.process.returncode, "max_rss_kib": 0}
+        return read_usage(self.usage_path, self.process)
 
 
 def _start_worker(
@@ -163,19 +161,7 @@ def _start_worker(
 ) -> Worker:
     log = ctx.logdir / f"{scenario.name}-{tag}-worker{index}.log"
     socket_log = log.with_name(log.name + ".sockets.json")
-    usage_path = log.with_name(log.name + ".rusage.json")
-    usage_path.unlink(missing_ok=True)
-    command = metered(socket_log, "archiver", "worker")
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, str(LAUNCHER), str(usage_path), *command],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=str(Path(__file__).resolve().parent.parent),
-            start_new_session=True,
-        )
+    process, usage_path = launch(metered(socket_log, "archiver", "worker"), env=env, log=log)
     return Worker(
         index=index,
         proxy=env["AWS_ENDPOINT_URL_S3"],

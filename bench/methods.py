@@ -90,15 +90,13 @@ def read_socket_log(socket_log: Path) -> SocketBytes:
     return SocketBytes(received=int(counts["received_bytes"]), sent=int(counts["sent_bytes"]))
 
 
-def run_measured(
-    args: list[str], *, env: dict[str, str], log: Path, timeout: float, cwd: Path = REPO
-) -> Measured:
-    """Run `args` to completion with its output in `log`; stop it at `timeout`. It runs under
-    bench/launch.py, which reports the peak RSS of that one process (see there for why), in a session of
-    its own so that it and the launcher are stopped together."""
+def launch(
+    args: list[str], *, env: dict[str, str], log: Path, cwd: Path = REPO
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start `args` under bench/launch.py (which writes the peak RSS of that one process to the usage
+    file returned), its output in `log`, in a session of its own so that both are stopped together."""
     usage_path = log.with_name(log.name + ".rusage.json")
     usage_path.unlink(missing_ok=True)
-    started = time.monotonic()
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, str(LAUNCHER), str(usage_path), *args],
@@ -109,6 +107,26 @@ def run_measured(
             cwd=cwd,
             start_new_session=True,
         )
+    return process, usage_path
+
+
+def read_usage(usage_path: Path, process: subprocess.Popen[bytes]) -> dict[str, Any]:
+    """What bench/launch.py reported; without its file (the launcher itself was killed), the exit code
+    and no peak RSS."""
+    try:
+        return dict(json.loads(usage_path.read_text()))
+    except (OSError, ValueError):
+        return {"exit_code": process.returncode, "max_rss_kib": 0}
+
+
+def run_measured(
+    args: list[str], *, env: dict[str, str], log: Path, timeout: float, cwd: Path = REPO
+) -> Measured:
+    """Run `args` to completion with its output in `log`; stop it at `timeout`. It runs under
+    bench/launch.py, which reports the peak RSS of that one process (see there for why), in a session of
+    its own so that it and the launcher are stopped together."""
+    started = time.monotonic()
+    process, usage_path = launch(args, env=env, log=log, cwd=cwd)
     timed_out = False
     try:
         while process.poll() is None:
@@ -120,10 +138,7 @@ def run_measured(
         _stop_group(process)  # Ctrl-C or an error in the bench: the child must not outlive it
         raise
     wall = time.monotonic() - started
-    try:
-        usage = json.loads(usage_path.read_text())
-    except (OSError, ValueError):
-        usage = {"exit_code": process.returncode, "max_rss_kib": 0}  # the launcher itself was killed
+    usage = read_usage(usage_path, process)
     return Measured(
         exit_code=None if timed_out else int(usage["exit_code"]),
         wall_seconds=wall,
