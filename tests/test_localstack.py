@@ -444,6 +444,9 @@ def test_a_fanned_out_request_on_localstack_is_the_single_worker_archive(
     # Pairs of photos make 6 MiB segments whose heads LocalStack copies in; the last two, each a segment
     # of its own under 5 MiB, are joined by the coordinator into one part.
     photos = {f"fan/p{i}.jpg": os.urandom(3 * MiB - 16 * i if i < 6 else 3 * MiB + i) for i in range(8)}
+    # And a video `aws s3 cp` uploads in parts (over 8 MiB: no full-object CRC-32), a segment of its own,
+    # read as a big source (HEADed, streamed).
+    photos["fan/v.mp4"] = os.urandom(9 * MiB + 7)
     for key, body in photos.items():
         upload(env := developer_env(resources, tmp_path), tmp_path, f"s3://source-images/{key}", body)
     files = [{"source": key} for key in photos]
@@ -482,7 +485,7 @@ def test_a_fanned_out_request_on_localstack_is_the_single_worker_archive(
     assert data == download(single["archive"]["url"])
     logs = "".join((tmp_path / f"worker-{index}.log").read_text() for index in range(2))
     assert logs.count("fanout.planned") == 1 and logs.count("fanout.completed") == 1  # DEV_MODE: console
-    assert logs.count("segment.built") == 5  # each segment built once
+    assert logs.count("segment.built") == 6  # each segment built once
     listing = aws(env, "s3api", "list-objects-v2", "--bucket", "zip-storage", "--prefix", "download/fan-out/")
     keys = [item["Key"] for item in json.loads(listing or "{}").get("Contents", [])]
     assert sorted(keys) == ["download/fan-out/fan-out.zip", "download/fan-out/status.json"]
