@@ -154,6 +154,17 @@ class _Built:
     missing: list[str] = field(default_factory=list)  # sources skipped
 
 
+def archive_metadata(plan: ArchivePlan, entries: int) -> dict[str, str]:
+    """The archive's S3 metadata, set when its upload is created: the request id, which a duplicate
+    request checks before it re-sends a stored notification, and the number of entries."""
+    return {"request-id": plan.request_id, "entries": str(entries)}
+
+
+def archive_disposition(plan: ArchivePlan) -> str:
+    """The Content-Disposition a browser saves the archive under: its own name, in UTF-8 (RFC 6266)."""
+    return f"attachment; filename*=UTF-8''{quote(plan.key.rsplit('/', 1)[-1])}"
+
+
 def completed_notification(
     clients: AwsClients,
     settings: Settings,
@@ -279,14 +290,12 @@ class _Attempt:
     ) -> _Built:
         """Zip the entries into the archive's multipart upload, copying big uncompressed ones inside S3."""
         s3, settings, plan, progress = self.clients.s3, self.settings, self.plan, self.progress
-        archive_name = plan.key.rsplit("/", 1)[-1]
-        entries_count = progress.files_total
         with MultipartUpload.create(
             s3,
             bucket=plan.bucket,
             key=plan.key,
-            metadata={"request-id": plan.request_id, "entries": str(entries_count)},
-            content_disposition=f"attachment; filename*=UTF-8''{quote(archive_name)}",
+            metadata=archive_metadata(plan, progress.files_total),
+            content_disposition=archive_disposition(plan),
         ) as upload:
             copier = Copier(
                 upload,

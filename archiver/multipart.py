@@ -231,6 +231,28 @@ class MultipartUpload:
         self.completed = False
 
     @classmethod
+    def start(
+        cls,
+        s3: S3Client,
+        *,
+        bucket: str,
+        key: str,
+        metadata: dict[str, str],
+        content_disposition: str | None = None,
+    ) -> MultipartUpload:
+        """A new upload, which its caller must complete or abort (`create` does that for it)."""
+        extra = {"ContentDisposition": content_disposition} if content_disposition else {}
+        upload_id = retry_transient(s3.create_multipart_upload)(
+            Bucket=bucket,
+            Key=key,
+            ContentType="application/zip",
+            Metadata=metadata,
+            ChecksumAlgorithm="CRC32",
+            **extra,  # type: ignore[arg-type]
+        )["UploadId"]
+        return cls(s3, bucket=bucket, key=key, upload_id=upload_id, metadata=metadata)
+
+    @classmethod
     @contextlib.contextmanager
     def create(
         cls,
@@ -241,16 +263,9 @@ class MultipartUpload:
         metadata: dict[str, str],
         content_disposition: str | None = None,
     ) -> Iterator[MultipartUpload]:
-        extra = {"ContentDisposition": content_disposition} if content_disposition else {}
-        upload_id = retry_transient(s3.create_multipart_upload)(
-            Bucket=bucket,
-            Key=key,
-            ContentType="application/zip",
-            Metadata=metadata,
-            ChecksumAlgorithm="CRC32",
-            **extra,  # type: ignore[arg-type]
-        )["UploadId"]
-        upload = cls(s3, bucket=bucket, key=key, upload_id=upload_id, metadata=metadata)
+        upload = cls.start(
+            s3, bucket=bucket, key=key, metadata=metadata, content_disposition=content_disposition
+        )
         try:
             yield upload
         finally:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from archiver.errors import ErrorCode
 from archiver.settings import SQS_MAX_VISIBILITY
 
-OutcomeKind = Literal["completed", "duplicate", "failed", "deferred", "released"]
+OutcomeKind = Literal["completed", "duplicate", "failed", "deferred", "released", "done"]
 StatusToWrite = Literal["failed", "queued"]
 
 
@@ -19,7 +19,9 @@ class Outcome:
 
     completed / duplicate: the archive exists and its notification is to be sent. failed: a permanent
     error. deferred: another worker holds the request. released: anything else (a transient error, a
-    stop), `archived` when the archive was built and only notifying or deleting failed."""
+    stop), `archived` when the archive was built and only notifying or deleting failed. done: a message
+    with no producer waiting on it (a fan-out segment task) whose work is over, whatever it came to.
+    Such a message is never answered: `answers_producer` is False, and it writes no status."""
 
     kind: OutcomeKind
     error_code: ErrorCode | None = None
@@ -33,6 +35,7 @@ class Outcome:
     copied_bytes: int | None = None
     skipped: int | None = None
     renamed: int | None = None
+    answers_producer: bool = True
 
     def log_fields(self) -> dict[str, Any]:
         """The outcome's part of the `request.done` line: only what applies."""
@@ -79,6 +82,8 @@ def decide(
     last = max_receive_count is not None and receive_count >= max_receive_count
     if outcome.kind in ("completed", "duplicate"):
         return Settlement(delete=True, send_completed=True)
+    if outcome.kind == "done":
+        return Settlement(delete=True)
     if outcome.kind == "failed":
         permanent = FailedNotice(
             code=outcome.error_code or "internal", message=outcome.error or "", retryable=False
@@ -92,11 +97,13 @@ def decide(
         return Settlement(delete=False, release_after=min(outcome.retry_after, SQS_MAX_VISIBILITY))
     # Released. The next receive moves the last delivery to the DLQ, whatever ended it; but an archive
     # that exists is not a failure (a redrive re-sends its completed notification).
+    # A message nobody waits on (a segment task) is answered by its coordinator, not here.
+    answer = outcome.answers_producer and not outcome.archived
     notice: FailedNotice | None = None
-    if last and not outcome.archived:
+    if last and answer:
         message = f"gave up after {receive_count} attempts: {outcome.error}"
         notice = FailedNotice(code=outcome.error_code or "internal", message=message, retryable=True)
     # Back in the queue: a redelivery may take it at once, without waiting for a lease to expire.
-    status: StatusToWrite | None = None if outcome.archived else "queued"
+    status: StatusToWrite | None = "queued" if answer else None
     delay = 0 if outcome.abandoned else release_delay(receive_count, visibility_timeout)
     return Settlement(delete=False, release_after=delay, failed_notice=notice, status=status)

@@ -24,12 +24,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from archiver import fanout, queue
-from archiver.directory import directory_bound, end_records, needs_zip64, relocate
+from archiver import queue
 from archiver.errors import PermanentError, TransientError
+from archiver.fanout.coordinator import Coordinator
+from archiver.fanout.directory import directory_bound, end_records, needs_zip64, relocate
+from archiver.fanout.layout import plan_layout
+from archiver.fanout.segment import _WithoutDirectory
+from archiver.fanout.tasks import SegmentTask, run_task
 from archiver.models import SourceRef, parse_request, plan_archive
 from archiver.multipart import PartLedger, parts_of
-from archiver.segments import _WithoutDirectory
 from archiver.settings import MiB, Settings, load_settings
 from archiver.sources import SourceObject
 from archiver.status import LeaseLost, Progress
@@ -167,7 +170,7 @@ def test_layout_places_segments_around_4_gib() -> None:
         ZipEntry(path=f"{i}.mp4", source=dataclasses.replace(_source(i, b"", crc=True), size=gib))
         for i in range(10)
     ]
-    layout = fanout.plan_layout(entries, settings, "auto", gib)
+    layout = plan_layout(entries, settings, "auto", gib)
     placements = [segment.base for segment in layout.segments]
     assert placements[:3] == [0, gib, 2 * gib]
     assert placements[3] is None  # 3 GiB + headers: may end past 4 GiB
@@ -352,9 +355,9 @@ def test_forged_and_repeated_tasks_rebuild_nothing_wrong(stack: Stack, tmp_path:
     names = sorted(files)
     expected = single_worker_archive(stack, names)
     sqs, url = stack.clients.sqs, stack.source_url
-    queue.send_task(sqs, url, fanout.SegmentTask("nobody", 0).body(), kind="segment")
-    queue.send_task(sqs, url, fanout.SegmentTask("fanned", 99).body(), kind="segment")
-    stack.send(fanout.SegmentTask("fanned", 0).body())  # no attribute: a request, and an invalid one
+    queue.send_task(sqs, url, SegmentTask("nobody", 0).body(), kind="segment")
+    queue.send_task(sqs, url, SegmentTask("fanned", 99).body(), kind="segment")
+    stack.send(SegmentTask("fanned", 0).body())  # no attribute: a request, and an invalid one
     queue.send_task(sqs, url, json.dumps(request("marked", names[:1])), kind="segment")
     stack.send(request("fanned", names))
     settings = {**FANOUT, "FANOUT_SEGMENT_BYTES": str(5 * MiB)}
@@ -362,7 +365,7 @@ def test_forged_and_repeated_tasks_rebuild_nothing_wrong(stack: Stack, tmp_path:
     done = stack.run_burst_process(**settings)
     assert done.returncode == 0, done.stderr[-3000:]
     for index in range(4):  # repeated after completion: nothing to rebuild
-        queue.send_task(sqs, url, fanout.SegmentTask("fanned", index).body(), kind="segment")
+        queue.send_task(sqs, url, SegmentTask("fanned", index).body(), kind="segment")
     again = stack.run_burst_process(**settings)
     assert again.returncode == 0, again.stderr[-3000:]
     notices = stack.notifications(3, max_polls=3)
@@ -506,10 +509,10 @@ def test_a_segment_that_cannot_be_read_fails_the_request_and_aborts_the_upload(
 
 def coordinator_of(
     stack: Stack, settings: Settings, document: dict[str, Any], *, confirm: Any, last_delivery: bool
-) -> fanout.Coordinator:
+) -> Coordinator:
     """The coordinator of a request, in this process, as the worker that received it makes it."""
     plan = plan_archive(parse_request(document), settings=settings, message_id="m-1")
-    return fanout.Coordinator(
+    return Coordinator(
         clients=stack.clients,
         settings=settings,
         plan=plan,
@@ -532,13 +535,11 @@ def test_a_segment_task_that_keeps_failing_ends_the_request_on_its_last_delivery
     stored = coordinator._plan()
     assert stored is not None and len(stored.segments) == 4
     stack.put("album/p004.jpg", b"another version")  # in segment 1
-    task = fanout.SegmentTask("changing", 1)
-    run = fanout.TaskRun()
+    task = SegmentTask("changing", 1)
     with pytest.raises(TransientError, match=r"p004\.jpg changed"):
-        fanout.run_task(stack.clients, settings, task, run, abandoned=lambda: False, last_delivery=False)
+        run_task(stack.clients, settings, task, abandoned=lambda: False, last_delivery=False)
     assert records(stack, "changing") == []
-    last = fanout.TaskRun()
-    fanout.run_task(stack.clients, settings, task, last, abandoned=lambda: False, last_delivery=True)
+    last = run_task(stack.clients, settings, task, abandoned=lambda: False, last_delivery=True)
     assert last.outcome == "failed" and "p004.jpg changed" in last.reason
     # The request's next delivery: its coordinator resumes the stored plan and finds the failure.
     resumed = coordinator_of(stack, settings, document, confirm=lambda: None, last_delivery=False)

@@ -29,7 +29,7 @@ ACTION_OF = {
     "s3:UploadPartCopy": "s3:PutObject",
     "s3:CompleteMultipartUpload": "s3:PutObject",
     "s3:AbortMultipartUpload": "s3:AbortMultipartUpload",
-    # A fanned-out archive's plan and records (archiver/fanout.py): listed, and deleted once complete.
+    # A fanned-out archive's plan and records (archiver/fanout/store.py): listed, and deleted once complete.
     "s3:ListObjectsV2": "s3:ListBucket",
     "s3:DeleteObject": "s3:DeleteObject",
     "s3:DeleteObjects": "s3:DeleteObject",

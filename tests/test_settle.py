@@ -111,6 +111,26 @@ def test_a_deferral_stays_within_sqs_limit() -> None:
     assert settled(outcome).release_after == SQS_MAX_VISIBILITY
 
 
+@pytest.mark.parametrize("receive_count", [1, MAX_RECEIVES])
+def test_a_message_nobody_waits_on_is_deleted_once_done(receive_count: int) -> None:
+    """A segment task whose work is over (built, nothing to do, or its failure recorded): deleted, with
+    no notice and no status."""
+    outcome = Outcome("done", answers_producer=False)
+    assert settled(outcome, receive_count) == Settlement(delete=True)
+
+
+@pytest.mark.parametrize("receive_count", [1, MAX_RECEIVES, MAX_RECEIVES + 1])
+@pytest.mark.parametrize("abandoned", [False, True])
+def test_a_released_message_nobody_waits_on_is_never_answered(receive_count: int, abandoned: bool) -> None:
+    """A segment task that failed or was stopped comes back like a request, but gets no failed notice on
+    its last delivery (its coordinator answers for the request) and writes no status."""
+    outcome = Outcome(
+        "released", error_code="internal", error="x", abandoned=abandoned, answers_producer=False
+    )
+    delay = 0 if abandoned else release_delay(receive_count, VISIBILITY)
+    assert settled(outcome, receive_count) == Settlement(delete=False, release_after=delay)
+
+
 def test_the_log_line_carries_only_what_applies() -> None:
     """The outcome's fields on `request.done`: sizes when built, code and message when not, the reason
     when deferred."""

@@ -22,8 +22,8 @@ import structlog
 
 from archiver.assembly import Copier
 from archiver.aws import AwsClients, retry_transient
-from archiver.directory import Directory, directory_bound, read_directory
 from archiver.errors import TransientError
+from archiver.fanout.directory import Directory, directory_bound, read_directory
 from archiver.job import SOURCE_GETS
 from archiver.multipart import MultipartUpload, PartLedger, parts_of, upload_parts
 from archiver.prefetch import Planned, Prefetcher
