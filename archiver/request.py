@@ -5,7 +5,7 @@ What `json.loads` builds from a body can be 24 times the body: `[{},{},…]` is 
 bytes. So before decoding, the body's structural characters are counted (outside strings, at C speed):
 no valid request holds more than `max_json_values(max_files)` of them, and a body that does is refused
 before any object is built. What a body costs to decode is then at most what a valid request of its
-size costs (README, Memory).
+size costs (docs/settings.md, Memory).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 EXTENDED_CLIENT_POINTER = "software.amazon.payloadoffloading.PayloadS3Pointer"
 # 50,000 files with keys like `example-directory/<uuid>.png` are 4.6 MiB of JSON. Planning costs up to 5
 # times the body, 20 times when names mix ASCII and emoji (CPython then stores every character in 4
-# bytes): measured, README's Memory. 64 MiB, the limit before, could cost over a GiB.
+# bytes): measured, docs/settings.md, Memory. 64 MiB, the limit before, could cost over a GiB.
 MAX_POINTER_BYTES = 8 * 1024 * 1024
 # Per file at most `{`, three `:` and three `,`; the rest of a request is a few fields and its metadata,
 # whose JSON is at most MAX_METADATA_BYTES and so holds at most that many structural characters.

@@ -50,17 +50,17 @@ class Settings(BaseSettings):
     max_files: int = Field(default=50_000, ge=1)
     max_archive_bytes: int = Field(default=100 * 1024 * 1024 * 1024, ge=1)
     # 8 MiB, not the 16 MiB first suggested: measured the same throughput, and it keeps a worker with
-    # 4 uploads in flight under 150 MiB (README, Performance).
+    # 4 uploads in flight under 150 MiB (docs/performance.md).
     part_size: int = Field(default=8 * MiB, ge=MIN_PART_SIZE, le=MAX_PART_SIZE)
     # 12 MiB: with 32-64 GETs in flight the window stays full (at 32 MiB, 400 x 3 MiB peaked at 161 MiB of
     # RSS; at 16 MiB, 2,000 x 100 KiB at 145-151 MiB; at 12 MiB 138-144 MiB), and 12 MiB still holds 120
-    # objects of 100 KiB or 4 of 3 MiB, enough to hide S3's latency (README, Performance).
+    # objects of 100 KiB or 4 of 3 MiB, enough to hide S3's latency (docs/performance.md).
     prefetch_bytes: int = Field(default=12 * MiB, ge=0)
     upload_concurrency: int = Field(default=4, ge=1, le=64)
     # Uncompressed entries at least this big are copied inside S3 (UploadPartCopy) instead of streamed;
-    # 0 turns server-side assembly off. Each still streams its first 5 MiB (README, Server-side assembly).
+    # 0 turns server-side assembly off. Each still streams its first 5 MiB (docs/assembly.md).
     server_side_copy_min_bytes: int = Field(default=64 * MiB, ge=0)
-    # Fan-out (README, Fan-out): a request whose sources add up to more than twice this many bytes is cut
+    # Fan-out (docs/fanout.md): a request whose sources add up to more than twice this many bytes is cut
     # into segments of about this many source bytes, built by any worker on the source queue. 0 = off.
     fanout_segment_bytes: int = Field(default=0, ge=0)
     visibility_timeout: int = Field(default=120, ge=10, le=SQS_MAX_VISIBILITY)

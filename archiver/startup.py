@@ -158,10 +158,10 @@ def _problem(exc: Exception, *, where: str, service: object) -> str:
     raise exc
 
 
-# The README's memory formula: the interpreter and an idle worker; a copied entry's 5 MiB lead, one
-# small deflate entry past 4 GiB held to be STORED (16 MiB), and obstore's runtime with the source GETs'
-# threads and sockets (10 MiB); reading and planning the request, 1 KiB a file and its text five times
-# over (what that frees then holds the central directory, 300 B an entry).
+# The memory formula (docs/settings.md, Memory): the interpreter and an idle worker; a copied entry's
+# 5 MiB lead, one small deflate entry past 4 GiB held to be STORED (16 MiB), and obstore's runtime with
+# the source GETs' threads and sockets (10 MiB); reading and planning the request, 1 KiB a file and its
+# text five times over (what that frees then holds the central directory, 300 B an entry).
 BASELINE_BYTES = 75 * MiB
 EXTRA_BYTES = 36 * MiB
 REQUEST_BYTES_PER_FILE = 1024
@@ -172,7 +172,7 @@ def memory_needed(settings: Settings) -> int:
     """The most memory the worker may need at these settings for a request of plain names: parts
     uploading, the one being filled and the one cut where a copy starts, at the largest part size
     MAX_ARCHIVE_BYTES may grow them to; read-ahead; the largest request the limits accept; the rest
-    (README, Memory; deploy/README.md)."""
+    (docs/settings.md, Memory; deploy/README.md)."""
     part_size = choose_part_size(
         settings.max_archive_bytes + settings.max_archive_bytes // 50, settings.part_size
     )
@@ -193,7 +193,8 @@ def check_memory(settings: Settings, limit: int | None) -> None:
     if limit is not None and needed > limit:
         raise SettingsError(
             "invalid setting: PART_SIZE, UPLOAD_CONCURRENCY and PREFETCH_BYTES need up to"
-            f" {needed // MiB} MiB (README, memory), more than the {limit // MiB} MiB this container may use"
+            f" {needed // MiB} MiB (docs/settings.md, Memory), more than the {limit // MiB} MiB"
+            " this container may use"
         )
 
 

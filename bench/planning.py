@@ -25,16 +25,17 @@ from typing import Any
 KiB = 1024
 MiB = 1024 * KiB
 POINTER = "software.amazon.payloadoffloading.PayloadS3Pointer"
-# README, Memory: planning takes at most this much above the idle worker: 1 KiB a file MAX_FILES allows
-# (decoded, validated, planned: 0.9 KiB measured at worst), and 5 times the body (its strings: decoded,
-# joined into paths, keyed, renamed), times the bytes CPython stores each character of a name in: 2 when
-# it mixes ASCII with a character beyond U+00FF (’, CJK), 4 with one beyond U+FFFF (an emoji).
+# docs/settings.md, Memory: planning takes at most this much above the idle worker: 1 KiB a file
+# MAX_FILES allows (decoded, validated, planned: 0.9 KiB measured at worst), and 5 times the body (its
+# strings: decoded, joined into paths, keyed, renamed), times the bytes CPython stores each character of
+# a name in: 2 when it mixes ASCII with a character beyond U+00FF (’, CJK), 4 with one beyond U+FFFF (an
+# emoji).
 PER_FILE = 1024
 BODY_FACTOR = 5
 
 
 def bound_mib(body_bytes: int, max_files: int, *, width: int = 1) -> float:
-    """The README formula's planning term, in MiB."""
+    """The memory formula's planning term (docs/settings.md), in MiB."""
     return (PER_FILE * max_files + BODY_FACTOR * width * body_bytes) / MiB
 
 

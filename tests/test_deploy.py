@@ -837,10 +837,10 @@ WORKER_MEMORY_PARAMETERS = {"PartSize", "MaxArchiveBytes", "UploadConcurrency", 
 
 
 def worst_case_memory(**overrides: Any) -> float:
-    """MiB the worker may peak at, by the README's formula (Memory), counting every optional term:
-    interpreter, UploadConcurrency + 1 parts in flight and one more beside a copy, the read-ahead, the
-    largest request (1 KiB a file, its 8 MiB body five times over), a buffered deflate entry, copied
-    leads, obstore's runtime with the source GETs' threads."""
+    """MiB the worker may peak at, by the memory formula (docs/settings.md, Memory), counting every
+    optional term: interpreter, UploadConcurrency + 1 parts in flight and one more beside a copy, the
+    read-ahead, the largest request (1 KiB a file, its 8 MiB body five times over), a buffered deflate
+    entry, copied leads, obstore's runtime with the source GETs' threads."""
     p = {k: float(v) for k, v in Resolver(**overrides).params.items() if k in WORKER_MEMORY_PARAMETERS}
     mib = 1024 * 1024
     part = max(p["PartSize"], math.ceil(p["MaxArchiveBytes"] / 10_000 / mib) * mib)
@@ -849,8 +849,9 @@ def worst_case_memory(**overrides: Any) -> float:
 
 
 def test_task_memory_help_counts_every_buffer() -> None:
-    """The TaskMemory help names every setting the README's formula adds up, PrefetchBytes included,
-    and its estimate at the defaults is right and fits the smallest task Fargate offers."""
+    """The TaskMemory help names every setting the memory formula (docs/settings.md) adds up,
+    PrefetchBytes included, and its estimate at the defaults is right and fits the smallest task
+    Fargate offers."""
     description = template()["Parameters"]["TaskMemory"]["Description"]
     for name in WORKER_MEMORY_PARAMETERS:
         assert name in description, name

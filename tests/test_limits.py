@@ -1,9 +1,9 @@
-"""Hostile or huge requests cost bounded time and memory (issue 11; README, Memory; contract §1,
+"""Hostile or huge requests cost bounded time and memory (issue 11; docs/settings.md, Memory; contract §1,
 request, and §2, entry names).
 
 Three layers: generated bodies of each shape planned in this process (the plan is safe, or the failure
 is a clear code); each shape at the largest size the limits let reach the worker, read and planned in a
-fresh process whose peak RSS is held to the README's formula (planning time is a benchmark,
+fresh process whose peak RSS is held to the memory formula (docs/settings.md) (planning time is a benchmark,
 `python -m bench.planning`, never asserted); and the real worker answering smaller ones end to end,
 its archive opened by every reader. 50,000 HEADs against moto take minutes, so the largest sizes stop
 after planning, which is what their size costs.
@@ -29,7 +29,7 @@ from bench.planning import SHAPES, bound_mib, measure
 from tests.conftest import Stack
 from tests.zipcheck import check_archive
 
-IDLE_WORKER_MIB = 75  # README, Memory: interpreter, boto3, the idle worker
+IDLE_WORKER_MIB = 75  # docs/settings.md, Memory: interpreter, boto3, the idle worker
 MAX_FILES = 400
 
 # ------------------------------------------------------------------------ generated bodies, in process
@@ -129,7 +129,8 @@ def test_each_shape_at_its_largest_fits_the_memory_formula(
 ) -> None:
     """The largest body of each shape that reaches the worker (8 MiB through a pointer, or MAX_FILES
     files) is read from S3 and planned by a fresh process at the default settings: the answer is the
-    expected one, and its peak RSS is within the README's formula (idle worker + planning term)."""
+    expected one, and its peak RSS is within the memory formula of docs/settings.md (idle worker +
+    planning term)."""
     spec = SHAPES[shape]
     max_files = 50_000  # the default
     body = spec.body(MAX_POINTER_BYTES, max_files)

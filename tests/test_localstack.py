@@ -405,7 +405,7 @@ def test_a_request_that_keeps_failing_goes_to_the_dlq_and_a_redrive_completes_it
     assert "gave up after 3 attempts" in failed["error"]["message"]
     assert "NotImplemented" in failed["error"]["message"]
 
-    # The cause fixed, the DLQ moved back to its source queue, as README's Operations say.
+    # The cause fixed, the DLQ moved back to its source queue, as docs/operations.md (Dead-letter queue) says.
     dlq_arn = json.loads(
         aws(
             env,

@@ -1,6 +1,6 @@
-"""The compression of each entry (README, `compression: auto`): compressible content deflated at level 1,
-media, told by its extension or its Content-Type, not compressed: STORED with S3's CRC-32, else deflate
-level 0 (stored blocks). The sources here are all compressible, so the archive shows which level each
+"""The compression of each entry (docs/decisions.md, `compression: auto`): compressible content deflated at
+level 1, media, told by its extension or its Content-Type, not compressed: STORED with S3's CRC-32, else
+deflate level 0 (stored blocks). The sources here are all compressible, so the archive shows which level each
 entry really got."""
 
 from __future__ import annotations

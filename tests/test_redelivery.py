@@ -1,6 +1,6 @@
 """Where users lose things: what happens to a request's message around its notification, its duplicates
-and another worker's lease (README's failure modes; contract §5, delivery semantics). Each test here
-fails on a build with one deliberate bug put into the settling of a message (docs/mutation.md names
+and another worker's lease (docs/operations.md, Failure modes; contract §5, delivery semantics). Each test
+here fails on a build with one deliberate bug put into the settling of a message (docs/mutation.md names
 them); the lease's deferral is tested in tests/test_leases.py.
 
 The worker's clients go through the fault proxy, which records every call in the order it arrived and
