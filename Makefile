@@ -57,11 +57,15 @@ lint: venv tools
 	$(DCLINT) docker-compose.yml
 	$(BIN)/cfn-lint deploy/archiver.yaml
 
-# The mutation run (a few minutes, mostly CPU) goes on beside pytest, which waits on servers more than it
-# computes: together they take about as long as pytest alone. Either one failing fails `make test`.
+# pytest runs in PYTEST_WORKERS processes, each test file in one of them (a file's module-scoped servers,
+# LocalStack's among them, start once): the tests wait on servers, workers and timeouts more than they
+# compute, so 3 on these 2 cores beat 2 (docs/development.md, Test time). The mutation run (a few
+# minutes, mostly CPU) goes on beside them. Either one failing fails `make test`.
+PYTEST_WORKERS ?= 3
+
 unit: venv tools localstack mutation-venv
 	@$(MUTATION_VENV)/bin/python scripts/mutation.py > mutants.log 2>&1 & mutation=$$!; \
-	$(BIN)/pytest; tests=$$?; \
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile; tests=$$?; \
 	wait $$mutation; mutated=$$?; \
 	echo "--- make mutation, run beside pytest (whole output: mutants.log)"; tail -n 1 mutants.log; \
 	if [ $$mutated -ne 0 ]; then cat mutants.log; fi; \

@@ -213,16 +213,33 @@ def wait_for(
 
 
 # How far generated cases got, per fuzz test: printed at the end of every run (`make test` included), so a
-# generator that stops reaching the code under test shows in the output, not only in a failure.
-STAGE_REPORTS: list[str] = []
+# generator that stops reaching the code under test shows in the output, not only in a failure. A line
+# travels on its test's report, the one thing pytest-xdist hands from a worker process to the one that
+# prints the summary.
+STAGE_REPORTS: list[str] = []  # made by the tests of this process, not yet on a report
+STAGE_PROPERTY = "fuzz_stages"
+SUMMARY: list[str] = []  # every line reported, in the process that prints the summary
 
 
 def report_stages(name: str, stages: dict[str, int]) -> None:
     STAGE_REPORTS.append(f"{name}: " + ", ".join(f"{count} {stage}" for stage, count in stages.items()))
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+    report = yield
+    if call.when == "call":
+        report.user_properties.extend((STAGE_PROPERTY, line) for line in STAGE_REPORTS)
+        STAGE_REPORTS.clear()
+    return report
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    SUMMARY.extend(value for name, value in report.user_properties if name == STAGE_PROPERTY)
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if STAGE_REPORTS:
+    if SUMMARY:
         terminalreporter.section("fuzzing: cases that reached each stage")
-        for line in STAGE_REPORTS:
+        for line in SUMMARY:
             terminalreporter.write_line(line)
