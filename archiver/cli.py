@@ -104,6 +104,40 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from archiver import status
+    from archiver.aws import make_clients
+    from archiver.models import is_valid_request_id
+    from archiver.notify import archive_url
+    from archiver.status_view import describe, document_key
+
+    settings = _settings()
+    if not is_valid_request_id(args.request_id):
+        print(f"no request {args.request_id!r}: not a valid request id", file=sys.stderr)
+        return 1
+    clients = make_clients(
+        expected_bucket_owner=settings.expected_bucket_owner, link_endpoint=settings.archive_link_endpoint
+    )
+    key = document_key(settings.s3_file_prefix, args.request_id)
+    # read_stored finds a status document next to an archive key; this one stands in for the archive.
+    stored = status.read_stored(clients.s3, bucket=settings.s3_destination_bucket, archive_key=key)
+    document = stored.document
+    if document is None:
+        where = f"s3://{settings.s3_destination_bucket}/{key}"
+        print(f"no status for request {args.request_id}: not received yet, or unknown ({where})")
+        return 1
+    if args.json:
+        print(json.dumps(document, indent=2))
+        return 0
+    link = None
+    if document.get("status") == "completed" and document.get("archive_key"):
+        link = archive_url(
+            clients.presign, settings, bucket=settings.s3_destination_bucket, key=document["archive_key"]
+        )
+    print("\n".join(describe(document, link=link)))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from archiver.demo import run_demo
 
@@ -129,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="where a request too big for SQS is stored (default S3_SOURCE_BUCKET; an allowed bucket)",
     )
     submit.set_defaults(func=cmd_submit)
+
+    status = commands.add_parser("status", help="where a request stands, from its status document")
+    status.add_argument("request_id")
+    status.add_argument("--json", action="store_true", help="print the status document itself")
+    status.set_defaults(func=cmd_status)
 
     commands.add_parser("schema", help="print the JSON Schemas of request and notification").set_defaults(
         func=cmd_schema
