@@ -48,6 +48,7 @@ def embedded_stack(*, access_key: str = "demo", secret_key: str = "demo") -> Ite
     credentials); yields the endpoint URL, and puts the environment back afterwards."""
     from moto.server import ThreadedMotoServer
 
+    _make_sqs_deletes_atomic()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -71,6 +72,24 @@ def embedded_stack(*, access_key: str = "demo", secret_key: str = "demo") -> Ite
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _make_sqs_deletes_atomic() -> None:
+    """moto (5.x) deletes a message by rebuilding the queue's list outside the lock its sends take: two
+    workers deleting at once, or a delete beside a send, can bring a deleted message back or drop a sent
+    one, which SQS never does. Deletes then take that same lock (once per process)."""
+    from moto.sqs.models import Queue
+
+    delete = Queue.delete_message
+    if getattr(delete, "atomic", False):
+        return
+
+    def atomic_delete(self: Queue, receipt_handle: str) -> None:
+        with self._messages_lock:
+            delete(self, receipt_handle)
+
+    atomic_delete.atomic = True  # type: ignore[attr-defined]
+    Queue.delete_message = atomic_delete  # type: ignore[method-assign]
 
 
 _STACK_ENV = (
