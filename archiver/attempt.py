@@ -18,11 +18,11 @@ from typing import Any, Literal
 
 import structlog
 
-from archiver import notify, queue, settle, status
+from archiver import decision, notify, queue, settle, status
 from archiver.aws import AwsClients
 from archiver.errors import clip
 from archiver.fanout.claims import Claim
-from archiver.models import CompletedNotification
+from archiver.notices import CompletedNotification
 from archiver.protection import TaskProtection
 from archiver.settings import Settings
 from archiver.settle import Outcome
@@ -53,7 +53,7 @@ class Worker:
     emit_metrics: bool = True
 
 
-AbandonReason = Literal["timeout", "lease_lost"]
+AbandonReason = Literal["timeout", "lease_lost", "cancelled"]
 
 
 @dataclass
@@ -71,6 +71,22 @@ class Attempt:
     extensions: int = 0  # visibility extensions, for the metrics
     abandon_reason: AbandonReason | None = None  # set by the heartbeat
     claim: Claim | None = None  # on the fan-out segment this worker is building, renewed by the heartbeat
+    # Where the request's decision is, once the worker works on it: the heartbeat looks there for a cancel.
+    decision_place: decision.Place | None = None
+    cancelled_at: str | None = None  # when the cancel that ended it was decided
+
+    def cancel_seen(self) -> bool:
+        """Whether a cancel binds this request now (archiver.decision); a failed look is no cancel."""
+        if self.decision_place is None:
+            return False
+        try:
+            found = decision.cancelled(self.decision_place)
+        except Exception as exc:
+            log.warning("decision.read_failed", error=repr(exc))
+            return False
+        if found is not None:
+            self.cancelled_at = found.decided_at
+        return found is not None
 
     @property
     def last_delivery(self) -> bool:
@@ -142,7 +158,8 @@ def settle_attempt(worker: Worker, attempt: Attempt, outcome: Outcome) -> Outcom
     )
     settlement = decide(outcome)
     if settlement.status is not None:
-        write_status(attempt, settlement.status, error={"code": outcome.error_code, "message": outcome.error})
+        error = {"code": outcome.error_code, "message": outcome.error} if outcome.error_code else None
+        write_status(attempt, settlement.status, error=error)
     try:
         _deliver(worker, attempt, settlement)
     except Exception as exc:
@@ -159,6 +176,13 @@ def _deliver(worker: Worker, attempt: Attempt, settlement: settle.Settlement) ->
     sqs = worker.clients.sqs
     if settlement.send_completed and attempt.notification is not None:
         notify.send_notification(sqs, worker.destination_url, attempt.notification)
+    if settlement.send_cancelled:
+        answer = notify.cancelled(
+            request_id=attempt.request_id,
+            cancelled_at=attempt.cancelled_at or "",
+            metadata=attempt.metadata,
+        )
+        notify.send_notification(sqs, worker.destination_url, answer)
     if (notice := settlement.failed_notice) is not None:
         failed = notify.failed(
             request_id=attempt.request_id,

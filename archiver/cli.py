@@ -105,7 +105,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from archiver import status
+    from archiver import decision, status
     from archiver.aws import make_clients
     from archiver.models import is_valid_request_id
     from archiver.notify import archive_url
@@ -125,6 +125,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     if document is None:
         where = f"s3://{settings.s3_destination_bucket}/{key}"
         print(f"no status for request {args.request_id}: not received yet, or unknown ({where})")
+        cancel = decision.cancelled(
+            decision.Place(
+                clients.s3,
+                bucket=settings.s3_destination_bucket,
+                directory=key.rsplit("/", 1)[0],
+                request_id=args.request_id,
+            )
+        )
+        if cancel is not None:
+            print(f"  cancelled at {cancel.decided_at}: cancels it if it arrives by {cancel.expires_at}")
         return 1
     if args.json:
         print(json.dumps(document, indent=2))
@@ -135,6 +145,22 @@ def cmd_status(args: argparse.Namespace) -> int:
             clients.presign, settings, bucket=settings.s3_destination_bucket, key=document["archive_key"]
         )
     print("\n".join(describe(document, link=link)))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from archiver import queue
+    from archiver.aws import make_clients
+    from archiver.models import is_valid_request_id
+
+    settings = _settings()
+    if not is_valid_request_id(args.request_id):
+        print(f"cannot cancel {args.request_id!r}: not a valid request id", file=sys.stderr)
+        return 1
+    clients = make_clients(expected_bucket_owner=settings.expected_bucket_owner)
+    url = queue.resolve_queue_url(clients.sqs, settings.sqs_source_queue)
+    message_id = queue.send(clients.sqs, url, json.dumps({"cancel": {"request_id": args.request_id}}))
+    print(json.dumps({"message_id": message_id, "cancel": args.request_id}))
     return 0
 
 
@@ -169,9 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the status document itself")
     status.set_defaults(func=cmd_status)
 
-    commands.add_parser("schema", help="print the JSON Schemas of request and notification").set_defaults(
-        func=cmd_schema
-    )
+    cancel = commands.add_parser("cancel", help="send a cancel of a request to the source queue")
+    cancel.add_argument("request_id")
+    cancel.set_defaults(func=cmd_cancel)
+
+    commands.add_parser(
+        "schema", help="print the JSON Schemas of request, cancel and notification"
+    ).set_defaults(func=cmd_schema)
     commands.add_parser("check", help="health check: exit 0 if the worker polled recently").set_defaults(
         func=cmd_check
     )

@@ -71,6 +71,14 @@ class JobAbandoned(TransientError):
     """The job was stopped from outside (shutdown grace or JOB_TIMEOUT ran out); its message is released."""
 
 
+class Cancelled(ArchiverError):
+    """The request was cancelled (archiver.decision): its upload is aborted and it is answered `cancelled`."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 class ChecksumMismatch(TransientError):
     """A source's bytes do not have the CRC-32 S3 reported for it: the attempt starts over without S3's
     CRCs (job.build_archive), so it never becomes a retry loop."""

@@ -1,5 +1,6 @@
 """While one request is worked on, from its receipt to its settling: its message kept invisible, the health
-file fresh, the lease renewed with the progress, task protection renewed, JOB_TIMEOUT enforced."""
+file fresh, the lease renewed with the progress, task protection renewed, JOB_TIMEOUT enforced, and a
+cancel looked for (one GET of decision.json a beat), so a cancelled job stops within one beat."""
 
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ class Beats:
     extend_visibility: Callable[[], None]
     renew_lease: Callable[[], bool]
     renew_protection: Callable[[], None]
-    stop_job: Callable[[str], None]  # "timeout" or "lease_lost": the job ends at its next chunk
+    stop_job: Callable[[str], None]  # "timeout", "lease_lost" or "cancelled": the job ends at its next chunk
     on_extended: Callable[[], None] = lambda: None
+    cancelled: Callable[[], bool] = lambda: False  # a cancel binds the request (archiver.decision)
 
 
 @contextlib.contextmanager
@@ -68,6 +70,10 @@ def running(beats: Beats) -> Iterator[None]:
                     return
                 if not beats.renew_lease():
                     beats.stop_job("lease_lost")
+                    return
+                if beats.cancelled():
+                    log.info("request.cancel_seen")
+                    beats.stop_job("cancelled")
                     return
                 beats.renew_protection()  # renews a protection that is getting old
                 if now >= next_extension:

@@ -15,14 +15,9 @@ from archiver import notify
 from archiver.assembly import CopiedEntry, Copier, PartBudget, Replan, copier_threads
 from archiver.aws import AwsClients
 from archiver.errors import ChecksumMismatch, PermanentError, archive_too_large
-from archiver.models import (
-    ArchiveInfo,
-    ArchivePlan,
-    CompletedNotification,
-    SkippedSource,
-    SourceRef,
-)
+from archiver.models import ArchivePlan, SourceRef
 from archiver.multipart import MultipartUpload, UploadedObject, upload_threads
+from archiver.notices import ArchiveInfo, CompletedNotification, SkippedSource
 from archiver.prefetch import Planned, Prefetcher
 from archiver.prefetch import Resolved as Read
 from archiver.settings import Settings

@@ -26,8 +26,9 @@ from pydantic import (
 )
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from archiver.errors import MAX_ERROR_MESSAGE, ErrorCode, PermanentError, clip, shown
+from archiver.errors import PermanentError, shown
 from archiver.names import UnsafeNameError, check_entry_path, deduplicate, entry_path, portable_path
+from archiver.notices import Notification, RenamedEntry
 from archiver.settings import Settings
 
 MAX_KEY_BYTES = 1024
@@ -49,6 +50,12 @@ def json_depth(value: Any) -> int:
             stack.extend((child, depth + 1) for child in item)
     return deepest
 
+
+# Documents archiver keeps next to an archive, which an archive must not be named.
+RESERVED_NAMES = {
+    "status.json": "the name of the request's status document",
+    "decision.json": "the name of the document that decides a cancel against a completion",
+}
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 RequestId = Annotated[str, StringConstraints(pattern=REQUEST_ID_PATTERN)]
@@ -109,8 +116,8 @@ class Request(BaseModel):
             return None
         if "/" in value:
             raise ValueError("must be a file name, not a path")
-        if value.casefold() == "status.json":
-            raise ValueError("'status.json' is reserved for the request's status document")
+        if value.casefold() in RESERVED_NAMES:
+            raise ValueError(f"{value!r} is reserved: {RESERVED_NAMES[value.casefold()]}")
         try:
             checked = check_entry_path(value)
         except UnsafeNameError as exc:
@@ -121,69 +128,25 @@ class Request(BaseModel):
         return checked
 
 
-class ArchiveInfo(BaseModel):
-    bucket: str
-    key: str
-    url: str
-    size: int
-    entries: int
+class CancelTarget(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
+    request_id: RequestId = Field(description="the request_id of the request to cancel")
 
-class SkippedSource(BaseModel):
-    source: str
-    reason: Literal["not_found"]
-
-
-class RenamedEntry(BaseModel):
-    source: str
-    name: str
-
-
-class ErrorInfo(BaseModel):
-    code: ErrorCode
-    message: str = Field(max_length=MAX_ERROR_MESSAGE)
-    retryable: bool
-
-    @field_validator("message", mode="before")
+    @field_validator("request_id")
     @classmethod
-    def _clipped(cls, value: Any) -> Any:
-        return clip(value) if isinstance(value, str) else value
+    def _not_dots(cls, value: str) -> str:
+        if not is_valid_request_id(value):
+            raise ValueError("must not be made of dots only")
+        return value
 
 
-class CompletedNotification(BaseModel):
-    """Sent to the destination queue when the archive is complete."""
+class CancelMessage(BaseModel):
+    """A cancel, the body of a source-queue message (contract §1): `{"cancel": {"request_id": "…"}}`."""
 
-    status: Literal["completed"] = "completed"
-    request_id: str
-    archive: ArchiveInfo
-    skipped: list[SkippedSource] = Field(default_factory=list)
-    renamed: list[RenamedEntry] = Field(default_factory=list)
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    created_at: str
-    truncated: bool = Field(
-        default=False,
-        description=(
-            "true when `skipped`/`renamed` were cut to fit an SQS message (status.json has them all), or"
-            " the metadata left out because SQS refused the full notification"
-        ),
-    )
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-
-class FailedNotification(BaseModel):
-    """Sent when a request can never succeed, or on its last delivery before the DLQ."""
-
-    status: Literal["failed"] = "failed"
-    request_id: str
-    error: ErrorInfo
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    created_at: str
-    truncated: bool = Field(
-        default=False,
-        description="true when the metadata was left out because SQS refused the full notification",
-    )
-
-
-Notification = Annotated[CompletedNotification | FailedNotification, Field(discriminator="status")]
+    cancel: CancelTarget
 
 
 def utc_timestamp(moment: datetime | None = None) -> str:
@@ -261,6 +224,14 @@ def parse_request(document: Any) -> Request:
         return Request.model_validate(document)
     except ValidationError as exc:
         raise PermanentError("invalid_request", describe_validation_error(exc)) from None
+
+
+def parse_cancel(document: Any) -> CancelMessage:
+    """Validate a decoded cancel body, or raise a permanent `invalid_request` error."""
+    try:
+        return CancelMessage.model_validate(document)
+    except ValidationError as exc:
+        raise PermanentError("invalid_request", f"invalid cancel: {describe_validation_error(exc)}") from None
 
 
 def _echoable(metadata: dict[str, Any]) -> bool:
@@ -423,6 +394,7 @@ def json_schemas() -> dict[str, Any]:
     """The JSON Schemas producers and consumers validate against (`archiver schema`)."""
     return {
         "request": Request.model_json_schema(),
+        "cancel": CancelMessage.model_json_schema(),
         # One schema with shared top-level $defs: two model schemas side by side would each carry
         # their own $defs, and their `#/$defs/...` references would point nowhere.
         "notification": TypeAdapter(Notification).json_schema(),

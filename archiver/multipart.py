@@ -14,9 +14,10 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
+import botocore.exceptions
 import structlog
 
-from archiver.aws import retry_transient
+from archiver.aws import http_status, retry_transient
 from archiver.errors import JobAbandoned, PermanentError
 from archiver.settings import MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, MiB
 
@@ -204,7 +205,13 @@ def upload_part(
 
 @retry_transient
 def _abort(s3: S3Client, *, bucket: str, key: str, upload_id: str) -> None:
-    s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+    try:
+        s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+    except botocore.exceptions.ClientError as exc:
+        # NoSuchUpload: aborted already (by a coordinator that ended a cancelled fan-out, or by an abort
+        # whose answer was lost), which is what an abort is for.
+        if http_status(exc) != 404:
+            raise
 
 
 def _never() -> bool:

@@ -12,14 +12,15 @@ import structlog
 from archiver import queue
 from archiver.aws import http_status, is_transient
 from archiver.errors import ErrorCode, clip
-from archiver.models import (
+from archiver.models import utc_timestamp
+from archiver.notices import (
     ArchiveInfo,
+    CancelledNotification,
     CompletedNotification,
     ErrorInfo,
     FailedNotification,
     RenamedEntry,
     SkippedSource,
-    utc_timestamp,
 )
 from archiver.settings import Settings
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
 
 log = structlog.get_logger(__name__)
-Notice = TypeVar("Notice", CompletedNotification, FailedNotification)
+Notice = TypeVar("Notice", CompletedNotification, FailedNotification, CancelledNotification)
 
 
 def archive_url(presign: S3Client, settings: Settings, *, bucket: str, key: str) -> str:
@@ -70,6 +71,12 @@ def failed(
     )
 
 
+def cancelled(*, request_id: str, cancelled_at: str, metadata: dict[str, Any]) -> CancelledNotification:
+    return CancelledNotification(
+        request_id=request_id, cancelled_at=cancelled_at, metadata=metadata, created_at=utc_timestamp()
+    )
+
+
 # SQS's message size limit before 2025; queues created since allow 1 MiB, but not every queue is new.
 MAX_NOTIFICATION_BYTES = 256 * 1024
 
@@ -97,7 +104,7 @@ def fit(
 _OUTSIDE_SQS = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
-def encode(notification: CompletedNotification | FailedNotification) -> str:
+def encode(notification: CompletedNotification | FailedNotification | CancelledNotification) -> str:
     """The notification as a message body SQS accepts: JSON with non-ASCII text as is, and U+FFFE,
     U+FFFF and the like escaped."""
     return _OUTSIDE_SQS.sub(lambda found: f"\\u{ord(found.group()):04x}", notification.model_dump_json())

@@ -1,12 +1,14 @@
 """A request message, from its receipt to its outcome: the body read and planned, the request's lease
-taken (or the request found done, or busy), the archive built by this worker or fanned out over the
-fleet, and the status written `completed`. Every way it can end is an Outcome for the one settle
-decision; the canonical `request.done` line and the request's metrics report it."""
+taken (or the request found done, busy or cancelled), the archive built by this worker or fanned out
+over the fleet, its completion decided against any cancel, and the status written `completed`. Every
+way it can end is an Outcome for the one settle decision; the canonical `request.done` line and the
+request's metrics report it."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,19 +16,13 @@ import botocore.exceptions
 import structlog
 from pydantic import ValidationError
 
-from archiver import job, metrics, notify, queue, request, status
+from archiver import decision, job, metrics, notify, queue, request, status
 from archiver.attempt import Attempt, Handler, Worker, released
 from archiver.aws import http_status
-from archiver.errors import JobAbandoned, PermanentError, TransientError
+from archiver.errors import Cancelled, JobAbandoned, PermanentError, TransientError
 from archiver.fanout.coordinator import Coordinator
-from archiver.models import (
-    ArchivePlan,
-    CompletedNotification,
-    parse_request,
-    plan_archive,
-    salvage_context,
-    utc_timestamp,
-)
+from archiver.models import ArchivePlan, parse_request, plan_archive, salvage_context, utc_timestamp
+from archiver.notices import CompletedNotification
 from archiver.settle import Outcome
 
 log = structlog.get_logger(__name__)
@@ -60,6 +56,8 @@ def outcome_of(worker: Worker, attempt: Attempt) -> Outcome:
         return _work(worker, attempt)
     except PermanentError as exc:
         return Outcome("failed", error_code=exc.code, error=exc.message)
+    except Cancelled as exc:
+        return Outcome("cancelled", error=exc.message)
     except (RequestBusy, status.LeaseLost) as exc:
         # Not a failure of the request: another worker has it. No status write, no failed notice.
         busy = exc if isinstance(exc, RequestBusy) else None
@@ -130,8 +128,8 @@ def report(worker: Worker, attempt: Attempt, outcome: Outcome, started: float) -
 
 
 def _archive_once(worker: Worker, attempt: Attempt, plan: ArchivePlan) -> Outcome:
-    """Build the archive unless this request_id is already done (re-send its notification) or being
-    built by another live worker (defer until its lease ends)."""
+    """Build the archive unless this request_id is already done (re-send its notification), being
+    built by another live worker (defer until its lease ends) or cancelled."""
     s3, settings = worker.clients.s3, worker.settings
     stored = status.read_stored(s3, bucket=plan.bucket, archive_key=plan.key)
     previous = stored.document
@@ -156,6 +154,8 @@ def _archive_once(worker: Worker, attempt: Attempt, plan: ArchivePlan) -> Outcom
         )
     lease = _claim(worker, attempt, plan, stored)
     coordinator = _coordinator(worker, attempt, plan, lease) if settings.fanout_segment_bytes else None
+    if attempt.cancel_seen():
+        _end_before_start(worker, plan, coordinator)
     # A fanned-out request's upload is kept: its stored plan is resumed (archiver.fanout).
     keep = coordinator.resumed.upload_id if coordinator and coordinator.resumed else None
     aborted = status.abort_stale_uploads(s3, bucket=plan.bucket, key=plan.key, keep=keep)
@@ -188,6 +188,15 @@ def _archive_once(worker: Worker, attempt: Attempt, plan: ArchivePlan) -> Outcom
     )
 
 
+def _end_before_start(worker: Worker, plan: ArchivePlan, coordinator: Coordinator | None) -> None:
+    """Cancelled before it started (perhaps before it arrived): nothing is read, and what an earlier
+    delivery left behind (an upload, a fan-out plan) goes."""
+    if coordinator is not None:
+        coordinator.end()
+    status.abort_stale_uploads(worker.clients.s3, bucket=plan.bucket, key=plan.key)
+    raise Cancelled("cancelled before it started")
+
+
 def _claim(worker: Worker, attempt: Attempt, plan: ArchivePlan, stored: status.Stored) -> status.Lease:
     """The lease on this request, before anything else: a worker that lost the race must not abort the
     winner's upload. Any error but losing the race is raised: without the lease nothing is built."""
@@ -209,6 +218,13 @@ def _claim(worker: Worker, attempt: Attempt, plan: ArchivePlan, stored: status.S
             f"request {plan.request_id} was claimed by another worker just now",
             retry_after=worker.settings.visibility_timeout,
         )
+    # Under the lease, the heartbeat looks for a cancel of the request from now on.
+    attempt.decision_place = decision.Place(
+        worker.clients.s3,
+        bucket=plan.bucket,
+        directory=plan.key.rsplit("/", 1)[0],
+        request_id=plan.request_id,
+    )
     return attempt.lease
 
 
@@ -237,14 +253,31 @@ def _build(
             plan,
             progress=attempt.progress,
             abandoned=attempt.abandoned,
-            # A worker that stalled past its lease finds out here at the latest, before its archive
-            # replaces the one the new holder may have completed.
-            confirm=lambda: lease.write("processing", attempt.progress),
+            confirm=_confirm(attempt, lease),
         )
     except JobAbandoned:
         if attempt.abandon_reason == "lease_lost":
             raise status.LeaseLost(f"request {plan.request_id}: another worker took its lease") from None
+        if attempt.abandon_reason == "cancelled":
+            raise Cancelled("cancelled while it was being built") from None
         raise
+
+
+def _confirm(attempt: Attempt, lease: status.Lease) -> Callable[[], None]:
+    """What runs right before the upload is completed, the one step that cannot be undone. A worker that
+    stalled past its lease finds out here at the latest, before its archive replaces the one the new
+    holder may have completed; then the completion is decided against any cancel (archiver.decision),
+    and a cancel that won aborts the upload."""
+
+    def confirm() -> None:
+        lease.write("processing", attempt.progress)
+        assert attempt.decision_place is not None, "decided under the lease"
+        decided = decision.take(attempt.decision_place, "completed")
+        if decided.verdict == "cancelled":
+            attempt.cancelled_at = decided.decided_at
+            raise Cancelled("cancelled as it was completing")
+
+    return confirm
 
 
 def _coordinator(worker: Worker, attempt: Attempt, plan: ArchivePlan, lease: status.Lease) -> Coordinator:
@@ -256,9 +289,10 @@ def _coordinator(worker: Worker, attempt: Attempt, plan: ArchivePlan, lease: sta
         source_url=worker.source_url,
         progress=attempt.progress,
         abandoned=attempt.abandoned,
-        confirm=lambda: lease.write("processing", attempt.progress),
+        confirm=_confirm(attempt, lease),
         last_delivery=attempt.last_delivery,
         hold=attempt.hold,
+        cancelled=lambda: attempt.abandon_reason == "cancelled",
     )
 
 

@@ -1,7 +1,7 @@
 """A fan-out segment task, from its receipt to its outcome: the segment built into its request's upload
-(or nothing to do: built already, being built, a chained one, no live plan), and the task deleted; on an
-error it is released for another try, and its last try records the failure for the coordinator. Nobody
-waits on a task: it never gets a notification."""
+(or nothing to do: built already, being built, a chained one, no live plan, the request cancelled), and
+the task deleted; on an error it is released for another try, and its last try records the failure for
+the coordinator. Nobody waits on a task: it never gets a notification."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from archiver import queue
+from archiver import decision, queue
 from archiver.attempt import Attempt, Handler, Worker, released
 from archiver.errors import JobAbandoned
 from archiver.fanout.store import request_dir
@@ -43,9 +43,18 @@ class _SegmentTask:
 
     def work(self, worker: Worker, attempt: Attempt) -> Outcome:
         settings = worker.settings
-        structlog.contextvars.bind_contextvars(
-            archive_dir=request_dir(settings.s3_file_prefix, self.task.request_id)
+        directory = request_dir(settings.s3_file_prefix, self.task.request_id)
+        structlog.contextvars.bind_contextvars(archive_dir=directory)
+        # The heartbeat looks for a cancel of the request from now on; one already there drops the task.
+        attempt.decision_place = decision.Place(
+            worker.clients.s3,
+            bucket=settings.s3_destination_bucket,
+            directory=directory,
+            request_id=self.task.request_id,
         )
+        if attempt.cancel_seen():
+            self.run = TaskRun(reason="the request was cancelled")
+            return Outcome("done", answers_producer=False)
         try:
             self.run = run_task(
                 worker.clients,
@@ -56,6 +65,10 @@ class _SegmentTask:
                 hold=attempt.hold,
             )
         except Exception as exc:
+            # Stopped by the cancel, or failed because its coordinator aborted the upload for it.
+            if attempt.abandon_reason == "cancelled" or attempt.cancel_seen():
+                self.run = TaskRun(reason="the request was cancelled")
+                return Outcome("done", answers_producer=False)
             shutdown = isinstance(exc, JobAbandoned) and worker.shutdown.requested.is_set()
             if shutdown:
                 log.warning("segment_task.released", reason=str(exc))

@@ -17,6 +17,7 @@ MAX_PARTS = 10_000
 # The smallest object worth copying server-side: its first 5 MiB stream, the copy must be >= 5 MiB too.
 MIN_COPIED_OBJECT = 16 * MiB
 # SQS caps a message's total invisibility at 12 hours from its first receipt.
+SQS_MAX_RETENTION = 14 * 24 * 3600  # seconds: SQS's longest MessageRetentionPeriod
 SQS_MAX_VISIBILITY = 43_200
 # SigV4 presigned URLs live at most 7 days.
 MAX_PRESIGN_SECONDS = 604_800
@@ -66,6 +67,9 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(default=120, ge=10, le=SQS_MAX_VISIBILITY)
     job_timeout: int = Field(default=21_600, ge=1, lt=SQS_MAX_VISIBILITY)
     shutdown_grace: int = Field(default=25, ge=0)
+    # How long a cancel cancels a request that has not arrived yet (archiver.decision): by default as long
+    # as SQS can keep a message, so no copy of the request still in a queue escapes it.
+    cancel_retention: int = Field(default=SQS_MAX_RETENTION, ge=1)
     health_file: str = "/tmp/archiver.heartbeat"  # noqa: S108 - a heartbeat, not a secret
 
     @field_validator("server_side_copy_min_bytes")

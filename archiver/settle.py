@@ -9,8 +9,8 @@ from typing import Any, Literal
 from archiver.errors import ErrorCode
 from archiver.settings import SQS_MAX_VISIBILITY
 
-OutcomeKind = Literal["completed", "duplicate", "failed", "deferred", "released", "done"]
-StatusToWrite = Literal["failed", "queued"]
+OutcomeKind = Literal["completed", "duplicate", "failed", "deferred", "released", "done", "cancelled"]
+StatusToWrite = Literal["failed", "queued", "cancelled"]
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,8 @@ class Outcome:
 
     completed / duplicate: the archive exists and its notification is to be sent. failed: a permanent
     error. deferred: another worker holds the request. released: anything else (a transient error, a
-    stop), `archived` when the archive was built and only notifying or deleting failed. done: a message
+    stop), `archived` when the archive was built and only notifying or deleting failed. cancelled: a
+    cancel decided the request's end (archiver.decision), its upload aborted. done: a message
     with no producer waiting on it (a fan-out segment task) whose work is over, whatever it came to.
     Such a message is never answered: `answers_producer` is False, and it writes no status."""
 
@@ -40,7 +41,7 @@ class Outcome:
     def log_fields(self) -> dict[str, Any]:
         """The outcome's part of the `request.done` line: only what applies."""
         fields: dict[str, Any] = {"outcome": self.kind}
-        if self.kind == "deferred":
+        if self.kind in ("deferred", "cancelled"):
             fields["reason"] = self.error
         elif self.error is not None:
             fields.update(error_code=self.error_code, error=self.error)
@@ -59,12 +60,13 @@ class FailedNotice:
 
 @dataclass(frozen=True)
 class Settlement:
-    """What to do with the message: notify (the completed notification, or a failed notice), write the
-    status under this worker's lease, then delete it or release it with a delay."""
+    """What to do with the message: notify (the completed or cancelled notification, or a failed
+    notice), write the status under this worker's lease, then delete it or release it with a delay."""
 
     delete: bool
     release_after: int | None = None  # seconds of invisibility when released
     send_completed: bool = False
+    send_cancelled: bool = False
     failed_notice: FailedNotice | None = None
     status: StatusToWrite | None = None
 
@@ -84,6 +86,8 @@ def decide(
         return Settlement(delete=True, send_completed=True)
     if outcome.kind == "done":
         return Settlement(delete=True)
+    if outcome.kind == "cancelled":
+        return Settlement(delete=True, send_cancelled=True, status="cancelled")
     if outcome.kind == "failed":
         permanent = FailedNotice(
             code=outcome.error_code or "internal", message=outcome.error or "", retryable=False

@@ -34,7 +34,7 @@ log = structlog.get_logger(__name__)
 STATUS_NAME = "status.json"
 WORKER_ID = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
-Status = Literal["queued", "processing", "completed", "failed"]
+Status = Literal["queued", "processing", "completed", "failed", "cancelled"]
 
 
 def status_key(archive_key: str) -> str:

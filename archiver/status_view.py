@@ -42,6 +42,8 @@ def describe(document: dict[str, Any], *, link: str | None) -> list[str]:
         lines.append(f"  size {human_bytes(archive.get('size') or 0)}, {archive.get('entries')} entries")
         if link:
             lines.append(f"  link {link}")
+    if state == "cancelled":
+        lines.append("  no archive: a cancel ended it")
     if state == "processing" and document.get("lease_expires_at"):
         lines.append(f"  worker {document.get('worker')}, lease until {document['lease_expires_at']}")
     if (error := document.get("error")) and state in ("failed", "queued"):

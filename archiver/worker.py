@@ -1,11 +1,12 @@
 """The poll loop: receive a message, hand it to the handler of its kind, and settle it once.
 
 One message is worked on at a time per worker process; operators scale by running more tasks. A message
-is a request (archiver.request_handler) or a fan-out segment task (archiver.segment_handler): `handle`
-asks each handler in turn, the request last. From the moment a message is received until it is
-settled, a heartbeat (archiver.heartbeat) keeps it invisible, refreshes the health file, the lease and
-a segment's claim, and enforces JOB_TIMEOUT. How the attempt ended is one typed `settle.Outcome`, and
-what happens to the message is `settle.decide`'s answer, carried out by `attempt.settle_attempt`.
+is a request (archiver.request_handler), a cancel (archiver.cancel_handler) or a fan-out segment task
+(archiver.segment_handler): `handle` asks each handler in turn, the request last. From the moment a
+message is received until it is settled, a heartbeat (archiver.heartbeat) keeps it invisible, refreshes
+the health file, the lease and a segment's claim, enforces JOB_TIMEOUT and looks for a cancel. How the
+attempt ended is one typed `settle.Outcome`, and what happens to the message is `settle.decide`'s
+answer, carried out by `attempt.settle_attempt`.
 
 Stopping, named once: a first SIGTERM or SIGINT sets `Shutdown.requested` (receive no more), and
 SHUTDOWN_GRACE seconds later `Shutdown.overdue`; a second signal raises `ForcedExit`. A job is
@@ -26,7 +27,7 @@ from types import FrameType
 
 import structlog
 
-from archiver import heartbeat, job, queue, request_handler, segment_handler
+from archiver import cancel_handler, heartbeat, job, queue, request_handler, segment_handler
 from archiver.attempt import (
     Attempt,
     Handler,
@@ -172,6 +173,7 @@ def _signal_handlers(worker: Worker) -> Iterator[None]:
 # Each kind of message's handler, asked in turn; a request takes whatever no other kind claims.
 RECEIVERS: tuple[Callable[[queue.Message], Handler | None], ...] = (
     segment_handler.receive,
+    cancel_handler.receive,
     request_handler.receive,
 )
 
@@ -222,7 +224,9 @@ def _beats(worker: Worker, attempt: Attempt) -> heartbeat.Beats:
             return True
 
     def stop_job(reason: str) -> None:
-        attempt.abandon_reason = "lease_lost" if reason == "lease_lost" else "timeout"
+        attempt.abandon_reason = (
+            "lease_lost" if reason == "lease_lost" else "cancelled" if reason == "cancelled" else "timeout"
+        )
 
     def extended() -> None:
         attempt.extensions += 1
@@ -238,6 +242,7 @@ def _beats(worker: Worker, attempt: Attempt) -> heartbeat.Beats:
         renew_protection=worker.protection.protect,
         stop_job=stop_job,
         on_extended=extended,
+        cancelled=attempt.cancel_seen,
     )
 
 

@@ -32,12 +32,14 @@ def required_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 
 def test_schema_prints_request_and_notification(capsys: pytest.CaptureFixture[str]) -> None:
-    """`archiver schema` prints both JSON Schemas, the notification as completed-or-failed."""
+    """`archiver schema` prints the JSON Schemas: request, cancel, and the notification as completed,
+    failed or cancelled."""
     assert main(["schema"]) == 0
     schemas = json.loads(capsys.readouterr().out)
     assert schemas["request"]["required"] == ["files"]
     notification = schemas["notification"]
-    assert set(notification["discriminator"]["mapping"]) == {"completed", "failed"}
+    assert set(notification["discriminator"]["mapping"]) == {"completed", "failed", "cancelled"}
+    assert schemas["cancel"]["required"] == ["cancel"]
     assert {"CompletedNotification", "FailedNotification"} <= set(notification["$defs"])
 
 

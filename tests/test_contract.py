@@ -10,7 +10,8 @@ from typing import Any
 import jsonschema
 import pytest
 
-from archiver.models import ArchiveInfo, CompletedNotification, RenamedEntry, SkippedSource, json_schemas
+from archiver.models import json_schemas
+from archiver.notices import ArchiveInfo, CompletedNotification, RenamedEntry, SkippedSource
 from archiver.notify import fit
 
 CONTRACT = Path(__file__).parent.parent / "docs" / "contract.md"

@@ -9,22 +9,26 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from archiver import crc
 from archiver.assembly import COPY_EXTRA_PARTS, MAX_COPY_PIECE, plan_copies
+from archiver.decision import Decision
 from archiver.errors import PermanentError, shown
 from archiver.models import (
     MAX_METADATA_DEPTH,
     RequestOptions,
     not_text,
+    parse_cancel,
     parse_request,
     parse_source,
     plan_archive,
     request_digest,
     salvage_context,
+    utc_timestamp,
 )
 from archiver.names import UnsafeNameError, check_entry_path, deduplicate, entry_path, numbered, portable_path
 from archiver.request import (
@@ -37,6 +41,7 @@ from archiver.request import (
 )
 from archiver.settings import MAX_PARTS, MiB, Settings, load_settings
 from archiver.settle import FailedNotice, Outcome, Settlement, decide, release_delay
+from archiver.status import WORKER_ID
 from archiver.zipping import ZipEntry, archive_size_bound, is_precompressed
 from tests.synthetic import Synthetic
 
@@ -414,3 +419,45 @@ def test_a_body_is_followed_only_to_an_allowed_bucket() -> None:
     with pytest.raises(PermanentError) as caught:
         load_document(None, config, crowded)  # type: ignore[arg-type]
     assert caught.value.code == "too_large"
+
+
+def test_a_cancel_binds_until_its_expiry_and_a_completion_for_good() -> None:
+    """`expires_at` is the first moment a cancel no longer binds; a completion has none."""
+    moment = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
+    cancel = Decision("r", "cancelled", decided_at="2026-12-01T11:00:00Z", expires_at="2026-12-01T12:00:00Z")
+    assert cancel.binds(moment - timedelta(seconds=1))
+    assert not cancel.binds(moment)
+    completion = Decision("r", "completed", decided_at="2026-12-01T11:00:00Z")
+    assert completion.binds(moment + timedelta(days=10_000))
+    assert not completion.cancels
+    assert not cancel.binds() and not cancel.cancels  # now: long past that expiry
+    ahead = Decision(
+        "r", "cancelled", decided_at="", expires_at=utc_timestamp(datetime.now(UTC) + timedelta(hours=1))
+    )
+    assert ahead.binds() and ahead.cancels
+    document = json.loads(cancel.document())
+    assert document == {
+        "request_id": "r",
+        "decision": "cancelled",
+        "decided_at": "2026-12-01T11:00:00Z",
+        "expires_at": "2026-12-01T12:00:00Z",
+        "worker": WORKER_ID,
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ({"cancel": {"request_id": "."}}, "cancel.request_id: Value error, must not be made of dots only"),
+        ({"cancel": {"request_id": "a" * 129}}, "cancel.request_id: String should match pattern"),
+        ({"cancel": {"request_id": "a", "b": 1}}, "cancel.b: Extra inputs are not permitted"),
+        ({"cancel": {"request_id": "a"}, "x": 1}, "x: Extra inputs are not permitted"),
+        ({}, "cancel: Field required"),
+    ],
+)
+def test_a_cancel_names_one_valid_request_id_and_nothing_else(body: dict[str, Any], problem: str) -> None:
+    assert parse_cancel({"cancel": {"request_id": "a" * 128}}).cancel.request_id == "a" * 128
+    with pytest.raises(PermanentError) as caught:
+        parse_cancel(body)
+    assert caught.value.code == "invalid_request"
+    assert caught.value.message.startswith(f"invalid cancel: {problem}")

@@ -25,7 +25,14 @@ from hypothesis import strategies as st
 
 from archiver import worker
 from archiver.errors import PermanentError
-from archiver.models import ArchivePlan, PlannedEntry, is_valid_request_id, parse_request, plan_archive
+from archiver.models import (
+    RESERVED_NAMES,
+    ArchivePlan,
+    PlannedEntry,
+    is_valid_request_id,
+    parse_request,
+    plan_archive,
+)
 from archiver.request import decode_body
 from archiver.settings import Settings, load_settings
 from archiver.sources import SourceObject
@@ -95,6 +102,7 @@ HOSTILE_FOLDERS = [
 ]
 HOSTILE_IDS = ["", ".", "..", "a/b", "../x", "é", "x" * 129, "a b", "a\x00"]
 HOSTILE_ARCHIVE_NAMES = ["", "..", ".", "../x.zip", "a/b.zip", "status.json", "Status.JSON", "C:x.zip"]
+HOSTILE_ARCHIVE_NAMES += ["decision.json", "DECISION.json"]
 HOSTILE_ARCHIVE_NAMES += ["\x00.zip", " ", "x" * 1100 + ".zip", "\u202epiz.exe"]
 
 SAFE_SEGMENT = r"[A-Za-z0-9éü東]([A-Za-z0-9éü東 ._()-]{0,12}[A-Za-z0-9éü東])?"
@@ -214,7 +222,7 @@ def assert_safe(plan: ArchivePlan, request: dict[str, Any]) -> None:
     prefix, request_id, name = plan.key.split("/")
     assert (prefix, request_id) == (PREFIX, plan.request_id)
     problem = unsafe(name)
-    assert problem is None and folded(name) != "status.json", plan.key
+    assert problem is None and folded(name) not in RESERVED_NAMES, plan.key
     assert request_id not in (".", "..")
 
 

@@ -30,6 +30,14 @@ def test_an_archive_is_notified_then_its_message_deleted(kind: str, receive_coun
     assert settled(outcome, receive_count) == Settlement(delete=True, send_completed=True)
 
 
+@pytest.mark.parametrize("receive_count", [1, MAX_RECEIVES, MAX_RECEIVES + 1])
+def test_a_cancelled_request_is_answered_recorded_and_deleted(receive_count: int) -> None:
+    """On any delivery: the `cancelled` notification, the status, the delete; never a failed notice."""
+    outcome = Outcome("cancelled", error="cancelled while it was being built")
+    assert settled(outcome, receive_count) == Settlement(delete=True, send_cancelled=True, status="cancelled")
+    assert outcome.log_fields() == {"outcome": "cancelled", "reason": "cancelled while it was being built"}
+
+
 @pytest.mark.parametrize("receive_count", [1, MAX_RECEIVES])
 def test_a_permanent_failure_is_reported_recorded_and_deleted(receive_count: int) -> None:
     outcome = Outcome("failed", error_code="source_not_found", error="1 source(s) not found: a.txt")

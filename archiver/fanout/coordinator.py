@@ -1,7 +1,7 @@
 """The coordinator: the worker that received a fanned-out request. Its steps, each a function of its
 own: plan the request (archiver.fanout.planning) or resume its stored plan; send the segment tasks and
 wait for every segment's record, building segments itself meanwhile (here); join them and complete the
-upload (archiver.fanout.joining); or, when the request fails for good, abort it all."""
+upload (archiver.fanout.joining); or, when the request fails for good or is cancelled, abort it all."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import structlog
 
 from archiver.aws import AwsClients
-from archiver.errors import JobAbandoned, PermanentError
+from archiver.errors import Cancelled, JobAbandoned, PermanentError
 from archiver.fanout import claims, joining, planning
 from archiver.fanout.building import build_and_record
 from archiver.fanout.layout import Segment
@@ -57,6 +57,8 @@ class Coordinator:
     # Called with the claim on the segment the coordinator is building (None when done): the worker's
     # heartbeat renews it.
     hold: Callable[[claims.Claim | None], None] = lambda _: None
+    # Whether the job was stopped by a cancel: then the fan-out ends for good, as on a permanent error.
+    cancelled: Callable[[], bool] = lambda: False
     store: Store = field(init=False)
     # This request's live stored plan, read once when the coordinator is made: the worker keeps its
     # upload from the stale ones it aborts, and `build` resumes it.
@@ -85,9 +87,11 @@ class Coordinator:
             )
         except Exception as exc:
             # Not when stopped (a redelivery resumes the plan), nor when another worker took the lease
-            # (it completes this very upload).
-            final = isinstance(exc, PermanentError) or (
-                self.last_delivery and not isinstance(exc, JobAbandoned | LeaseLost)
+            # (it completes this very upload); but a cancel ends it.
+            final = (
+                isinstance(exc, PermanentError | Cancelled)
+                or (isinstance(exc, JobAbandoned) and self.cancelled())
+                or (self.last_delivery and not isinstance(exc, JobAbandoned | LeaseLost))
             )
             if final:
                 self._abort(stored)
@@ -198,6 +202,11 @@ class Coordinator:
             paths=[entry.path for entry in self.plan.entries if entry.ref.source not in gone],
             missing=missing,
         )
+
+    def end(self) -> None:
+        """End a stored plan from an earlier delivery for good (the request was cancelled meanwhile)."""
+        if self.resumed is not None:
+            self._abort(self.resumed)
 
     def _abort(self, stored: StoredPlan) -> None:
         """End the fan-out for good: the upload aborted, the plan marked so segment tasks are dropped."""

@@ -1,0 +1,91 @@
+"""The notifications archiver sends to the destination queue (contract §4): one model per status, and
+`Notification`, the union a consumer validates against (`archiver schema`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from archiver.errors import MAX_ERROR_MESSAGE, ErrorCode, clip
+
+
+class ArchiveInfo(BaseModel):
+    bucket: str
+    key: str
+    url: str
+    size: int
+    entries: int
+
+
+class SkippedSource(BaseModel):
+    source: str
+    reason: Literal["not_found"]
+
+
+class RenamedEntry(BaseModel):
+    source: str
+    name: str
+
+
+class ErrorInfo(BaseModel):
+    code: ErrorCode
+    message: str = Field(max_length=MAX_ERROR_MESSAGE)
+    retryable: bool
+
+    @field_validator("message", mode="before")
+    @classmethod
+    def _clipped(cls, value: Any) -> Any:
+        return clip(value) if isinstance(value, str) else value
+
+
+class CompletedNotification(BaseModel):
+    """Sent to the destination queue when the archive is complete."""
+
+    status: Literal["completed"] = "completed"
+    request_id: str
+    archive: ArchiveInfo
+    skipped: list[SkippedSource] = Field(default_factory=list)
+    renamed: list[RenamedEntry] = Field(default_factory=list)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: str
+    truncated: bool = Field(
+        default=False,
+        description=(
+            "true when `skipped`/`renamed` were cut to fit an SQS message (status.json has them all), or"
+            " the metadata left out because SQS refused the full notification"
+        ),
+    )
+
+
+class FailedNotification(BaseModel):
+    """Sent when a request can never succeed, or on its last delivery before the DLQ."""
+
+    status: Literal["failed"] = "failed"
+    request_id: str
+    error: ErrorInfo
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: str
+    truncated: bool = Field(
+        default=False,
+        description="true when the metadata was left out because SQS refused the full notification",
+    )
+
+
+class CancelledNotification(BaseModel):
+    """Sent when a cancel decided the request's end (contract §4): no archive exists for it."""
+
+    status: Literal["cancelled"] = "cancelled"
+    request_id: str
+    cancelled_at: str = Field(description="when the cancel was decided (decision.json)")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: str
+    truncated: bool = Field(
+        default=False,
+        description="true when the metadata was left out because SQS refused the full notification",
+    )
+
+
+Notification = Annotated[
+    CompletedNotification | FailedNotification | CancelledNotification, Field(discriminator="status")
+]
