@@ -24,6 +24,7 @@ from archiver.errors import clip
 from archiver.fanout.claims import Claim
 from archiver.notices import CompletedNotification
 from archiver.protection import TaskProtection
+from archiver.publish import publish
 from archiver.settings import Settings
 from archiver.settle import Outcome
 
@@ -175,14 +176,14 @@ def _deliver(worker: Worker, attempt: Attempt, settlement: settle.Settlement) ->
     """Notify, then delete or release the message, as settled."""
     sqs = worker.clients.sqs
     if settlement.send_completed and attempt.notification is not None:
-        notify.send_notification(sqs, worker.destination_url, attempt.notification)
+        _notify(worker, attempt.notification)
     if settlement.send_cancelled:
         answer = notify.cancelled(
             request_id=attempt.request_id,
             cancelled_at=attempt.cancelled_at or "",
             metadata=attempt.metadata,
         )
-        notify.send_notification(sqs, worker.destination_url, answer)
+        _notify(worker, answer)
     if (notice := settlement.failed_notice) is not None:
         failed = notify.failed(
             request_id=attempt.request_id,
@@ -192,14 +193,18 @@ def _deliver(worker: Worker, attempt: Attempt, settlement: settle.Settlement) ->
             metadata=attempt.metadata,
         )
         if settlement.delete:
-            notify.send_notification(sqs, worker.destination_url, failed)  # must arrive before the delete
+            _notify(worker, failed)  # must arrive before the delete
         else:
             with contextlib.suppress(Exception):  # the release matters more than this notice
-                notify.send_notification(sqs, worker.destination_url, failed)
+                _notify(worker, failed)
     if settlement.delete:
         queue.delete(sqs, worker.source_url, attempt.message)
     else:
         set_visibility(worker, attempt.message, settlement.release_after or 0)
+
+
+def _notify(worker: Worker, notification: notify.Notice) -> None:
+    publish(worker.clients, worker.settings, worker.destination_url, notification)
 
 
 def write_status(attempt: Attempt, state: status.Status, *, error: dict[str, Any] | None = None) -> None:

@@ -20,7 +20,9 @@ from obstore.store import S3Store
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 if TYPE_CHECKING:
+    from mypy_boto3_events import EventBridgeClient
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_sns import SNSClient
     from mypy_boto3_sqs import SQSClient
     from obstore.store import S3Config
 
@@ -167,6 +169,9 @@ class AwsClients:
     presign: S3Client
     # Readers of source objects' bytes (GET only), made on first use.
     stores: SourceStores | None = field(default=None, compare=False)
+    # Notification targets besides the queue (archiver.publish), called only when configured.
+    sns: SNSClient | None = field(default=None, compare=False)
+    events: EventBridgeClient | None = field(default=None, compare=False)
 
     def source_store(self, bucket: str) -> S3Store:
         if self.stores is None:
@@ -211,4 +216,11 @@ def make_clients(
     sqs = session.client("sqs", config=config)
     presign = session.client("s3", config=config, endpoint_url=link_endpoint)
     stores = SourceStores(s3, session, expected_bucket_owner)
-    return AwsClients(s3=s3, sqs=sqs, presign=presign, stores=stores)
+    return AwsClients(
+        s3=s3,
+        sqs=sqs,
+        presign=presign,
+        stores=stores,
+        sns=session.client("sns", config=config),
+        events=session.client("events", config=config),
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import botocore.exceptions
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
 
 log = structlog.get_logger(__name__)
-Notice = TypeVar("Notice", CompletedNotification, FailedNotification, CancelledNotification)
+Notice = CompletedNotification | FailedNotification | CancelledNotification
 
 
 def archive_url(presign: S3Client, settings: Settings, *, bucket: str, key: str) -> str:

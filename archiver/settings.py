@@ -70,7 +70,23 @@ class Settings(BaseSettings):
     # How long a cancel cancels a request that has not arrived yet (archiver.decision): by default as long
     # as SQS can keep a message, so no copy of the request still in a queue escapes it.
     cancel_retention: int = Field(default=SQS_MAX_RETENTION, ge=1)
+    # Where notifications go besides the destination queue (archiver.publish): an SNS topic, an
+    # EventBridge bus (name or ARN) with the events' `source`.
+    notify_sns_topic_arn: str | None = Field(
+        default=None,
+        pattern=r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_-]+(\.fifo)?$",
+        max_length=512,
+    )
+    notify_event_bus: str | None = Field(default=None, min_length=1, max_length=1600)
+    notify_event_source: str = Field(default="archiver", pattern=r"^[A-Za-z0-9_.-]+$", max_length=256)
     health_file: str = "/tmp/archiver.heartbeat"  # noqa: S108 - a heartbeat, not a secret
+
+    @field_validator("notify_event_source")
+    @classmethod
+    def _not_aws(cls, value: str) -> str:
+        if value.startswith("aws."):
+            raise ValueError("must not begin with 'aws.', which EventBridge keeps for AWS's own events")
+        return value
 
     @field_validator("server_side_copy_min_bytes")
     @classmethod

@@ -41,6 +41,10 @@ KMS_KEYS = {
     f"arn:aws:kms:{REGION}:{ACCOUNT}:key/mrk-2222bbbb000000000000000000000002",
     "ArchiveKmsKeyArn": f"arn:aws:kms:{REGION}:{ACCOUNT}:key/3333cccc-0000-0000-0000-000000000003",
 }
+TARGETS = {
+    "NotifyTopicArn": f"arn:aws:sns:{REGION}:{ACCOUNT}:archives",
+    "NotifyEventBusArn": f"arn:aws:events:{REGION}:{ACCOUNT}:event-bus/archives",
+}
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -110,7 +114,7 @@ def task_role_statements(**overrides: Any) -> list[dict[str, Any]]:
 
 def declared_actions(*services: str) -> set[str]:
     listed = json.loads((DEPLOY / "worker-actions.json").read_text())
-    assert set(listed) == {"s3", "sqs", "ecs", "kms"}
+    assert set(listed) == {"s3", "sqs", "ecs", "kms", "sns", "events"}
     actions = {action for service in services or listed for action in listed[service]}
     assert all(action.split(":")[0] == service for service, group in listed.items() for action in group)
     return actions
@@ -244,14 +248,22 @@ def grants(**overrides: Any) -> dict[str, set[str]]:
 
 def test_task_role_grants_exactly_the_declared_actions() -> None:
     """The task role allows exactly the union of deploy/worker-actions.json, its KMS actions only when
-    KMS keys are given (with SSE-S3, S3 asks nothing of the caller)."""
-    for overrides, services in (({}, ("s3", "sqs", "ecs")), (KMS_KEYS, ())):
+    KMS keys are given (with SSE-S3, S3 asks nothing of the caller), SNS and EventBridge only when those
+    notification targets are."""
+    base = ("s3", "sqs", "ecs")
+    for overrides, services in (
+        ({}, base),
+        (KMS_KEYS, (*base, "kms")),
+        (TARGETS, (*base, "sns", "events")),
+        ({"NotifyTopicArn": TARGETS["NotifyTopicArn"]}, (*base, "sns")),
+        ({**KMS_KEYS, **TARGETS}, ()),
+    ):
         statements = task_role_statements(**overrides)
         granted = {action for statement in statements for action in as_list(statement["Action"])}
         assert granted == declared_actions(*services), overrides
 
 
-@pytest.mark.parametrize("kms", [{}, KMS_KEYS], ids=["sse-s3", "sse-kms"])
+@pytest.mark.parametrize("kms", [{}, KMS_KEYS, TARGETS], ids=["sse-s3", "sse-kms", "targets"])
 def test_task_role_has_no_wildcards_or_exceptions(kms: dict[str, str]) -> None:
     """Every task-role statement is a plain Allow of named actions on named resources, no `*`."""
     for allowed_sources in ([""], ["partner-images", "more-images"]):
@@ -322,6 +334,18 @@ def test_task_role_resources_are_the_buckets_prefix_and_queues(allowed: list[str
     assert grants(AllowedSourceBuckets=allowed, FilePrefix="exports/zips")["s3:PutObject"] == {
         f"{archive}/exports/zips/*"
     }
+
+
+def test_notification_targets_are_granted_only_on_themselves_and_reach_the_container() -> None:
+    """sns:Publish on the topic and events:PutEvents on the bus, each only when given; the container
+    gets them as NOTIFY_SNS_TOPIC_ARN and NOTIFY_EVENT_BUS (empty, which the worker reads as unset)."""
+    granted = grants(**TARGETS)
+    assert granted["sns:Publish"] == {TARGETS["NotifyTopicArn"]}
+    assert granted["events:PutEvents"] == {TARGETS["NotifyEventBusArn"]}
+    assert not {"sns:Publish", "events:PutEvents"} & set(grants())
+    environment = {item["Name"]: item["Value"] for item in container()["Environment"]}
+    assert environment["NOTIFY_SNS_TOPIC_ARN"] == {"Ref": "NotifyTopicArn"}
+    assert environment["NOTIFY_EVENT_BUS"] == {"Ref": "NotifyEventBusArn"}
 
 
 def test_task_role_is_assumable_only_by_this_accounts_ecs_tasks() -> None:

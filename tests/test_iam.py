@@ -42,6 +42,9 @@ ACTION_OF = {
     "sqs:ChangeMessageVisibility": "sqs:ChangeMessageVisibility",
     "sqs:DeleteMessage": "sqs:DeleteMessage",
     "sqs:SendMessage": "sqs:SendMessage",
+    # The notification targets besides the queue (archiver/publish.py), when configured.
+    "sns:Publish": "sns:Publish",
+    "events:PutEvents": "events:PutEvents",
 }
 # s3:ListBucket is also granted on the source buckets, where nothing calls it: with it S3 answers a
 # missing key with 404 instead of 403, which is how a missing source is told apart from a forbidden one.
@@ -94,7 +97,7 @@ def recorded(moto_endpoint: str) -> tuple[AwsClients, set[str], set[tuple[str, s
             copied = copied.lstrip("/").split("/", 1)[0]
         s3_calls.add((model.name, params.get("Bucket", ""), copied))
 
-    for client in (clients.s3, clients.sqs, clients.presign):
+    for client in (clients.s3, clients.sqs, clients.presign, clients.sns, clients.events):
         client.meta.events.register("before-call", record)
     clients.s3.meta.events.register("before-parameter-build.s3", record_bucket)
     return clients, calls, s3_calls
@@ -149,3 +152,27 @@ def test_every_worker_call_is_granted_and_every_grant_is_used(
     needed = kms_needed(s3_calls, source=stack.source_bucket, archive=stack.destination_bucket)
     assert needed == KMS_NEEDED
     assert {action for action, _ in needed} == set(DECLARED["kms"])
+
+
+def test_notification_targets_need_exactly_their_declared_grants(
+    stack: Stack, recorded: tuple[AwsClients, set[str], set[tuple[str, str, str | None]]]
+) -> None:
+    """With an SNS topic and an EventBridge bus configured, a completed and a failed request call
+    sns:Publish and events:PutEvents, what the template grants when both are given, and nothing else
+    of those services."""
+    clients, calls, _ = recorded
+    assert clients.sns is not None and clients.events is not None
+    topic = clients.sns.create_topic(Name=f"t-{stack.source_queue}")
+    bus = f"b-{stack.source_queue}"
+    clients.events.create_event_bus(Name=bus)
+    calls.clear()
+    stack.put("a.txt", b"a")
+    stack.send({"request_id": "done", "files": [{"source": "a.txt"}]})
+    stack.send({"request_id": "missing", "files": [{"source": "no"}]})
+    settings = stack.settings(notify_sns_topic_arn=topic["TopicArn"], notify_event_bus=bus)
+    running = worker.connect(settings, clients)
+    running.emit_metrics = False
+    worker.run(running, burst=True)
+    assert len(stack.notifications(2)) == 2
+    targets = {call for call in calls if call.split(":")[0] in ("sns", "events")}
+    assert {ACTION_OF[call] for call in targets} == set(DECLARED["sns"]) | set(DECLARED["events"])
