@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import structlog
 
-from archiver import notify
+from archiver import crc, notify
 from archiver.assembly import CopiedEntry, Copier, PartBudget, Replan, copier_threads
 from archiver.aws import AwsClients
 from archiver.errors import ChecksumMismatch, PermanentError, archive_too_large
@@ -185,6 +185,7 @@ def completed_notification(
             url=notify.archive_url(clients.presign, settings, bucket=uploaded.bucket, key=uploaded.key),
             size=uploaded.size,
             entries=len(paths),
+            crc32=None if uploaded.crc32 is None else crc.to_base64(uploaded.crc32),
         ),
         skipped=[SkippedSource(source=source, reason="not_found") for source in missing],
         renamed=[renamed for renamed in plan.renamed if renamed.name in kept],
@@ -307,6 +308,7 @@ class _Attempt:
                 workers=SOURCE_GETS,
             )
             indexes: list[int] = []  # plan index of each archived entry, by position in the archive
+            stream = crc.Running()
             try:
                 chunks = zip_chunks(
                     self._entries(prefetcher, budget, indexes, head_first=head_first),
@@ -315,7 +317,7 @@ class _Attempt:
                     copy=lambda position, obj: self._copy(copier, budget, indexes[position], obj),
                 )
                 upload.write(
-                    chunks,
+                    stream.over(chunks),
                     part_size=budget.part_size,
                     concurrency=settings.upload_concurrency,
                     abandoned=self.abandoned,
@@ -324,6 +326,8 @@ class _Attempt:
                 prefetcher.close()
                 copier.close()
             uploaded = upload.complete(confirm=self.confirm)
+        if stream.length == uploaded.size:
+            uploaded = replace(uploaded, crc32=stream.value)
         progress.bytes_copied = uploaded.apart_bytes
         return _Built(uploaded=uploaded, paths=[plan.entries[i].path for i in indexes])
 

@@ -35,6 +35,9 @@ class UploadedObject:
     size: int
     parts: int
     apart_bytes: int = 0  # bytes uploaded apart from the stream (copied inside S3), never through here
+    # The CRC-32 of the whole object, from the stream that made it (a copied range's stand-in has the
+    # same length and CRC as the bytes copied: assembly.stand_in); None when it is not known.
+    crc32: int | None = None
 
 
 def choose_part_size(size_bound: int, minimum: int, *, extra_parts: int = 0) -> int:

@@ -16,6 +16,13 @@ class ArchiveInfo(BaseModel):
     url: str
     size: int
     entries: int
+    crc32: str | None = Field(
+        default=None,
+        description=(
+            "the CRC-32 (zlib's, IEEE 802.3) of the archive's bytes, base64 of its 4 big-endian bytes as S3"
+            " writes a FULL_OBJECT CRC32 checksum; computed from the stream, not by reading the archive"
+        ),
+    )
 
 
 class SkippedSource(BaseModel):

@@ -10,12 +10,14 @@ every archive checked by every reader.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
 import socket
 import subprocess
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -504,7 +506,7 @@ def test_a_cancel_on_localstack_answers_its_request_cancelled_and_leaves_a_compl
 ) -> None:
     """`archiver cancel` before the request is sent: the request, sent next, is answered `cancelled`,
     unread and with no archive, through LocalStack's conditional writes; a cancel of a request that
-    completed changes nothing."""
+    completed changes nothing, and that archive's CRC-32 is the one its notification gave."""
     env = developer_env(resources, tmp_path)
     photo = b"a photo\n" * 100
     upload(env, tmp_path, "s3://source-images/cancel/photo.jpg", photo)
@@ -548,5 +550,8 @@ def test_a_cancel_on_localstack_answers_its_request_cancelled_and_leaves_a_compl
     cancel("ls-kept")
     assert receive_notifications(env) == []
     assert decided("ls-kept") == "completed"
-    check_archive(download(kept["archive"]["url"]), {"photo.jpg": photo}, tmp_path)
+    data = download(kept["archive"]["url"])
+    check_archive(data, {"photo.jpg": photo}, tmp_path)
+    # The notification's CRC-32 is the downloaded bytes' (contract §4, notification).
+    assert kept["archive"]["crc32"] == base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
     assert queue_depth(resources, "input-queue") == 0

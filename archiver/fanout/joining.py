@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import botocore.exceptions
 import structlog
 
+from archiver import crc
 from archiver.aws import AwsClients, http_status, retry_transient
 from archiver.fanout.directory import end_records, needs_zip64, relocate
 from archiver.fanout.layout import Segment
@@ -57,8 +59,18 @@ def complete(
     upload.add_parts(parts, apart_bytes=sum(result.copied_bytes for result in results))
     upload.ledger.position = offset + len(directory) + len(ends)
     uploaded = upload.complete(confirm=confirm)
+    uploaded = replace(uploaded, crc32=_archive_crc(results, bytes(directory + ends)))
     log.info("fanout.completed", segments=len(segments), parts=len(parts), bytes=uploaded.size)
     return uploaded
+
+
+def _archive_crc(results: list[SegmentResult], directory: bytes) -> int | None:
+    """The archive's CRC-32 from its segments' (each worker's, of its own stream) and the directory's;
+    None when a segment's record has none (written by an older archiver)."""
+    pieces = [(result.crc32, result.length) for result in results if result.crc32 is not None]
+    if len(pieces) < len(results):
+        return None
+    return crc.joined([*pieces, (crc.of([directory]), len(directory))])
 
 
 def _joined(

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from archiver import crc
 from archiver.assembly import Copier
 from archiver.aws import AwsClients, retry_transient
 from archiver.errors import TransientError
@@ -72,6 +73,7 @@ class SegmentResult:
     directory: bytes  # the segment's central directory records, offsets from its start
     count: int
     copied_bytes: int
+    crc32: int | None = None  # of the segment's bytes in the archive
 
     def document(self) -> dict[str, Any]:
         return {
@@ -82,6 +84,7 @@ class SegmentResult:
             "directory": base64.b64encode(self.directory).decode(),
             "count": self.count,
             "copied_bytes": self.copied_bytes,
+            "crc32": self.crc32,
         }
 
     @classmethod
@@ -94,6 +97,7 @@ class SegmentResult:
             directory=base64.b64decode(document["directory"]),
             count=int(document["count"]),
             copied_bytes=int(document.get("copied_bytes", 0)),
+            crc32=document.get("crc32"),  # None in a record of an archiver older than this field
         )
 
 
@@ -147,6 +151,7 @@ def build_segment(
     )
     prefetcher = _prefetcher(clients, work, prefetch_bytes)
     entries = [_resolved(prefetcher, index, entry) for index, entry in enumerate(work.entries)]
+    stream = crc.Running()  # of the segment's bytes in the archive, stand-ins for copies included
     try:
         chunks = zip_chunks(
             (entry() for entry in entries),
@@ -155,7 +160,7 @@ def build_segment(
             copy=lambda index, obj: copier.copy(obj) if index in work.copyable else None,
             base_offset=work.base_offset,
         )
-        parts = _parts(stripped.strip(chunks), work, abandoned, upload.ledger)
+        parts = _parts(stream.over(stripped.strip(chunks)), work, abandoned, upload.ledger)
         streamed = upload_parts(upload, parts, concurrency=concurrency, send=sink.send)
     finally:
         prefetcher.close()
@@ -172,6 +177,7 @@ def build_segment(
         directory=directory.records,
         count=directory.count,
         copied_bytes=upload.apart_bytes,
+        crc32=stream.value if stream.length == directory.entries_length else None,
     )
 
 

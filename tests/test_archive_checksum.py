@@ -1,0 +1,65 @@
+"""The archive's CRC-32 in its notification (contract §4, notification), computed from the stream that
+made the archive, never by reading it back: equal to the CRC-32 of the bytes downloaded, for an archive
+streamed, one with an entry copied inside S3, a fanned-out one, and its re-sent duplicate."""
+
+from __future__ import annotations
+
+import base64
+import os
+import zlib
+from pathlib import Path
+
+from archiver import worker
+from archiver.settings import MiB
+from tests.conftest import Stack
+from tests.zipcheck import check_archive
+
+
+def crc_of(data: bytes) -> str:
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
+def archive_and_note(stack: Stack, request: dict[str, object], **settings: object) -> tuple[bytes, dict]:
+    stack.send(request)
+    assert worker.run(worker.connect(stack.settings(**settings)), burst=True) == 0
+    (note,) = stack.notifications(1)
+    assert note["status"] == "completed", note
+    return stack.download(note["archive"]["key"]), note
+
+
+def test_a_streamed_archive_carries_the_crc_of_its_bytes(stack: Stack, tmp_path: Path) -> None:
+    """Small sources read whole, a big one streamed over several parts, and its duplicate re-sent."""
+    files = {"a.txt": b"alpha" * 1000, "b.bin": os.urandom(12 * MiB), "c.json": b"{}"}
+    for name, body in files.items():
+        stack.put(name, body)
+    request = {"request_id": "crc", "files": [{"source": name} for name in files]}
+    data, note = archive_and_note(stack, request)
+    check_archive(data, files, tmp_path)
+    assert note["archive"]["crc32"] == crc_of(data)
+    _, again = archive_and_note(stack, request)
+    assert again["archive"]["crc32"] == crc_of(data)
+
+
+def test_an_archive_with_an_entry_copied_inside_s3_carries_the_crc_of_its_bytes(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """The copied range never passes through the worker: its stand-in has the same CRC and length."""
+    video = os.urandom(17 * MiB)
+    stack.put("clip.mp4", video, ChecksumAlgorithm="CRC32")
+    stack.put("note.txt", b"hello")
+    request = {"request_id": "copied", "files": [{"source": "note.txt"}, {"source": "clip.mp4"}]}
+    data, note = archive_and_note(stack, request, server_side_copy_min_bytes=16 * MiB)
+    check_archive(data, {"note.txt": b"hello", "clip.mp4": video}, tmp_path)
+    assert note["archive"]["crc32"] == crc_of(data)
+
+
+def test_a_fanned_out_archive_carries_the_crc_of_its_bytes(stack: Stack, tmp_path: Path) -> None:
+    """Segments built apart, each recording its own stream's CRC, joined with the directory's."""
+    files = {f"p{index}.jpg": os.urandom(2 * MiB) for index in range(8)}
+    for name, body in files.items():
+        stack.put(f"album/{name}", body)
+    request = {"request_id": "fanned", "files": [{"source": f"album/{name}"} for name in files]}
+    data, note = archive_and_note(stack, request, fanout_segment_bytes=5 * MiB)
+    check_archive(data, files, tmp_path)
+    assert stack.status("fanned")["segments_total"] > 1
+    assert note["archive"]["crc32"] == crc_of(data)
