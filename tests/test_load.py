@@ -7,8 +7,10 @@ import sys
 import threading
 from pathlib import Path
 
+import botocore.exceptions
 import pytest
 
+from archiver.aws import AwsClients, http_status
 from tests.conftest import Stack
 from tests.zipcheck import check_with_zipfile
 
@@ -84,3 +86,27 @@ def test_embedded_stack_deletes_under_the_lock_sends_take(moto_endpoint: str) ->
     deleting.join(timeout=10)
     assert not deleting.is_alive()
     assert queue._messages == []
+
+
+def test_embedded_stack_lets_exactly_one_conditional_put_win(aws: AwsClients, stack: Stack) -> None:
+    """Four If-None-Match PUTs of one new key at once, twenty times: S3 lets exactly one succeed and
+    refuses the others (412), which leases, claims and decision.json rest on; so must the stack."""
+
+    def put(key: str, barrier: threading.Barrier, outcomes: list[int]) -> None:
+        barrier.wait(timeout=10)
+        try:
+            aws.s3.put_object(Bucket=stack.destination_bucket, Key=key, Body=b"x", IfNoneMatch="*")
+            outcomes.append(200)
+        except botocore.exceptions.ClientError as exc:
+            outcomes.append(http_status(exc))
+
+    for round_number in range(20):
+        barrier, outcomes = threading.Barrier(4), []
+        threads = [
+            threading.Thread(target=put, args=(f"race/{round_number}", barrier, outcomes)) for _ in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert sorted(outcomes) == [200, 412, 412, 412], round_number
