@@ -11,13 +11,13 @@ from urllib.parse import quote
 
 import structlog
 
-from archiver import crc, notify
+from archiver import crc, manifest, notify
 from archiver.assembly import CopiedEntry, Copier, PartBudget, Replan, copier_threads
 from archiver.aws import AwsClients
 from archiver.errors import ChecksumMismatch, PermanentError, archive_too_large
 from archiver.models import ArchivePlan, SourceRef
 from archiver.multipart import MultipartUpload, UploadedObject, upload_threads
-from archiver.notices import ArchiveInfo, CompletedNotification, SkippedSource
+from archiver.notices import ArchiveInfo, CompletedNotification, ManifestInfo, SkippedSource
 from archiver.prefetch import Planned, Prefetcher
 from archiver.prefetch import Resolved as Read
 from archiver.settings import Settings
@@ -138,7 +138,7 @@ def build_archive(
             head_first = True
         progress.files_done = progress.bytes_done = 0
     return completed_notification(
-        clients, settings, plan, built.uploaded, paths=built.paths, missing=built.missing
+        clients, settings, plan, built.uploaded, paths=built.paths, missing=built.missing, rows=built.rows
     )
 
 
@@ -147,6 +147,7 @@ class _Built:
     uploaded: UploadedObject
     paths: list[str] = field(default_factory=list)  # of the archived entries, in order
     missing: list[str] = field(default_factory=list)  # sources skipped
+    rows: list[manifest.Row] | None = None  # of the archived entries, for the manifest
 
 
 def archive_metadata(plan: ArchivePlan, entries: int) -> dict[str, str]:
@@ -168,8 +169,10 @@ def completed_notification(
     *,
     paths: list[str],
     missing: list[str],
+    rows: list[manifest.Row] | None,
 ) -> CompletedNotification:
-    """The completed notification of an archive with these entries (`paths`) and skipped sources."""
+    """The completed notification of an archive with these entries (`paths`) and skipped sources, once
+    its manifest (`rows`) is written next to it; without rows, it has no manifest."""
     log.info(
         "archive.assembled",
         bytes=uploaded.size,
@@ -190,7 +193,24 @@ def completed_notification(
         skipped=[SkippedSource(source=source, reason="not_found") for source in missing],
         renamed=[renamed for renamed in plan.renamed if renamed.name in kept],
         metadata=plan.request.metadata,
+        manifest=None if rows is None else _manifest(clients, settings, plan, uploaded, rows),
     )
+
+
+def _manifest(
+    clients: AwsClients,
+    settings: Settings,
+    plan: ArchivePlan,
+    uploaded: UploadedObject,
+    rows: list[manifest.Row],
+) -> ManifestInfo:
+    key = manifest.manifest_key(uploaded.key)
+    body = manifest.document(
+        plan.request_id, bucket=uploaded.bucket, key=uploaded.key, size=uploaded.size, rows=rows
+    )
+    manifest.write(clients.s3, bucket=uploaded.bucket, key=key, body=body)
+    url = notify.archive_url(clients.presign, settings, bucket=uploaded.bucket, key=key)
+    return ManifestInfo(bucket=uploaded.bucket, key=key, url=url, entries=len(rows))
 
 
 def _untrusted(obj: SourceObject | None, trust_crc: bool) -> SourceObject | None:
@@ -308,13 +328,20 @@ class _Attempt:
                 workers=SOURCE_GETS,
             )
             indexes: list[int] = []  # plan index of each archived entry, by position in the archive
-            stream = crc.Running()
+            stream, rows = crc.Running(), manifest.Rows()
             try:
                 chunks = zip_chunks(
                     self._entries(prefetcher, budget, indexes, head_first=head_first),
-                    open_source=lambda position, _: self._counted(prefetcher.open(indexes[position])),
+                    open_source=lambda position, obj: rows.over(
+                        position,
+                        plan.entries[indexes[position]].path,
+                        obj,
+                        self._counted(prefetcher.open(indexes[position])),
+                    ),
                     compression=plan.request.compression,
-                    copy=lambda position, obj: self._copy(copier, budget, indexes[position], obj),
+                    copy=lambda position, obj: self._copy(
+                        copier, budget, indexes[position], obj, rows, position
+                    ),
                 )
                 upload.write(
                     stream.over(chunks),
@@ -329,11 +356,21 @@ class _Attempt:
         if stream.length == uploaded.size:
             uploaded = replace(uploaded, crc32=stream.value)
         progress.bytes_copied = uploaded.apart_bytes
-        return _Built(uploaded=uploaded, paths=[plan.entries[i].path for i in indexes])
+        paths = [plan.entries[i].path for i in indexes]
+        return _Built(uploaded=uploaded, paths=paths, rows=rows.listed(len(indexes)))
 
-    def _copy(self, copier: Copier, budget: PartBudget, index: int, obj: SourceObject) -> CopiedEntry | None:
+    def _copy(
+        self,
+        copier: Copier,
+        budget: PartBudget,
+        index: int,
+        obj: SourceObject,
+        rows: manifest.Rows,
+        position: int,
+    ) -> CopiedEntry | None:
         copied = copier.copy(obj) if index in budget.copyable else None
         if copied is not None:
+            rows.copied(position, self.plan.entries[index].path, obj)
             self._count(obj.size)
             self.progress.files_done += 1
         return copied

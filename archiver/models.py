@@ -55,6 +55,7 @@ def json_depth(value: Any) -> int:
 RESERVED_NAMES = {
     "status.json": "the name of the request's status document",
     "decision.json": "the name of the document that decides a cancel against a completion",
+    "manifest.json": "the name of the archive's manifest",
 }
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"

@@ -25,6 +25,15 @@ class ArchiveInfo(BaseModel):
     )
 
 
+class ManifestInfo(BaseModel):
+    """Where the archive's manifest is (archiver.manifest): every entry's name, source, size and CRC-32."""
+
+    bucket: str
+    key: str
+    url: str
+    entries: int
+
+
 class SkippedSource(BaseModel):
     source: str
     reason: Literal["not_found"]
@@ -56,6 +65,7 @@ class CompletedNotification(BaseModel):
     renamed: list[RenamedEntry] = Field(default_factory=list)
     metadata: dict[str, Any] = Field(default_factory=dict)
     created_at: str
+    manifest: ManifestInfo | None = Field(default=None, description="the archive's manifest.json")
     truncated: bool = Field(
         default=False,
         description=(

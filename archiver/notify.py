@@ -19,6 +19,7 @@ from archiver.notices import (
     CompletedNotification,
     ErrorInfo,
     FailedNotification,
+    ManifestInfo,
     RenamedEntry,
     SkippedSource,
 )
@@ -49,6 +50,7 @@ def completed(
     skipped: list[SkippedSource],
     renamed: list[RenamedEntry],
     metadata: dict[str, Any],
+    manifest: ManifestInfo | None = None,
 ) -> CompletedNotification:
     return CompletedNotification(
         request_id=request_id,
@@ -57,6 +59,7 @@ def completed(
         renamed=renamed,
         metadata=metadata,
         created_at=utc_timestamp(),
+        manifest=manifest,
     )
 
 

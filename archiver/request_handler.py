@@ -168,8 +168,8 @@ def _archive_once(worker: Worker, attempt: Attempt, plan: ArchivePlan) -> Outcom
     lease.write(
         "completed",
         attempt.progress,
-        # Without the link: it is made afresh on every re-send, and a presigned one is a credential.
-        notification=notification.model_dump(mode="json", exclude={"archive": {"url"}}),
+        # Without the links: made afresh on every re-send, and a presigned one is a credential.
+        notification=notification.model_dump(mode="json", exclude={"archive": {"url"}, "manifest": {"url"}}),
     )
     attempt.notification = notification
     try:
@@ -246,6 +246,7 @@ def _build(
                     fanned.uploaded,
                     paths=fanned.paths,
                     missing=fanned.missing,
+                    rows=fanned.rows,
                 )
         return job.build_archive(
             worker.clients,
@@ -305,6 +306,8 @@ def _previous_notification(
     try:
         recorded = dict(document.get("notification") or {})
         recorded["archive"] = {**recorded.get("archive", {}), "url": ""}
+        if recorded.get("manifest"):
+            recorded["manifest"] = {**recorded["manifest"], "url": ""}
         stored = CompletedNotification.model_validate(recorded)
     except ValidationError:
         return None  # no usable record: build it again
@@ -316,9 +319,14 @@ def _previous_notification(
         raise
     if head.get("Metadata", {}).get("request-id") != plan.request_id:
         return None
-    url = notify.archive_url(
-        worker.clients.presign, worker.settings, bucket=plan.bucket, key=stored.archive.key
-    )
-    return stored.model_copy(
-        update={"archive": stored.archive.model_copy(update={"url": url}), "created_at": utc_timestamp()}
-    )
+
+    def link(key: str) -> str:
+        return notify.archive_url(worker.clients.presign, worker.settings, bucket=plan.bucket, key=key)
+
+    update: dict[str, Any] = {
+        "archive": stored.archive.model_copy(update={"url": link(stored.archive.key)}),
+        "created_at": utc_timestamp(),
+    }
+    if stored.manifest is not None:
+        update["manifest"] = stored.manifest.model_copy(update={"url": link(stored.manifest.key)})
+    return stored.model_copy(update=update)

@@ -139,9 +139,9 @@ class Stack:
         )
 
     def archive_keys(self) -> list[str]:
-        """Keys of the archives in the destination bucket (status and decision documents left out)."""
+        """Keys of the archives in the destination bucket (the documents beside them left out)."""
         listing = self.clients.s3.list_objects_v2(Bucket=self.destination_bucket)
-        documents = ("/status.json", "/decision.json")
+        documents = ("/status.json", "/decision.json", "/manifest.json")
         return [item["Key"] for item in listing.get("Contents", []) if not item["Key"].endswith(documents)]
 
     def status(self, request_id: str, prefix: str = "download") -> dict[str, Any]:

@@ -1,13 +1,20 @@
-"""The archive's CRC-32 in its notification (contract §4, notification), computed from the stream that
-made the archive, never by reading it back: equal to the CRC-32 of the bytes downloaded, for an archive
-streamed, one with an entry copied inside S3, a fanned-out one, and its re-sent duplicate."""
+"""Proof of what a consumer got (contract §4, notification): the archive's CRC-32 in its notification,
+computed from the stream that made the archive, never by reading it back, equal to the CRC-32 of the
+bytes downloaded; and its manifest.json, every entry's name, source, ETag, size and CRC-32, equal to
+the archive's own entries. For an archive streamed, one with an entry copied inside S3, a fanned-out
+one, and a re-sent duplicate."""
 
 from __future__ import annotations
 
 import base64
+import io
+import json
 import os
+import urllib.request
+import zipfile
 import zlib
 from pathlib import Path
+from typing import Any
 
 from archiver import worker
 from archiver.settings import MiB
@@ -15,11 +22,42 @@ from tests.conftest import Stack
 from tests.zipcheck import check_archive
 
 
+def b64(crc: int) -> str:
+    return base64.b64encode(crc.to_bytes(4, "big")).decode()
+
+
 def crc_of(data: bytes) -> str:
-    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+    return b64(zlib.crc32(data))
 
 
-def archive_and_note(stack: Stack, request: dict[str, object], **settings: object) -> tuple[bytes, dict]:
+def check_manifest(stack: Stack, note: dict[str, Any], data: bytes, sources: dict[str, str]) -> None:
+    """The manifest its link serves lists the archive's entries as zipfile reads them, each with the
+    source it came from (`sources`: entry name -> key in the source bucket) and that object's ETag."""
+    link = note["manifest"]
+    with urllib.request.urlopen(link["url"], timeout=30) as response:
+        document = json.loads(response.read())
+    assert document["archive"] == {
+        "bucket": note["archive"]["bucket"],
+        "key": note["archive"]["key"],
+        "size": len(data),
+    }
+    entries = zipfile.ZipFile(io.BytesIO(data)).infolist()
+    assert link["entries"] == len(entries) == len(document["entries"])
+    for info, row in zip(entries, document["entries"], strict=True):
+        head = stack.clients.s3.head_object(Bucket=stack.source_bucket, Key=sources[info.filename])
+        assert row == {
+            "name": info.filename,
+            "bucket": stack.source_bucket,
+            "key": sources[info.filename],
+            "etag": head["ETag"],
+            "size": info.file_size,
+            "crc32": b64(info.CRC),
+        }
+
+
+def archive_and_note(
+    stack: Stack, request: dict[str, object], **settings: object
+) -> tuple[bytes, dict[str, Any]]:
     stack.send(request)
     assert worker.run(worker.connect(stack.settings(**settings)), burst=True) == 0
     (note,) = stack.notifications(1)
@@ -36,8 +74,11 @@ def test_a_streamed_archive_carries_the_crc_of_its_bytes(stack: Stack, tmp_path:
     data, note = archive_and_note(stack, request)
     check_archive(data, files, tmp_path)
     assert note["archive"]["crc32"] == crc_of(data)
+    check_manifest(stack, note, data, {name: name for name in files})
     _, again = archive_and_note(stack, request)
     assert again["archive"]["crc32"] == crc_of(data)
+    assert again["manifest"]["key"] == note["manifest"]["key"]
+    check_manifest(stack, again, data, {name: name for name in files})
 
 
 def test_an_archive_with_an_entry_copied_inside_s3_carries_the_crc_of_its_bytes(
@@ -51,6 +92,7 @@ def test_an_archive_with_an_entry_copied_inside_s3_carries_the_crc_of_its_bytes(
     data, note = archive_and_note(stack, request, server_side_copy_min_bytes=16 * MiB)
     check_archive(data, {"note.txt": b"hello", "clip.mp4": video}, tmp_path)
     assert note["archive"]["crc32"] == crc_of(data)
+    check_manifest(stack, note, data, {"note.txt": "note.txt", "clip.mp4": "clip.mp4"})
 
 
 def test_a_fanned_out_archive_carries_the_crc_of_its_bytes(stack: Stack, tmp_path: Path) -> None:
@@ -63,3 +105,4 @@ def test_a_fanned_out_archive_carries_the_crc_of_its_bytes(stack: Stack, tmp_pat
     check_archive(data, files, tmp_path)
     assert stack.status("fanned")["segments_total"] > 1
     assert note["archive"]["crc32"] == crc_of(data)
+    check_manifest(stack, note, data, {name: f"album/{name}" for name in files})

@@ -102,7 +102,7 @@ HOSTILE_FOLDERS = [
 ]
 HOSTILE_IDS = ["", ".", "..", "a/b", "../x", "é", "x" * 129, "a b", "a\x00"]
 HOSTILE_ARCHIVE_NAMES = ["", "..", ".", "../x.zip", "a/b.zip", "status.json", "Status.JSON", "C:x.zip"]
-HOSTILE_ARCHIVE_NAMES += ["decision.json", "DECISION.json"]
+HOSTILE_ARCHIVE_NAMES += ["decision.json", "DECISION.json", "manifest.json"]
 HOSTILE_ARCHIVE_NAMES += ["\x00.zip", " ", "x" * 1100 + ".zip", "\u202epiz.exe"]
 
 SAFE_SEGMENT = r"[A-Za-z0-9éü東]([A-Za-z0-9éü東 ._()-]{0,12}[A-Za-z0-9éü東])?"

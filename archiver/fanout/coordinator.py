@@ -20,6 +20,7 @@ from archiver.fanout.layout import Segment
 from archiver.fanout.segment import SegmentResult
 from archiver.fanout.store import PLAN_NAME, Store, StoredPlan, claim_name, read_plan, record_name
 from archiver.fanout.tasks import send_tasks
+from archiver.manifest import Row
 from archiver.models import ArchivePlan
 from archiver.multipart import MultipartUpload, UploadedObject
 from archiver.settings import Settings
@@ -39,6 +40,7 @@ class Fanned:
     uploaded: UploadedObject
     paths: list[str]
     missing: list[str]
+    rows: list[Row] | None  # the manifest's, from the segments' records in order
 
 
 @dataclass
@@ -97,7 +99,7 @@ class Coordinator:
                 self._abort(stored)
             raise
         self.progress.bytes_copied = uploaded.apart_bytes
-        return self._finished(stored, uploaded)
+        return self._finished(stored, uploaded, results)
 
     def _plan(self) -> StoredPlan | None:
         return planning.write_plan(self.clients, self.settings, self.plan, self.store)
@@ -190,7 +192,7 @@ class Coordinator:
             return segment
         return None
 
-    def _finished(self, stored: StoredPlan, uploaded: UploadedObject) -> Fanned:
+    def _finished(self, stored: StoredPlan, uploaded: UploadedObject, results: list[SegmentResult]) -> Fanned:
         try:
             self.store.clear()
         except Exception as exc:
@@ -201,6 +203,9 @@ class Coordinator:
             uploaded=uploaded,
             paths=[entry.path for entry in self.plan.entries if entry.ref.source not in gone],
             missing=missing,
+            rows=None
+            if any(r.rows is None for r in results)
+            else [row for r in results for row in r.rows or []],
         )
 
     def end(self) -> None:

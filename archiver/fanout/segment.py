@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from archiver import crc
-from archiver.assembly import Copier
+from archiver.assembly import CopiedEntry, Copier
 from archiver.aws import AwsClients, retry_transient
 from archiver.errors import TransientError
 from archiver.fanout.directory import Directory, directory_bound, read_directory
 from archiver.job import SOURCE_GETS
+from archiver.manifest import Row, Rows
 from archiver.multipart import MultipartUpload, PartLedger, parts_of, upload_parts
 from archiver.prefetch import Planned, Prefetcher
 from archiver.settings import MIN_PART_SIZE
@@ -74,6 +75,7 @@ class SegmentResult:
     count: int
     copied_bytes: int
     crc32: int | None = None  # of the segment's bytes in the archive
+    rows: list[Row] | None = None  # its entries', for the archive's manifest
 
     def document(self) -> dict[str, Any]:
         return {
@@ -85,6 +87,7 @@ class SegmentResult:
             "count": self.count,
             "copied_bytes": self.copied_bytes,
             "crc32": self.crc32,
+            "manifest": None if self.rows is None else [row.document() for row in self.rows],
         }
 
     @classmethod
@@ -97,7 +100,11 @@ class SegmentResult:
             directory=base64.b64decode(document["directory"]),
             count=int(document["count"]),
             copied_bytes=int(document.get("copied_bytes", 0)),
-            crc32=document.get("crc32"),  # None in a record of an archiver older than this field
+            # None in a record of an archiver older than these fields.
+            crc32=document.get("crc32"),
+            rows=None
+            if document.get("manifest") is None
+            else [Row.from_document(r) for r in document["manifest"]],
         )
 
 
@@ -152,12 +159,15 @@ def build_segment(
     prefetcher = _prefetcher(clients, work, prefetch_bytes)
     entries = [_resolved(prefetcher, index, entry) for index, entry in enumerate(work.entries)]
     stream = crc.Running()  # of the segment's bytes in the archive, stand-ins for copies included
+    rows = Rows()
     try:
         chunks = zip_chunks(
             (entry() for entry in entries),
-            open_source=lambda index, _: prefetcher.open(index),
+            open_source=lambda index, obj: rows.over(
+                index, work.entries[index].path, obj, prefetcher.open(index)
+            ),
             compression=work.compression,
-            copy=lambda index, obj: copier.copy(obj) if index in work.copyable else None,
+            copy=lambda index, obj: _copied(copier, rows, work, index, obj),
             base_offset=work.base_offset,
         )
         parts = _parts(stream.over(stripped.strip(chunks)), work, abandoned, upload.ledger)
@@ -178,7 +188,17 @@ def build_segment(
         count=directory.count,
         copied_bytes=upload.apart_bytes,
         crc32=stream.value if stream.length == directory.entries_length else None,
+        rows=rows.listed(len(work.entries)),
     )
+
+
+def _copied(
+    copier: Copier, rows: Rows, work: SegmentWork, index: int, obj: SourceObject
+) -> CopiedEntry | None:
+    copied = copier.copy(obj) if index in work.copyable else None
+    if copied is not None:
+        rows.copied(index, work.entries[index].path, obj)
+    return copied
 
 
 def _parts(
