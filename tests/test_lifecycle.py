@@ -247,15 +247,26 @@ def test_a_source_changed_mid_job_is_archived_afresh(
     # A small window, so second.bin is streamed when reached rather than read ahead at once.
     busy = worker_through(slow_sources, stack, prefetch_bytes=MiB, visibility_timeout=10)
     message = queue.receive(stack.clients.sqs, stack.source_url, wait_seconds=1, visibility_timeout=10)
+    # second.bin's read after its HEAD waits on the wire until the object has changed: the change lands
+    # between the HEAD and the GET however busy the machine is.
+    gate = threading.Event()
+
+    def read_after_head(seen: Seen) -> bool:
+        return seen.method == "GET" and "second.bin" in seen.path and "if-match" in seen.headers
+
+    slow_sources.configure(match=read_after_head, hold=gate)
     thread = threading.Thread(target=worker.handle, args=(busy, message))
     thread.start()
-    wait_for(
-        lambda: slow_sources.requests_matching(operation="GetObject", path_contains="first.bin"),
-        timeout=30,
-        what="the first source's GET",
-    )
-    new = b"new" * (MiB // 3)
-    stack.put("second.bin", new)
+    try:
+        wait_for(
+            lambda: slow_sources.requests_matching(where=read_after_head),
+            timeout=30,
+            what="second.bin's GET after its HEAD",
+        )
+        new = b"new" * (MiB // 3)
+        stack.put("second.bin", new)
+    finally:
+        gate.set()
     thread.join()
     # Its first GET (no ETag known yet) showed it big and was dropped; every read after the HEAD has
     # If-Match.
