@@ -138,6 +138,7 @@ def test_a_duplicate_gets_a_fresh_link_and_timestamp(stack: Stack, tmp_path: Pat
     worker.run(w, burst=True)
     (again,) = stack.notifications(1)
     assert again["created_at"] >= resent_after
+
     def without_links(note: dict[str, Any]) -> dict[str, Any]:
         return {
             **note,
