@@ -497,6 +497,7 @@ def test_a_fanned_out_request_on_localstack_is_the_single_worker_archive(
     assert sorted(keys) == [
         "download/fan-out/decision.json",
         "download/fan-out/fan-out.zip",
+        "download/fan-out/manifest.json",
         "download/fan-out/status.json",
     ]
 
@@ -544,6 +545,7 @@ def test_a_cancel_on_localstack_answers_its_request_cancelled_and_leaves_a_compl
         "download/ls-cancelled/status.json",
         "download/ls-kept/decision.json",
         "download/ls-kept/ls-kept.zip",
+        "download/ls-kept/manifest.json",
         "download/ls-kept/status.json",
     ]
 
