@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Literal
 
 import botocore.exceptions
 
-from archiver.aws import http_status, retry_transient
+from archiver.aws import http_status
 from archiver.errors import TransientError
 from archiver.models import utc_timestamp
-from archiver.status import WORKER_ID, parse_timestamp
+from archiver.status import WORKER_ID, get_document, parse_timestamp, put_document
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -78,7 +78,7 @@ class Place:
 def read(place: Place) -> tuple[Decision | None, str | None]:
     """The decision (None if there is none, or it is unreadable) and its object's ETag (None if absent)."""
     try:
-        body, etag = _get(place.s3, place.bucket, decision_key(place.directory))
+        body, etag = get_document(place.s3, place.bucket, decision_key(place.directory))
     except botocore.exceptions.ClientError as exc:
         # 403 is what S3 says for a missing key when the role may not list the bucket.
         if http_status(exc) in (403, 404):
@@ -121,11 +121,11 @@ def take(place: Place, verdict: Verdict, *, keep_seconds: int | None = None) -> 
     condition = {"IfNoneMatch": "*"}
     for _ in range(WRITE_TRIES):
         try:
-            _put(place.s3, place.bucket, key, mine.document(), condition)
+            put_document(place.s3, place.bucket, key, mine.document(), condition)
             return mine
         except botocore.exceptions.ClientError as exc:
             if http_status(exc) == 501:
-                _put(place.s3, place.bucket, key, mine.document(), {})
+                put_document(place.s3, place.bucket, key, mine.document(), {})
                 return mine
             # 412: there is one; 409: S3 is settling a concurrent conditional write to it.
             if http_status(exc) not in (409, 412):
@@ -136,21 +136,3 @@ def take(place: Place, verdict: Verdict, *, keep_seconds: int | None = None) -> 
         # Expired, unreadable, or deleted meanwhile: replace exactly what was read.
         condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
     raise TransientError(f"request {place.request_id}: its decision.json keeps changing")
-
-
-@retry_transient
-def _get(s3: S3Client, bucket: str, key: str) -> tuple[bytes, str]:
-    response = s3.get_object(Bucket=bucket, Key=key)
-    return response["Body"].read(), str(response["ETag"])
-
-
-@retry_transient
-def _put(s3: S3Client, bucket: str, key: str, body: bytes, condition: dict[str, str]) -> None:
-    s3.put_object(
-        Bucket=bucket,
-        Key=key,
-        Body=body,
-        ContentType="application/json",
-        CacheControl="no-store",
-        **condition,  # type: ignore[arg-type]
-    )

@@ -217,17 +217,31 @@ class Lease:
         raise LeaseLost(f"request {self.request_id}: the status document keeps changing")
 
 
-@retry_transient
 def _put(s3: S3Client, bucket: str, archive_key: str, body: bytes, condition: dict[str, str]) -> str:
+    return put_document(s3, bucket, status_key(archive_key), body, condition)
+
+
+@retry_transient
+def put_document(s3: S3Client, bucket: str, key: str, body: bytes, condition: dict[str, str]) -> str:
+    """PUT a JSON document archiver keeps beside an archive (status, decision, fan-out records), under
+    an If-Match / If-None-Match `condition` or none; returns its ETag. Never cached: each is read to
+    decide something."""
     response = s3.put_object(
         Bucket=bucket,
-        Key=status_key(archive_key),
+        Key=key,
         Body=body,
         ContentType="application/json",
         CacheControl="no-store",
         **condition,  # type: ignore[arg-type]
     )
     return str(response["ETag"])
+
+
+@retry_transient
+def get_document(s3: S3Client, bucket: str, key: str) -> tuple[bytes, str]:
+    """Such a document's bytes and its ETag."""
+    response = s3.get_object(Bucket=bucket, Key=key)
+    return response["Body"].read(), str(response["ETag"])
 
 
 def claim(

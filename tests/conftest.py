@@ -19,7 +19,7 @@ import structlog
 from archiver.aws import AwsClients, make_clients
 from archiver.demo import embedded_stack
 from archiver.settings import Settings, load_settings
-from tests.faultproxy import FaultProxy
+from tests.faultproxy import FaultProxy, Faults, Seen
 
 # `make mutation` (scripts/mutation.py) sets ARCHIVER_HYPOTHESIS=mutation: every property test then draws
 # the same examples on every run and keeps no database, so a failure found while one mutant is tested is
@@ -197,6 +197,18 @@ def fault_proxy(aws: AwsClients, moto_endpoint: str, monkeypatch: pytest.MonkeyP
     """
     with FaultProxy(moto_endpoint) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        yield proxy
+
+
+@pytest.fixture
+def slow_sources(moto_endpoint: str, stack: Stack) -> Iterator[FaultProxy]:
+    """A proxy that caps the source bucket's GET bodies at 1 MiB/s; everything else passes freely.
+    Clients go through it only where a test makes them so (tests/test_lifecycle.py, worker_through)."""
+
+    def source_get(seen: Seen) -> bool:
+        return seen.method == "GET" and seen.path.startswith(f"/{stack.source_bucket}/")
+
+    with FaultProxy(moto_endpoint, Faults(match=source_get, throttle=1024 * 1024)) as proxy:
         yield proxy
 
 

@@ -121,15 +121,6 @@ def test_a_cancel_kept_past_its_retention_no_longer_cancels(stack: Stack, tmp_pa
     assert decided(stack, "late") == "completed"
 
 
-@pytest.fixture
-def slow_sources(moto_endpoint: str, stack: Stack) -> Iterator[FaultProxy]:
-    def source_get(seen: Seen) -> bool:
-        return seen.method == "GET" and seen.path.startswith(f"/{stack.source_bucket}/")
-
-    with FaultProxy(moto_endpoint, Faults(match=source_get, throttle=MiB)) as proxy:
-        yield proxy
-
-
 def test_a_cancel_while_streaming_stops_the_job_within_a_heartbeat(
     stack: Stack, slow_sources: FaultProxy, thread_worker: list[threading.Thread]
 ) -> None:

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +25,6 @@ from tests.faultproxy import FaultProxy, Faults, Seen
 from tests.zipcheck import check_archive
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def slow_sources(moto_endpoint: str, stack: Stack) -> Iterator[FaultProxy]:
-    """A proxy that caps the source bucket's GET bodies at 1 MiB/s; everything else passes freely."""
-
-    def source_get(seen: Seen) -> bool:
-        return seen.method == "GET" and seen.path.startswith(f"/{stack.source_bucket}/")
-
-    with FaultProxy(moto_endpoint, Faults(match=source_get, throttle=MiB)) as proxy:
-        yield proxy
 
 
 def worker_through(proxy: FaultProxy, stack: Stack, **settings: Any) -> worker.Worker:

@@ -21,6 +21,7 @@ from archiver.aws import http_status, retry_transient
 from archiver.fanout.layout import Segment
 from archiver.models import SourceRef, utc_timestamp
 from archiver.sources import SourceObject
+from archiver.status import get_document, put_document
 from archiver.zipping import ZipEntry
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ class Store:
     def read_versioned(self, name: str) -> tuple[dict[str, Any] | None, str | None]:
         """The JSON document (None if absent or unreadable) and the object's ETag (None if absent)."""
         try:
-            body, etag = _get_versioned(self.s3, self.bucket, self.key(name))
+            body, etag = get_document(self.s3, self.bucket, self.key(name))
         except botocore.exceptions.ClientError as exc:
             if http_status(exc) in (403, 404):
                 return None, None
@@ -90,7 +91,7 @@ class Store:
         return get_bytes(self.s3, self.bucket, self.key(name))
 
     def write(self, name: str, document: dict[str, Any], **condition: str) -> str:
-        return _put(self.s3, self.bucket, self.key(name), json.dumps(document).encode(), condition)
+        return put_document(self.s3, self.bucket, self.key(name), json.dumps(document).encode(), condition)
 
     def names(self, start: str = "") -> dict[str, datetime]:
         """The names under the fanout/ directory that begin with `start`, and when each was last written:
@@ -120,24 +121,6 @@ class Store:
 @retry_transient
 def get_bytes(s3: S3Client, bucket: str, key: str) -> bytes:
     return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
-@retry_transient
-def _get_versioned(s3: S3Client, bucket: str, key: str) -> tuple[bytes, str]:
-    response = s3.get_object(Bucket=bucket, Key=key)
-    return response["Body"].read(), str(response["ETag"])
-
-
-@retry_transient
-def _put(s3: S3Client, bucket: str, key: str, body: bytes, condition: dict[str, str]) -> str:
-    response = s3.put_object(
-        Bucket=bucket,
-        Key=key,
-        Body=body,
-        ContentType="application/json",
-        **condition,  # type: ignore[arg-type]
-    )
-    return str(response["ETag"])
 
 
 def entry_row(entry: ZipEntry, copy: bool) -> list[Any]:
