@@ -22,7 +22,7 @@ import botocore.exceptions
 from archiver.aws import http_status
 from archiver.errors import TransientError
 from archiver.models import utc_timestamp
-from archiver.status import WORKER_ID, get_document, parse_timestamp, put_document
+from archiver.status import WORKER_ID, parse_timestamp, put_document, read_document
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -77,15 +77,10 @@ class Place:
 
 def read(place: Place) -> tuple[Decision | None, str | None]:
     """The decision (None if there is none, or it is unreadable) and its object's ETag (None if absent)."""
+    document, etag = read_document(place.s3, place.bucket, decision_key(place.directory))
+    if document is None:
+        return None, etag
     try:
-        body, etag = get_document(place.s3, place.bucket, decision_key(place.directory))
-    except botocore.exceptions.ClientError as exc:
-        # 403 is what S3 says for a missing key when the role may not list the bucket.
-        if http_status(exc) in (403, 404):
-            return None, None
-        raise
-    try:
-        document = json.loads(body)
         verdict = document["decision"]
         if verdict not in ("completed", "cancelled"):
             return None, etag

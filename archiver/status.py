@@ -244,6 +244,22 @@ def get_document(s3: S3Client, bucket: str, key: str) -> tuple[bytes, str]:
     return response["Body"].read(), str(response["ETag"])
 
 
+def read_document(s3: S3Client, bucket: str, key: str) -> tuple[dict[str, Any] | None, str | None]:
+    """Such a document as a JSON object (None if absent or unreadable) and its ETag (None if absent)."""
+    try:
+        body, etag = get_document(s3, bucket, key)
+    except botocore.exceptions.ClientError as exc:
+        # 403 is what S3 says for a missing key when the role may not list the bucket.
+        if http_status(exc) in (403, 404):
+            return None, None
+        raise
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None, etag
+    return (document if isinstance(document, dict) else None), etag
+
+
 def claim(
     s3: S3Client,
     *,

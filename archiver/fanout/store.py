@@ -15,13 +15,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import botocore.exceptions
-
-from archiver.aws import http_status, retry_transient
+from archiver.aws import retry_transient
 from archiver.fanout.layout import Segment
 from archiver.models import SourceRef, utc_timestamp
 from archiver.sources import SourceObject
-from archiver.status import get_document, put_document
+from archiver.status import put_document, read_document
 from archiver.zipping import ZipEntry
 
 if TYPE_CHECKING:
@@ -75,17 +73,7 @@ class Store:
 
     def read_versioned(self, name: str) -> tuple[dict[str, Any] | None, str | None]:
         """The JSON document (None if absent or unreadable) and the object's ETag (None if absent)."""
-        try:
-            body, etag = get_document(self.s3, self.bucket, self.key(name))
-        except botocore.exceptions.ClientError as exc:
-            if http_status(exc) in (403, 404):
-                return None, None
-            raise
-        try:
-            document = json.loads(body)
-        except ValueError:
-            return None, etag
-        return (document if isinstance(document, dict) else None), etag
+        return read_document(self.s3, self.bucket, self.key(name))
 
     def read_bytes(self, name: str) -> bytes:
         return get_bytes(self.s3, self.bucket, self.key(name))
