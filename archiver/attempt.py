@@ -14,7 +14,7 @@ import functools
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 
@@ -22,6 +22,7 @@ from archiver import decision, notify, queue, settle, status
 from archiver.aws import AwsClients
 from archiver.errors import clip
 from archiver.fanout.claims import Claim
+from archiver.heartbeat import StopReason
 from archiver.notices import CompletedNotification
 from archiver.protection import TaskProtection
 from archiver.publish import publish
@@ -54,7 +55,7 @@ class Worker:
     emit_metrics: bool = True
 
 
-AbandonReason = Literal["timeout", "lease_lost", "cancelled"]
+AbandonReason = StopReason
 
 
 @dataclass

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import structlog
 
@@ -19,6 +20,7 @@ log = structlog.get_logger(__name__)
 # by the heartbeat while a request is handled. `archiver check` allows three of these.
 HEALTH_INTERVAL = 30
 HEALTH_MAX_AGE = 3 * HEALTH_INTERVAL
+StopReason = Literal["timeout", "lease_lost", "cancelled"]  # why the heartbeat stopped the job
 STATUS_INTERVAL = 5  # seconds between lease renewals (status.json progress) while a job runs
 
 
@@ -44,7 +46,7 @@ class Beats:
     extend_visibility: Callable[[], None]
     renew_lease: Callable[[], bool]
     renew_protection: Callable[[], None]
-    stop_job: Callable[[str], None]  # "timeout", "lease_lost" or "cancelled": the job ends at its next chunk
+    stop_job: Callable[[StopReason], None]  # the job ends at its next chunk
     on_extended: Callable[[], None] = lambda: None
     cancelled: Callable[[], bool] = lambda: False  # a cancel binds the request (archiver.decision)
 

@@ -223,10 +223,8 @@ def _beats(worker: Worker, attempt: Attempt) -> heartbeat.Beats:
             log.warning("status.write_failed", state="processing", error=repr(exc))
             return True
 
-    def stop_job(reason: str) -> None:
-        attempt.abandon_reason = (
-            "lease_lost" if reason == "lease_lost" else "cancelled" if reason == "cancelled" else "timeout"
-        )
+    def stop_job(reason: heartbeat.StopReason) -> None:
+        attempt.abandon_reason = reason
 
     def extended() -> None:
         attempt.extensions += 1
