@@ -17,8 +17,7 @@ import structlog
 from archiver import decision, queue, status
 from archiver.attempt import Attempt, Handler, Worker, released
 from archiver.errors import PermanentError
-from archiver.fanout.store import request_dir
-from archiver.models import is_valid_request_id, parse_cancel
+from archiver.models import is_valid_request_id, parse_cancel, request_dir
 from archiver.settle import Outcome
 
 log = structlog.get_logger(__name__)
@@ -89,7 +88,7 @@ def decide_cancel(worker: Worker, request_id: str) -> tuple[CancelOutcome, str]:
     state = (stored or {}).get("status") or "not received yet"
     if state == "completed":
         return "ignored", "the request completed before the cancel arrived"
-    place = decision.Place(s3, bucket=bucket, directory=directory, request_id=request_id)
+    place = decision.place_of(s3, settings, request_id)
     decided = decision.take(place, "cancelled", keep_seconds=settings.cancel_retention)
     if decided.verdict == "completed":
         return "ignored", "the request's completion was decided before the cancel"

@@ -125,14 +125,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if document is None:
         where = f"s3://{settings.s3_destination_bucket}/{key}"
         print(f"no status for request {args.request_id}: not received yet, or unknown ({where})")
-        cancel = decision.cancelled(
-            decision.Place(
-                clients.s3,
-                bucket=settings.s3_destination_bucket,
-                directory=key.rsplit("/", 1)[0],
-                request_id=args.request_id,
-            )
-        )
+        cancel = decision.cancelled(decision.place_of(clients.s3, settings, args.request_id))
         if cancel is not None:
             print(f"  cancelled at {cancel.decided_at}: cancels it if it arrives by {cancel.expires_at}")
         return 1

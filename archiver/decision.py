@@ -21,7 +21,8 @@ import botocore.exceptions
 
 from archiver.aws import http_status
 from archiver.errors import TransientError
-from archiver.models import utc_timestamp
+from archiver.models import request_dir, utc_timestamp
+from archiver.settings import Settings
 from archiver.status import WORKER_ID, parse_timestamp, put_document, read_document
 
 if TYPE_CHECKING:
@@ -73,6 +74,16 @@ class Place:
     bucket: str
     directory: str  # `<prefix>/<request_id>`
     request_id: str
+
+
+def place_of(s3: S3Client, settings: Settings, request_id: str) -> Place:
+    """Where the decision of this request is: beside its archive in S3_DESTINATION_BUCKET."""
+    return Place(
+        s3,
+        bucket=settings.s3_destination_bucket,
+        directory=request_dir(settings.s3_file_prefix, request_id),
+        request_id=request_id,
+    )
 
 
 def read(place: Place) -> tuple[Decision | None, str | None]:

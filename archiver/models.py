@@ -337,6 +337,11 @@ def request_digest(request: Request) -> str:
     return digest.hexdigest()
 
 
+def request_dir(prefix: str, request_id: str) -> str:
+    """Where a request's archive and the documents beside it are: `<prefix>/<request_id>`."""
+    return "/".join(part for part in (prefix, request_id) if part)
+
+
 def archive_key(prefix: str, request_id: str, archive_name: str) -> str:
     return "/".join(part for part in (prefix, request_id, archive_name) if part)
 

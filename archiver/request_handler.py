@@ -219,12 +219,7 @@ def _claim(worker: Worker, attempt: Attempt, plan: ArchivePlan, stored: status.S
             retry_after=worker.settings.visibility_timeout,
         )
     # Under the lease, the heartbeat looks for a cancel of the request from now on.
-    attempt.decision_place = decision.Place(
-        worker.clients.s3,
-        bucket=plan.bucket,
-        directory=plan.key.rsplit("/", 1)[0],
-        request_id=plan.request_id,
-    )
+    attempt.decision_place = decision.place_of(worker.clients.s3, worker.settings, plan.request_id)
     return attempt.lease
 
 

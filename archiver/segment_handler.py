@@ -13,8 +13,8 @@ import structlog
 from archiver import decision, queue
 from archiver.attempt import Attempt, Handler, Worker, released
 from archiver.errors import JobAbandoned
-from archiver.fanout.store import request_dir
 from archiver.fanout.tasks import SegmentTask, TaskRun, parse_task, run_task
+from archiver.models import request_dir
 from archiver.settle import Outcome
 
 log = structlog.get_logger(__name__)
@@ -46,12 +46,7 @@ class _SegmentTask:
         directory = request_dir(settings.s3_file_prefix, self.task.request_id)
         structlog.contextvars.bind_contextvars(archive_dir=directory)
         # The heartbeat looks for a cancel of the request from now on; one already there drops the task.
-        attempt.decision_place = decision.Place(
-            worker.clients.s3,
-            bucket=settings.s3_destination_bucket,
-            directory=directory,
-            request_id=self.task.request_id,
-        )
+        attempt.decision_place = decision.place_of(worker.clients.s3, settings, self.task.request_id)
         if attempt.cancel_seen():
             self.run = TaskRun(reason="the request was cancelled")
             return Outcome("done", answers_producer=False)

@@ -29,10 +29,6 @@ PLAN_VERSION = 1
 PLAN_NAME = "plan.json"
 
 
-def request_dir(prefix: str, request_id: str) -> str:
-    return "/".join(part for part in (prefix, request_id) if part)
-
-
 def record_name(index: int) -> str:
     return f"segment-{index:05d}.json"
 

@@ -18,8 +18,8 @@ from archiver.aws import AwsClients
 from archiver.errors import JobAbandoned, PermanentError, clip
 from archiver.fanout.building import build_and_record, record_failure
 from archiver.fanout.claims import Claim
-from archiver.fanout.store import Store, read_plan, record_name, request_dir
-from archiver.models import is_valid_request_id
+from archiver.fanout.store import Store, read_plan, record_name
+from archiver.models import is_valid_request_id, request_dir
 from archiver.settings import Settings
 
 TASK_KIND = "segment"
