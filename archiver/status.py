@@ -115,21 +115,10 @@ class Stored:
     etag: str | None  # the object's ETag whenever it exists, readable or not
 
 
-@retry_transient
 def read_stored(s3: S3Client, *, bucket: str, archive_key: str) -> Stored:
-    try:
-        response = s3.get_object(Bucket=bucket, Key=status_key(archive_key))
-    except botocore.exceptions.ClientError as exc:
-        # 403 is what S3 says for a missing key when the role may not list the bucket.
-        if http_status(exc) in (403, 404):
-            return Stored(document=None, etag=None)
-        raise
-    etag = str(response["ETag"])
-    try:
-        document = json.loads(response["Body"].read())
-    except ValueError:
-        return Stored(document=None, etag=etag)  # unreadable: treat as absent and rebuild
-    return Stored(document=document if isinstance(document, dict) else None, etag=etag)
+    """The status document (None when absent, or unreadable: treated as absent and rebuilt)."""
+    document, etag = read_document(s3, bucket, status_key(archive_key))
+    return Stored(document=document, etag=etag)
 
 
 @dataclass
