@@ -107,7 +107,7 @@ def fit(
 _OUTSIDE_SQS = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
-def encode(notification: CompletedNotification | FailedNotification | CancelledNotification) -> str:
+def encode(notification: Notice) -> str:
     """The notification as a message body SQS accepts: JSON with non-ASCII text as is, and U+FFFE,
     U+FFFF and the like escaped."""
     return _OUTSIDE_SQS.sub(lambda found: f"\\u{ord(found.group()):04x}", notification.model_dump_json())

@@ -38,14 +38,17 @@ def detail_type(notification: Notice) -> str:
 
 def publish(clients: AwsClients, settings: Settings, queue_url: str, notification: Notice) -> None:
     notify.send_notification(clients.sqs, queue_url, notification)
+    if not (settings.notify_sns_topic_arn or settings.notify_event_bus):
+        return
+    body = _body(notification, MAX_EVENT_DETAIL_BYTES)  # one document for both
     if settings.notify_sns_topic_arn:
         if clients.sns is None:
             raise RuntimeError("NOTIFY_SNS_TOPIC_ARN is set, and these clients have no SNS client")
-        to_topic(clients.sns, settings.notify_sns_topic_arn, notification)
+        to_topic(clients.sns, settings.notify_sns_topic_arn, notification, body)
     if settings.notify_event_bus:
         if clients.events is None:
             raise RuntimeError("NOTIFY_EVENT_BUS is set, and these clients have no EventBridge client")
-        to_bus(clients.events, settings, notification)
+        to_bus(clients.events, settings, notification, body)
 
 
 def _body(notification: Notice, max_bytes: int) -> str:
@@ -59,8 +62,7 @@ def _body(notification: Notice, max_bytes: int) -> str:
 
 
 @retry_transient
-def to_topic(sns: SNSClient, topic_arn: str, notification: Notice) -> None:
-    body = _body(notification, MAX_EVENT_DETAIL_BYTES)
+def to_topic(sns: SNSClient, topic_arn: str, notification: Notice, body: str) -> None:
     # A subscription's filter policy can pick statuses without parsing the body.
     attributes = {"status": {"DataType": "String", "StringValue": notification.status}}
     fifo = (
@@ -74,8 +76,7 @@ def to_topic(sns: SNSClient, topic_arn: str, notification: Notice) -> None:
     sns.publish(TopicArn=topic_arn, Message=body, MessageAttributes=attributes, **fifo)  # type: ignore[arg-type]
 
 
-def to_bus(events: EventBridgeClient, settings: Settings, notification: Notice) -> None:
-    body = _body(notification, MAX_EVENT_DETAIL_BYTES)
+def to_bus(events: EventBridgeClient, settings: Settings, notification: Notice, body: str) -> None:
     entry = {
         "Source": settings.notify_event_source,
         "DetailType": detail_type(notification),
