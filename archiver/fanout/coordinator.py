@@ -203,9 +203,7 @@ class Coordinator:
             uploaded=uploaded,
             paths=[entry.path for entry in self.plan.entries if entry.ref.source not in gone],
             missing=missing,
-            rows=None
-            if any(r.rows is None for r in results)
-            else [row for r in results for row in r.rows or []],
+            rows=_manifest_rows(results),
         )
 
     def end(self) -> None:
@@ -229,3 +227,12 @@ class Coordinator:
             self.store.clear()
         except Exception as exc:
             log.warning("fanout.cleanup_failed", error=repr(exc))
+
+
+def _manifest_rows(results: list[SegmentResult]) -> list[Row] | None:
+    """The archive's manifest rows, the segments' in order; None if a record has none (written by an
+    older archiver)."""
+    per_segment = [result.rows for result in results if result.rows is not None]
+    if len(per_segment) < len(results):
+        return None
+    return [row for rows in per_segment for row in rows]
