@@ -17,7 +17,7 @@ import structlog
 from archiver import decision, queue, status
 from archiver.attempt import Attempt, Handler, Worker, released
 from archiver.errors import PermanentError
-from archiver.models import is_valid_request_id, parse_cancel, request_dir
+from archiver.models import is_valid_request_id, parse_cancel
 from archiver.settle import Outcome
 
 log = structlog.get_logger(__name__)
@@ -82,9 +82,9 @@ def decide_cancel(worker: Worker, request_id: str) -> tuple[CancelOutcome, str]:
     s3, settings = worker.clients.s3, worker.settings
     bucket = settings.s3_destination_bucket
     # A request completed before decision.json existed (an archiver older than cancels) has none.
-    directory = request_dir(settings.s3_file_prefix, request_id)
-    # read_stored finds the status document next to an archive key; this one stands in for the archive.
-    stored = status.read_stored(s3, bucket=bucket, archive_key=f"{directory}/{status.STATUS_NAME}").document
+    stored, _ = status.read_document(
+        s3, bucket, status.request_status_key(settings.s3_file_prefix, request_id)
+    )
     state = (stored or {}).get("status") or "not received yet"
     if state == "completed":
         return "ignored", "the request completed before the cancel arrived"

@@ -109,7 +109,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from archiver.aws import make_clients
     from archiver.models import is_valid_request_id
     from archiver.notify import archive_url
-    from archiver.status_view import describe, document_key
+    from archiver.status_view import describe
 
     settings = _settings()
     if not is_valid_request_id(args.request_id):
@@ -118,10 +118,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     clients = make_clients(
         expected_bucket_owner=settings.expected_bucket_owner, link_endpoint=settings.archive_link_endpoint
     )
-    key = document_key(settings.s3_file_prefix, args.request_id)
-    # read_stored finds a status document next to an archive key; this one stands in for the archive.
-    stored = status.read_stored(clients.s3, bucket=settings.s3_destination_bucket, archive_key=key)
-    document = stored.document
+    key = status.request_status_key(settings.s3_file_prefix, args.request_id)
+    document, _ = status.read_document(clients.s3, settings.s3_destination_bucket, key)
     if document is None:
         where = f"s3://{settings.s3_destination_bucket}/{key}"
         print(f"no status for request {args.request_id}: not received yet, or unknown ({where})")

@@ -24,7 +24,7 @@ import structlog
 
 from archiver.aws import http_status, retry_transient
 from archiver.errors import TransientError
-from archiver.models import utc_timestamp
+from archiver.models import request_dir, utc_timestamp
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -35,6 +35,11 @@ STATUS_NAME = "status.json"
 WORKER_ID = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 Status = Literal["queued", "processing", "completed", "failed", "cancelled"]
+
+
+def request_status_key(prefix: str, request_id: str) -> str:
+    """Where a request's status document is, known by its id alone, whatever its archive is named."""
+    return f"{request_dir(prefix, request_id)}/{STATUS_NAME}"
 
 
 def status_key(archive_key: str) -> str:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from archiver.status import STATUS_NAME
-
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
 
@@ -17,11 +15,6 @@ def human_bytes(count: int) -> str:
             return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
-
-
-def document_key(prefix: str, request_id: str) -> str:
-    """Where a request's status document is: next to its archive, whatever the archive is named."""
-    return "/".join(part for part in (prefix, request_id, STATUS_NAME) if part)
 
 
 def describe(document: dict[str, Any], *, link: str | None) -> list[str]:
