@@ -11,8 +11,10 @@ drops those. So the archive is byte for byte the one streaming would write for t
 
 Part numbers: a copy is sent while stream-zip prepares the entry's local header, because the header needs
 the CRC, which without a full-object CRC from S3 comes from the copied parts' own checksums. The copied
-parts take numbers a few above the last one given out (the upload's `PartLedger.reserve`); the streamed
-parts before the copy fit below them, unused numbers are gaps, which S3 allows.
+parts take the numbers right after the part being filled (the upload's `PartLedger.reserve`), which then
+runs on to where the copy starts: S3 completes an upload with part checksums only if its numbers have no
+gaps. A fan-out upload has no part checksums (its segments leave gaps), so it copies only sources with
+S3's full-object CRC-32.
 
 Fallback: a server that rejects UploadPartCopy, or answers without the part checksums an object without
 its own CRC needs, gets that entry streamed instead, and this job streams the rest that would fail the
@@ -34,7 +36,8 @@ import structlog
 from archiver import crc
 from archiver.aws import error_code, http_status, is_transient, retry_transient
 from archiver.errors import JobAbandoned, TransientError, archive_too_large
-from archiver.multipart import RESERVE_GAP, Hole, MultipartUpload, PartLedger, choose_part_size
+from archiver.multipart import MultipartUpload, choose_part_size, completed_part
+from archiver.parts import RESERVE_GAP, Hole, PartLedger
 from archiver.settings import MAX_PARTS, MIN_PART_SIZE, MiB, Settings
 from archiver.sources import SourceObject, read_source
 from archiver.zipping import (
@@ -113,14 +116,13 @@ def copy_ranges(size: int, *, part_size: int, concurrency: int) -> list[tuple[in
     return list(itertools.pairwise(bounds))
 
 
-def _completed_parts(results: list[CopyPartResultTypeDef], first: int) -> list[CompletedPartTypeDef]:
-    parts: list[CompletedPartTypeDef] = []
-    for number, result in enumerate(results, first):
-        part: CompletedPartTypeDef = {"PartNumber": number, "ETag": result["ETag"]}
-        if "ChecksumCRC32" in result:
-            part["ChecksumCRC32"] = result["ChecksumCRC32"]
-        parts.append(part)
-    return parts
+def _completed_parts(
+    results: list[CopyPartResultTypeDef], first: int, *, checksummed: bool
+) -> list[CompletedPartTypeDef]:
+    return [
+        completed_part(number, result, checksummed=checksummed)
+        for number, result in enumerate(results, first)
+    ]
 
 
 class CopyRejected(Exception):
@@ -173,18 +175,33 @@ class Copier:
         self.unchecksummed = False  # copies came back without checksums: objects without a CRC stream
 
     def wants(self, obj: SourceObject) -> bool:
-        return not self.rejected and (obj.crc32 is not None or not self.unchecksummed)
+        """Without part checksums (a fan-out upload's, or a server that leaves them out) the entry's CRC
+        can only be S3's full-object CRC-32 of the source."""
+        unchecksummed = self.unchecksummed or not self._upload.checksummed
+        return not self.rejected and (obj.crc32 is not None or not unchecksummed)
 
     def copy(self, obj: SourceObject) -> CopiedEntry | None:
         """Copy the object's data after its lead into the upload; None when it must be streamed."""
         if not self.wants(obj):
             return None
-        upload, s3 = self._upload, self._upload.s3
+        upload = self._upload
         ranges = copy_ranges(obj.size, part_size=self._part_size, concurrency=self._concurrency)
         first = upload.ledger.reserve(len(ranges))
         last = first + len(ranges) - 1
-        if last > MAX_PARTS:
-            return None
+        copied = None
+        try:
+            if last <= MAX_PARTS:
+                copied = self._copied(obj, first, last, ranges)
+        finally:
+            if copied is None:
+                # The stream numbers on through the reserved numbers, which must not be left as a gap.
+                upload.ledger.release()
+        return copied
+
+    def _copied(
+        self, obj: SourceObject, first: int, last: int, ranges: list[tuple[int, int]]
+    ) -> CopiedEntry | None:
+        upload, s3 = self._upload, self._upload.s3
         lead = self._pool.submit(lambda: list(read_source(s3, obj, end=LEAD_BYTES)))
         copies = [
             self._pool.submit(_copy_part, upload, number, obj, start, end)
@@ -203,7 +220,10 @@ class Copier:
             self.unchecksummed = True
             log.info("copy.no_checksums", source=obj.ref.source)
             return None
-        upload.add_parts(_completed_parts(results, first), apart_bytes=obj.size - LEAD_BYTES)
+        upload.add_parts(
+            _completed_parts(results, first, checksummed=upload.checksummed),
+            apart_bytes=obj.size - LEAD_BYTES,
+        )
         log.debug("copy.done", source=obj.ref.source, parts=len(ranges), bytes=obj.size - LEAD_BYTES)
         return CopiedEntry(
             crc32=entry_crc,

@@ -14,7 +14,6 @@ import json
 import os
 import struct
 import sys
-import threading
 import urllib.request
 import zipfile
 import zlib
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from boto3.s3.transfer import TransferConfig
 
-from archiver import queue
+from archiver import motofixes, queue
 from archiver.assembly import LEAD_BYTES
 from archiver.aws import AwsClients, make_clients
 from archiver.settings import Settings, load_settings
@@ -49,8 +48,7 @@ def embedded_stack(*, access_key: str = "demo", secret_key: str = "demo") -> Ite
     credentials); yields the endpoint URL, and puts the environment back afterwards."""
     from moto.server import ThreadedMotoServer
 
-    _make_sqs_deletes_atomic()
-    _make_conditional_puts_atomic()
+    motofixes.apply()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -74,48 +72,6 @@ def embedded_stack(*, access_key: str = "demo", secret_key: str = "demo") -> Ite
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-def _make_sqs_deletes_atomic() -> None:
-    """moto (5.x) deletes a message by rebuilding the queue's list outside the lock its sends take: two
-    workers deleting at once, or a delete beside a send, can bring a deleted message back or drop a sent
-    one, which SQS never does. Deletes then take that same lock (once per process)."""
-    from moto.sqs.models import Queue
-
-    delete = Queue.delete_message
-    if getattr(delete, "atomic", False):
-        return
-
-    def atomic_delete(self: Queue, receipt_handle: str) -> None:
-        with self._messages_lock:
-            delete(self, receipt_handle)
-
-    atomic_delete.atomic = True  # type: ignore[attr-defined]
-    Queue.delete_message = atomic_delete  # type: ignore[method-assign]
-
-
-# One at a time: moto checks If-Match / If-None-Match and then writes, as two steps.
-_CONDITIONAL_PUTS = threading.Lock()
-
-
-def _make_conditional_puts_atomic() -> None:
-    """moto (5.x) checks a PutObject's If-None-Match or If-Match, then writes, without a lock: two
-    conditional writes at once can both pass, where S3 lets exactly one win (what a lease, a claim and
-    decision.json rest on). Conditional PUTs then run one at a time (once per process)."""
-    from moto.s3.responses import S3Response
-
-    put = S3Response.put_object
-    if getattr(put, "atomic", False):
-        return
-
-    def atomic_put(self: S3Response) -> Any:
-        if "If-None-Match" in self.headers or "If-Match" in self.headers:
-            with _CONDITIONAL_PUTS:
-                return put(self)
-        return put(self)
-
-    atomic_put.atomic = True  # type: ignore[attr-defined]
-    S3Response.put_object = atomic_put  # type: ignore[method-assign]
 
 
 _STACK_ENV = (

@@ -352,9 +352,8 @@ class _Attempt:
             finally:
                 prefetcher.close()
                 copier.close()
-            uploaded = upload.complete(confirm=self.confirm)
-        if stream.length == uploaded.size:
-            uploaded = replace(uploaded, crc32=stream.value)
+            whole = stream.length == upload.ledger.position
+            uploaded = upload.complete(confirm=self.confirm, crc32=stream.value if whole else None)
         progress.bytes_copied = uploaded.apart_bytes
         paths = [plan.entries[i].path for i in indexes]
         return _Built(uploaded=uploaded, paths=paths, rows=rows.listed(len(indexes)))

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import botocore.exceptions
 import structlog
 
-from archiver.aws import http_status, retry_transient
-from archiver.errors import JobAbandoned, PermanentError
-from archiver.settings import MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, MiB
+from archiver import crc
+from archiver.aws import error_code, http_status, retry_transient
+from archiver.errors import PermanentError, TransientError
+from archiver.parts import PartLedger, parts_of
+from archiver.settings import MAX_PART_SIZE, MAX_PARTS, MiB
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -52,157 +53,40 @@ def choose_part_size(size_bound: int, minimum: int, *, extra_parts: int = 0) -> 
     return part_size
 
 
-# Streamed parts that may still be numbered before parts uploaded apart from the stream once their
-# numbers are reserved: the one being filled, one the next bytes may complete, and the one that ends
-# where the apart range starts (parts_of cuts it there).
-RESERVE_GAP = 3
-
-
-@dataclass(frozen=True)
-class Hole:
-    """Stream bytes [start, end) that parts first..last fill, uploaded apart from the stream (copied
-    inside S3): the stream carries stand-ins there, which parts_of drops."""
-
-    start: int
-    end: int
-    first: int
-    last: int
-
-
-@dataclass
-class PartLedger:
-    """Which part numbers an upload has given out and which stream ranges other parts fill. Used by one
-    thread: the zip writer reserves numbers and marks holes while the part assembler, pulled by the same
-    loop, numbers the streamed parts around them."""
-
-    position: int = 0  # stream bytes the assembler has taken, holes included
-    last_number: int = 0  # the highest part number the stream has passed, streamed or apart
-    reserved_last: int = 0  # the highest number reserved for parts uploaded apart
-    holes: deque[Hole] = field(default_factory=deque)
-    # A fan-out segment's last part, under 5 MiB, that could not be joined to the one before (parts_of)
-    short_last: int = 0
-
-    def reserve(self, count: int) -> int:
-        """The first of `count` numbers for parts uploaded apart from the stream. The writer may reserve
-        while the end of what it wrote before is still on its way to the assembler: RESERVE_GAP numbers
-        are left for the streamed parts that can still come first; unused ones are gaps, which S3 allows."""
-        taken = max([self.last_number, self.reserved_last, *(hole.last for hole in self.holes)])
-        first = taken + RESERVE_GAP + 1
-        self.reserved_last = first + count - 1
-        return first
-
-    def add_hole(self, hole: Hole) -> None:
-        self.holes.append(hole)
-
-    def number_streamed(self) -> int:
-        number = self.last_number + 1
-        if self.holes and number >= self.holes[0].first:
-            raise RuntimeError(f"streamed part {number} would overwrite part {self.holes[0].first}")
-        self.last_number = number
-        return number
-
-    def passed(self, hole: Hole) -> None:
-        if self.holes[0] is not hole:
-            raise RuntimeError(f"passed {hole}, but the next hole is {self.holes[0]}")
-        self.holes.popleft()
-        self.last_number = hole.last
-
-
-def parts_of(
-    chunks: Iterable[bytes],
-    part_size: int,
-    abandoned: Callable[[], bool],
-    ledger: PartLedger,
-    *,
-    join_short_last: bool = False,
-    first_size: int = 0,
-    at_least: int = 0,
-) -> Iterator[tuple[int, bytes | bytearray]]:
-    """Regroup chunks into numbered parts of `part_size` bytes (the last one shorter), leaving out the
-    ranges other parts fill (`ledger.holes`). Each part is filled in place and handed over as it is:
-    joining and slicing would hold every part twice. A part that ends where a hole starts is cut there:
-    it holds the copied object's lead, so it is at least 5 MiB, and at most part_size + 5 MiB.
-
-    For a fan-out segment, whose end is not the archive's: `join_short_last` holds a full part back until
-    5 MiB more are written after it, so that a last part under S3's minimum is joined to it (one that
-    cannot be, a copy having come between, is numbered in `ledger.short_last`), unless the stream is
-    known to be at least `at_least` bytes long and that many follow anyway; `first_size` makes the first
-    part smaller, so that its upload starts sooner."""
-    size = first_size or part_size
-    part = bytearray(size)
-    filled = 0
-    emitted = False
-    held: tuple[int, bytearray] | None = None
-    for chunk in chunks:
-        if abandoned():
-            raise JobAbandoned("the job was stopped before its archive was complete")
-        data = memoryview(chunk)
-        while data:
-            hole = ledger.holes[0] if ledger.holes else None
-            if hole is not None and ledger.position >= hole.start:
-                skip = min(len(data), hole.end - ledger.position)
-                data = data[skip:]
-                ledger.position += skip
-                if ledger.position == hole.end:
-                    ledger.passed(hole)
-                continue
-            end = size
-            if hole is not None and hole.start - (ledger.position - filled) < size + MIN_PART_SIZE:
-                end = hole.start - (ledger.position - filled)
-            take = min(len(data), end - filled)
-            part[filled : filled + take] = data[:take]
-            filled += take
-            ledger.position += take
-            data = data[take:]
-            if held is not None and filled >= MIN_PART_SIZE:
-                yield held
-                held = None
-            if filled == end:
-                del part[filled:]  # a part cut short where a hole starts
-                more_follow = ledger.position + MIN_PART_SIZE <= at_least
-                if join_short_last and end == size and not more_follow:
-                    held = (ledger.number_streamed(), part)
-                else:
-                    yield ledger.number_streamed(), part
-                emitted = True
-                size = part_size
-                part, filled = bytearray(size), 0
-    yield from _last_part(held, part[:filled], ledger, emitted=emitted, join_short_last=join_short_last)
-
-
-def _last_part(
-    held: tuple[int, bytearray] | None,
-    rest: bytearray,
-    ledger: PartLedger,
-    *,
-    emitted: bool,
-    join_short_last: bool,
-) -> Iterator[tuple[int, bytes | bytearray]]:
-    """The stream's end: what is left joined to a held part (it is under 5 MiB, or the part would have
-    been handed over), else a part of its own; at least one part, for an empty stream."""
-    if held is not None:
-        held[1].extend(rest)
-        yield held
-    elif rest or not emitted:
-        number = ledger.number_streamed()
-        if join_short_last and emitted and len(rest) < MIN_PART_SIZE:
-            ledger.short_last = number
-        yield number, bytes(rest)
-
-
 @retry_transient
 def upload_part(
-    s3: S3Client, *, bucket: str, key: str, upload_id: str, number: int, body: bytes | bytearray
+    s3: S3Client,
+    *,
+    bucket: str,
+    key: str,
+    upload_id: str,
+    number: int,
+    body: bytes | bytearray,
+    checksummed: bool = True,
 ) -> CompletedPartTypeDef:
     # botocore sends any bytes-like body as it is; its stubs only name bytes, and a bytes() copy of a
     # 16 MiB part is what parts_of avoids.
     payload = cast(bytes, body)
+    extra = {"ChecksumAlgorithm": "CRC32"} if checksummed else {}
     response = s3.upload_part(
-        Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=payload, ChecksumAlgorithm="CRC32"
+        Bucket=bucket,
+        Key=key,
+        UploadId=upload_id,
+        PartNumber=number,
+        Body=payload,
+        **extra,  # type: ignore[arg-type]
     )
-    part: CompletedPartTypeDef = {"PartNumber": number, "ETag": response["ETag"]}
-    if "ChecksumCRC32" in response:
-        part["ChecksumCRC32"] = response["ChecksumCRC32"]
+    return completed_part(number, response, checksummed=checksummed)
+
+
+def completed_part(number: int, answer: Mapping[str, Any], *, checksummed: bool) -> CompletedPartTypeDef:
+    """A part as CompleteMultipartUpload lists it, from the answer to its UploadPart or UploadPartCopy:
+    its CRC-32 only on an upload created with part checksums. botocore sends a CRC-32 of every part
+    anyway and S3 may answer with it, but a completion that lists one for an upload without them is
+    refused (InvalidPart)."""
+    part: CompletedPartTypeDef = {"PartNumber": number, "ETag": answer["ETag"]}
+    if checksummed and "ChecksumCRC32" in answer:
+        part["ChecksumCRC32"] = answer["ChecksumCRC32"]
     return part
 
 
@@ -232,9 +116,21 @@ class MultipartUpload:
     manager that registers the abort as soon as the upload id exists: leaving it any way but through
     `complete` aborts the upload, so no parts linger and cost money."""
 
-    def __init__(self, s3: S3Client, *, bucket: str, key: str, upload_id: str, metadata: dict[str, str]):
+    def __init__(
+        self,
+        s3: S3Client,
+        *,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        metadata: dict[str, str],
+        checksummed: bool = False,
+    ):
         self.s3, self.bucket, self.key, self.upload_id = s3, bucket, key, upload_id
         self.metadata = metadata
+        # Created with a full-object CRC-32 (`start`): every part carries its checksum, the numbers run
+        # 1, 2, 3... without gaps (S3 refuses the completion otherwise), and S3 checks the object's CRC.
+        self.checksummed = checksummed
         self.ledger = PartLedger()
         self._parts: list[CompletedPartTypeDef] = []
         self.apart_bytes = 0
@@ -249,18 +145,24 @@ class MultipartUpload:
         key: str,
         metadata: dict[str, str],
         content_disposition: str | None = None,
+        checksummed: bool = True,
     ) -> MultipartUpload:
-        """A new upload, which its caller must complete or abort (`create` does that for it)."""
-        extra = {"ContentDisposition": content_disposition} if content_disposition else {}
+        """A new upload, which its caller must complete or abort (`create` does that for it).
+        `checksummed`: a FULL_OBJECT CRC-32 upload, whose part numbers must then be consecutive; a fan-out
+        upload, whose segments leave unused numbers between them, is created without one."""
+        extra: dict[str, str] = {"ContentDisposition": content_disposition} if content_disposition else {}
+        if checksummed:
+            extra |= {"ChecksumAlgorithm": "CRC32", "ChecksumType": "FULL_OBJECT"}
         upload_id = retry_transient(s3.create_multipart_upload)(
             Bucket=bucket,
             Key=key,
             ContentType="application/zip",
             Metadata=metadata,
-            ChecksumAlgorithm="CRC32",
             **extra,  # type: ignore[arg-type]
         )["UploadId"]
-        return cls(s3, bucket=bucket, key=key, upload_id=upload_id, metadata=metadata)
+        return cls(
+            s3, bucket=bucket, key=key, upload_id=upload_id, metadata=metadata, checksummed=checksummed
+        )
 
     @classmethod
     @contextlib.contextmanager
@@ -284,7 +186,13 @@ class MultipartUpload:
 
     def upload_part(self, number: int, body: bytes | bytearray) -> CompletedPartTypeDef:
         return upload_part(
-            self.s3, bucket=self.bucket, key=self.key, upload_id=self.upload_id, number=number, body=body
+            self.s3,
+            bucket=self.bucket,
+            key=self.key,
+            upload_id=self.upload_id,
+            number=number,
+            body=body,
+            checksummed=self.checksummed,
         )
 
     def copy_part(self, number: int, source: CopySourceTypeDef, **conditions: str) -> CopyPartResultTypeDef:
@@ -323,12 +231,14 @@ class MultipartUpload:
         parts = parts_of(chunks, part_size, abandoned, self.ledger)
         self._parts.extend(upload_parts(self, parts, concurrency=concurrency))
 
-    def complete(self, *, confirm: Callable[[], None] = _nothing) -> UploadedObject:
+    def complete(self, *, confirm: Callable[[], None] = _nothing, crc32: int | None = None) -> UploadedObject:
         """Complete the upload with every part. `confirm` runs right before, the one step that cannot be
-        undone: if it raises, the upload is aborted instead."""
+        undone: if it raises, the upload is aborted instead. `crc32`, the object's CRC-32 as the stream
+        that made it computed it, is handed to S3 on a checksummed upload, which then refuses to complete
+        an object whose bytes have another."""
         parts = sorted(self._parts, key=lambda part: part["PartNumber"])
         confirm()
-        _complete(self, parts)
+        _complete(self, parts, crc32 if self.checksummed else None)
         self.completed = True
         return UploadedObject(
             bucket=self.bucket,
@@ -336,6 +246,7 @@ class MultipartUpload:
             size=self.ledger.position,
             parts=len(parts),
             apart_bytes=self.apart_bytes,
+            crc32=crc32,
         )
 
     def abort(self) -> None:
@@ -359,30 +270,53 @@ def upload_stream(
     abandoned: Callable[[], bool] = _never,
 ) -> UploadedObject:
     """Upload `chunks` as one object, streamed only: completed, or aborted on any failure."""
+    stream = crc.Running()
     with MultipartUpload.create(
         s3, bucket=bucket, key=key, metadata=metadata, content_disposition=content_disposition
     ) as upload:
-        upload.write(chunks, part_size=part_size, concurrency=concurrency, abandoned=abandoned)
-        return upload.complete()
+        upload.write(stream.over(chunks), part_size=part_size, concurrency=concurrency, abandoned=abandoned)
+        return upload.complete(crc32=stream.value)
 
 
-def _complete(upload: MultipartUpload, parts: list[CompletedPartTypeDef]) -> None:
+def _complete(upload: MultipartUpload, parts: list[CompletedPartTypeDef], crc32: int | None) -> None:
     """When the answer to a Complete that worked is lost, botocore's retry finds the upload gone
-    (NoSuchUpload on S3): the object itself says it is done."""
+    (NoSuchUpload on S3): the object itself says it is done. S3 refusing the object's CRC-32 (its
+    bytes changed on the way) fails the attempt, to be tried again."""
     s3 = upload.s3
+    checks: dict[str, Any] = {"MpuObjectSize": upload.ledger.position}
+    if upload.checksummed:
+        checks["ChecksumType"] = "FULL_OBJECT"
+    if crc32 is not None:
+        checks["ChecksumCRC32"] = crc.to_base64(crc32)
     try:
         retry_transient(s3.complete_multipart_upload)(
-            Bucket=upload.bucket, Key=upload.key, UploadId=upload.upload_id, MultipartUpload={"Parts": parts}
+            Bucket=upload.bucket,
+            Key=upload.key,
+            UploadId=upload.upload_id,
+            MultipartUpload={"Parts": parts},
+            **checks,
         )
+    except botocore.exceptions.ClientError as exc:
+        if error_code(exc) in CHECKSUM_REFUSALS:
+            raise TransientError(f"S3 refused the archive's checksum: {exc}") from exc
+        _raise_unless_completed(upload, exc)
+    except Exception as exc:
+        _raise_unless_completed(upload, exc)
+
+
+# What S3 answers a completion whose full-object checksum or size is not its parts'.
+CHECKSUM_REFUSALS = frozenset({"BadDigest", "InvalidDigest"})
+
+
+def _raise_unless_completed(upload: MultipartUpload, error: Exception) -> None:
+    try:
+        head = upload.s3.head_object(Bucket=upload.bucket, Key=upload.key)
     except Exception:
-        try:
-            head = s3.head_object(Bucket=upload.bucket, Key=upload.key)
-        except Exception:
-            head = None
-        size_matches = head is not None and head["ContentLength"] == upload.ledger.position
-        if not (size_matches and head is not None and head.get("Metadata") == upload.metadata):
-            raise
-        log.warning("upload.complete_answer_lost", key=upload.key)
+        head = None
+    size_matches = head is not None and head["ContentLength"] == upload.ledger.position
+    if not (size_matches and head is not None and head.get("Metadata") == upload.metadata):
+        raise error
+    log.warning("upload.complete_answer_lost", key=upload.key)
 
 
 def upload_threads(concurrency: int) -> int:

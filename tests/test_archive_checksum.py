@@ -55,6 +55,15 @@ def check_manifest(stack: Stack, note: dict[str, Any], data: bytes, sources: dic
         }
 
 
+def check_s3_checksum(stack: Stack, note: dict[str, Any]) -> None:
+    """The archive was completed with its CRC-32 as a FULL_OBJECT checksum, which S3 checked against the
+    bytes it got (the embedded stack checks it as S3 does: archiver.motofixes)."""
+    head = stack.clients.s3.head_object(
+        Bucket=note["archive"]["bucket"], Key=note["archive"]["key"], ChecksumMode="ENABLED"
+    )
+    assert (head["ChecksumType"], head["ChecksumCRC32"]) == ("FULL_OBJECT", note["archive"]["crc32"])
+
+
 def archive_and_note(
     stack: Stack, request: dict[str, object], **settings: object
 ) -> tuple[bytes, dict[str, Any]]:
@@ -74,6 +83,7 @@ def test_a_streamed_archive_carries_the_crc_of_its_bytes(stack: Stack, tmp_path:
     data, note = archive_and_note(stack, request)
     check_archive(data, files, tmp_path)
     assert note["archive"]["crc32"] == crc_of(data)
+    check_s3_checksum(stack, note)
     check_manifest(stack, note, data, {name: name for name in files})
     _, again = archive_and_note(stack, request)
     assert again["archive"]["crc32"] == crc_of(data)
@@ -92,6 +102,7 @@ def test_an_archive_with_an_entry_copied_inside_s3_carries_the_crc_of_its_bytes(
     data, note = archive_and_note(stack, request, server_side_copy_min_bytes=16 * MiB)
     check_archive(data, {"note.txt": b"hello", "clip.mp4": video}, tmp_path)
     assert note["archive"]["crc32"] == crc_of(data)
+    check_s3_checksum(stack, note)
     check_manifest(stack, note, data, {"note.txt": "note.txt", "clip.mp4": "clip.mp4"})
 
 

@@ -24,7 +24,7 @@ from isal import isal_zlib
 from archiver import crc, worker
 from archiver.assembly import COPY_EXTRA_PARTS, LEAD_BYTES, CopiedEntry, copy_ranges, plan_copies
 from archiver.logs import configure_logging
-from archiver.multipart import PartLedger, parts_of
+from archiver.parts import PartLedger, parts_of
 from archiver.settings import MAX_PARTS, MIN_PART_SIZE, MiB
 from archiver.sources import SourceObject
 from archiver.zipping import CHUNK_SIZE, ZipEntry, zip_chunks

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 
 from archiver.models import json_schemas
-from archiver.notices import ArchiveInfo, CompletedNotification, RenamedEntry, SkippedSource
+from archiver.notices import ArchiveInfo, CompletedNotification, ManifestInfo, RenamedEntry, SkippedSource
 from archiver.notify import fit
 
 CONTRACT = Path(__file__).parent.parent / "docs" / "contract.md"
@@ -60,10 +60,14 @@ def test_schema_rejects_what_the_worker_rejects(bad: dict[str, Any]) -> None:
 
 
 def test_oversized_notifications_are_cut_to_fit() -> None:
-    """50,000 renames do not fit an SQS message: the lists are cut, `truncated` says so, the rest stays."""
+    """50,000 renames do not fit an SQS message: the lists are cut, `truncated` says so, the rest stays,
+    the archive's link and CRC-32 and the manifest's link whole (presigned with a session token, a link is
+    a few KiB). The 50,000 entries themselves are in manifest.json, never in the notification."""
+    link = "https://zip-storage.s3.amazonaws.com/download/r/r.zip?X-Amz-Security-Token=" + "t" * 2000
     notification = CompletedNotification(
         request_id="r",
-        archive=ArchiveInfo(bucket="b", key="k", url="u", size=1, entries=50_000),
+        archive=ArchiveInfo(bucket="b", key="k", url=link, size=1, entries=50_000, crc32="8EnnOw=="),
+        manifest=ManifestInfo(bucket="b", key="download/r/manifest.json", url=link + "m", entries=50_000),
         renamed=[RenamedEntry(source=f"src/{i}/photo.jpg", name=f"photo ({i}).jpg") for i in range(50_000)],
         skipped=[SkippedSource(source=f"gone/{i}", reason="not_found") for i in range(10)],
         metadata={"user": "someone"},
@@ -76,5 +80,6 @@ def test_oversized_notifications_are_cut_to_fit() -> None:
     assert fitted.renamed == notification.renamed[: len(fitted.renamed)]
     assert fitted.metadata == {"user": "someone"}
     assert fitted.archive == notification.archive
+    assert fitted.manifest == notification.manifest
     small = notification.model_copy(update={"renamed": notification.renamed[:3]})
     assert fit(small) == small

@@ -32,7 +32,7 @@ from archiver.fanout.layout import plan_layout
 from archiver.fanout.segment import _WithoutDirectory
 from archiver.fanout.tasks import SegmentTask, run_task
 from archiver.models import SourceRef, parse_request, plan_archive
-from archiver.multipart import PartLedger, parts_of
+from archiver.parts import PartLedger, parts_of
 from archiver.settings import MiB, Settings, load_settings
 from archiver.sources import SourceObject
 from archiver.status import LeaseLost, Progress

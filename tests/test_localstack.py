@@ -556,4 +556,19 @@ def test_a_cancel_on_localstack_answers_its_request_cancelled_and_leaves_a_compl
     check_archive(data, {"photo.jpg": photo}, tmp_path)
     # The notification's CRC-32 is the downloaded bytes' (contract §4, notification).
     assert kept["archive"]["crc32"] == base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+    # Handed to S3 as the upload's FULL_OBJECT CRC-32 at completion, which LocalStack checks as S3 does.
+    head = json.loads(
+        aws(
+            env,
+            "s3api",
+            "head-object",
+            "--bucket",
+            "zip-storage",
+            "--key",
+            "download/ls-kept/ls-kept.zip",
+            "--checksum-mode",
+            "ENABLED",
+        )
+    )
+    assert (head["ChecksumType"], head["ChecksumCRC32"]) == ("FULL_OBJECT", kept["archive"]["crc32"])
     assert queue_depth(resources, "input-queue") == 0

@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import os
 import random
+import zlib
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from archiver.assembly import LEAD_BYTES
-from archiver.errors import JobAbandoned, PermanentError
-from archiver.multipart import (
-    MAX_PARTS,
-    RESERVE_GAP,
-    Hole,
-    PartLedger,
-    choose_part_size,
-    parts_of,
-    upload_stream,
-)
+from archiver.crc import to_base64
+from archiver.errors import JobAbandoned, PermanentError, TransientError
+from archiver.multipart import MAX_PARTS, MultipartUpload, choose_part_size, upload_stream
+from archiver.parts import RESERVE_GAP, Hole, PartLedger, parts_of
 from archiver.settings import MIN_PART_SIZE, MiB
 from tests.conftest import Stack
 
@@ -162,34 +158,44 @@ def test_a_complete_whose_answer_is_lost_counts_as_done(stack: Stack) -> None:
 
 
 @st.composite
-def archive_layouts(draw: st.DrawFn) -> list[tuple[int, int]]:
-    """Runs of streamed bytes, each maybe followed by a copied entry: (streamed, copied) lengths."""
+def archive_layouts(draw: st.DrawFn) -> list[tuple[int, int, bool]]:
+    """Runs of streamed bytes, each maybe followed by a copied entry: (streamed, copied) lengths, and
+    whether the server refuses that copy (the entry is then streamed after its numbers were reserved)."""
     count = draw(st.integers(min_value=1, max_value=4))
     return [
         (
             draw(st.integers(min_value=30, max_value=12 * MiB)),
             draw(st.sampled_from([0, 0, 5 * MiB, 5 * MiB + 1, 40 * MiB + 17])),
+            draw(st.booleans()),
         )
         for _ in range(count)
     ]
 
 
-@settings(max_examples=25, deadline=None)
+# What may reach the assembler after the copier reserved numbers and before the copied range starts:
+# output stream-zip still holds back (a block), the entry's local header (a long name), and the lead.
+AFTER_RESERVE = 64 * 1024 + 1100 + LEAD_BYTES
+
+
+@settings(max_examples=30, deadline=None)
 @given(
     layout_runs=archive_layouts(),
     part_size=st.sampled_from([5 * MiB, 8 * MiB, 6 * MiB + 3]),
     chunk=st.sampled_from([1000, 65536, 3 * MiB]),
+    lag=st.sampled_from([0, 31, 64 * 1024]),
     tail=st.integers(min_value=0, max_value=6 * MiB),
 )
 def test_parts_around_copies_obey_s3s_rules(
-    layout_runs: list[tuple[int, int]], part_size: int, chunk: int, tail: int
+    layout_runs: list[tuple[int, int, bool]], part_size: int, chunk: int, lag: int, tail: int
 ) -> None:
-    """Streamed parts around any copies: numbers rising and clear of the copies', every part but the
-    last between 5 MiB and part size + 5 MiB, the streamed bytes all there in order, the copied ones not."""
+    """Streamed parts around any copies, some refused after their numbers were reserved: the numbers of
+    the parts completed, streamed and copied, run 1, 2, 3... without a gap (what S3 requires of an upload
+    with part checksums), every part but the last is between 5 MiB and part size + what may follow a
+    reservation, and the streamed bytes are all there in order, the copied ones not."""
     layout = PartLedger()
-    rng = random.Random(len(layout_runs) + part_size + chunk + tail)
+    rng = random.Random(len(layout_runs) + part_size + chunk + tail + lag)
     streamed_bytes: list[bytes] = []
-    copied_numbers: list[range] = []
+    copied_numbers: list[int] = []
 
     def literal(length: int) -> Iterator[bytes]:
         data = rng.randbytes(length)
@@ -197,21 +203,35 @@ def test_parts_around_copies_obey_s3s_rules(
         return split(data, chunk)
 
     def stream() -> Iterator[bytes]:
-        # stream-zip holds back up to a block of output while it prepares the next entry: the end of a
-        # copy's stand-ins may reach the assembler only after the next copy has reserved its numbers.
-        held: list[bytes] = []
-        for streamed, copied in layout_runs:
-            if copied:
-                first = layout.reserve(2)  # as the copier does before the entry's header goes out
-            yield from held
-            held = []
+        held: list[bytes] = []  # the end of a copy's stand-ins, which stream-zip may hold back
+        for streamed, copied, refused in layout_runs:
             if not copied:
+                yield from held
+                held = []
                 yield from literal(streamed)
                 continue
-            yield from literal(streamed)  # the run ends with the entry's local header
+            run = rng.randbytes(streamed)
+            streamed_bytes.append(run)
+            # The copier reserves while stream-zip prepares the local header, the last `lag` bytes
+            # before it (or the previous copy's end) not yet passed on.
+            if len(run) <= lag:
+                first = layout.reserve(2)
+                yield from held
+                yield from split(run, chunk)
+            else:
+                yield from held
+                yield from split(run[:-lag] if lag else run, chunk)
+                first = layout.reserve(2)
+                yield from split(run[-lag:] if lag else b"", chunk)
+            held = []
+            yield from literal(rng.randrange(30, 1100))  # the local header
+            if refused:
+                layout.release()  # the copier gave up: the entry's bytes are streamed instead
+                yield from literal(copied)
+                continue
             start = layout.position + LEAD_BYTES
             layout.add_hole(Hole(start=start, end=start + copied, first=first, last=first + 1))
-            copied_numbers.append(range(first, first + 2))
+            copied_numbers.extend((first, first + 1))
             yield from literal(LEAD_BYTES)
             *stand_ins, last = split(bytes(copied), chunk)
             yield from stand_ins
@@ -223,14 +243,95 @@ def test_parts_around_copies_obey_s3s_rules(
         (number, bytes(body)) for number, body in parts_of(stream(), part_size, lambda: False, layout)
     ]
     numbers = [number for number, _ in numbered]
-    assert numbers == sorted(set(numbers))
-    assert not any(number in taken for number in numbers for taken in copied_numbers)
+    assert sorted(numbers + copied_numbers) == list(range(1, len(numbers) + len(copied_numbers) + 1))
     sizes = [len(body) for _, body in numbered]
-    assert all(MIN_PART_SIZE <= size <= part_size + MIN_PART_SIZE for size in sizes[:-1])
+    assert all(MIN_PART_SIZE <= size <= part_size + AFTER_RESERVE for size in sizes[:-1])
     assert b"".join(body for _, body in numbered) == b"".join(streamed_bytes)
-    copied_total = sum(copied for _, copied in layout_runs)
+    copied_total = sum(copied for _, copied, refused in layout_runs if not refused)
     assert layout.position == len(b"".join(streamed_bytes)) + copied_total
 
 
 def split(data: bytes, size: int = 65536) -> Iterator[bytes]:
     return (data[start : start + size] for start in range(0, len(data), size))
+
+
+def test_the_embedded_stack_refuses_completions_as_s3_documents(stack: Stack) -> None:
+    """moto completes what S3 refuses; archiver.motofixes makes it refuse it too, so that every archive the
+    suite builds is checked as S3 would: gaps in the part numbers of an upload with part checksums
+    (InvalidPartOrder; allowed without them), a full-object CRC-32 or object size not the parts'."""
+    import botocore.exceptions
+
+    s3, bucket = stack.clients.s3, stack.destination_bucket
+    body = os.urandom(MIN_PART_SIZE)
+
+    def complete(key: str, numbers: list[int], *, checksummed: bool, **checks: object) -> str:
+        extra: dict[str, str] = (
+            {"ChecksumAlgorithm": "CRC32", "ChecksumType": "FULL_OBJECT"} if checksummed else {}
+        )
+        upload_id = s3.create_multipart_upload(Bucket=bucket, Key=key, **extra)["UploadId"]  # type: ignore[arg-type]
+        parts: list[Any] = []
+        for number in numbers:
+            answer = s3.upload_part(
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=body,
+                **({"ChecksumAlgorithm": "CRC32"} if checksummed else {}),  # type: ignore[arg-type]
+            )
+            part = {"PartNumber": number, "ETag": answer["ETag"]}
+            if checksummed:
+                part["ChecksumCRC32"] = answer["ChecksumCRC32"]
+            parts.append(part)
+        try:
+            s3.complete_multipart_upload(
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+                **checks,  # type: ignore[arg-type]
+            )
+        except botocore.exceptions.ClientError as exc:
+            s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            return str(exc.response["Error"]["Code"])
+        return "completed"
+
+    whole = zlib.crc32(body * 2)
+    assert complete("gap.zip", [1, 3], checksummed=True) == "InvalidPartOrder"
+    assert complete("late.zip", [2, 3], checksummed=True) == "InvalidPartOrder"
+    assert complete("plain-gap.zip", [1, 3], checksummed=False) == "completed"
+    right = {"ChecksumType": "FULL_OBJECT", "ChecksumCRC32": to_base64(whole)}
+    assert complete("right.zip", [1, 2], checksummed=True, **right) == "completed"
+    wrong = {"ChecksumType": "FULL_OBJECT", "ChecksumCRC32": to_base64(whole ^ 1)}
+    assert complete("wrong.zip", [1, 2], checksummed=True, **wrong) == "BadDigest"
+    assert complete("short.zip", [1, 2], checksummed=False, MpuObjectSize=len(body)) == "InvalidRequest"
+    assert stack.archive_keys() == ["plain-gap.zip", "right.zip"]
+
+
+def test_an_archive_s3_finds_a_different_crc_for_is_tried_again_and_leaves_nothing(stack: Stack) -> None:
+    """The CRC-32 handed to S3 at completion is the stream's: if S3 finds the bytes it got have another
+    (changed on the way), the attempt fails as a transient error (the request is tried again) and the
+    upload is aborted."""
+    body = os.urandom(6 * MiB)
+    with MultipartUpload.create(
+        stack.clients.s3, bucket=stack.destination_bucket, key="changed.zip", metadata={}
+    ) as upload:
+        upload.write(iter([body]), part_size=5 * MiB, concurrency=2)
+        with pytest.raises(TransientError, match="checksum"):
+            upload.complete(crc32=zlib.crc32(body) ^ 0x80)
+    assert stack.archive_keys() == []
+    assert stack.incomplete_uploads() == []
+    result = upload_stream(
+        stack.clients.s3,
+        iter([body]),
+        bucket=stack.destination_bucket,
+        key="changed.zip",
+        part_size=5 * MiB,
+        concurrency=2,
+        metadata={},
+    )
+    assert result.crc32 == zlib.crc32(body)
+    head = stack.clients.s3.head_object(
+        Bucket=stack.destination_bucket, Key="changed.zip", ChecksumMode="ENABLED"
+    )
+    assert (head["ChecksumType"], head["ChecksumCRC32"]) == ("FULL_OBJECT", to_base64(zlib.crc32(body)))

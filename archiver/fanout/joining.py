@@ -19,7 +19,7 @@ from archiver.fanout.segment import SegmentResult
 from archiver.fanout.store import Store, StoredPlan, get_bytes, head_name, tail_name
 from archiver.job import archive_metadata
 from archiver.models import ArchivePlan
-from archiver.multipart import MultipartUpload, UploadedObject
+from archiver.multipart import MultipartUpload, UploadedObject, completed_part
 from archiver.settings import MIN_PART_SIZE
 
 if TYPE_CHECKING:
@@ -110,7 +110,4 @@ def _copy_in(upload: MultipartUpload, number: int, key: str) -> CompletedPartTyp
         if http_status(exc) != 501:
             raise
         return upload.upload_part(number, get_bytes(upload.s3, upload.bucket, key))
-    part: CompletedPartTypeDef = {"PartNumber": number, "ETag": result["ETag"]}
-    if "ChecksumCRC32" in result:
-        part["ChecksumCRC32"] = result["ChecksumCRC32"]
-    return part
+    return completed_part(number, result, checksummed=upload.checksummed)

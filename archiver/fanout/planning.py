@@ -45,6 +45,8 @@ def write_plan(clients: AwsClients, settings: Settings, plan: ArchivePlan, store
         key=plan.key,
         metadata=archive_metadata(plan, len(resolved.entries)),
         content_disposition=archive_disposition(plan),
+        # Segments leave unused part numbers between them, which S3 allows only without part checksums.
+        checksummed=False,
     ).upload_id
     _write_entries(store, resolved, layout)
     document = {
