@@ -6,7 +6,6 @@ import os
 import random
 import zlib
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -15,7 +14,7 @@ from hypothesis import strategies as st
 from archiver.assembly import LEAD_BYTES
 from archiver.crc import to_base64
 from archiver.errors import JobAbandoned, PermanentError, TransientError
-from archiver.multipart import MAX_PARTS, MultipartUpload, choose_part_size, upload_stream
+from archiver.multipart import MAX_PARTS, MultipartUpload, choose_part_size, upload_part, upload_stream
 from archiver.parts import RESERVE_GAP, Hole, PartLedger, parts_of
 from archiver.settings import MIN_PART_SIZE, MiB
 from tests.conftest import Stack
@@ -269,20 +268,18 @@ def test_the_embedded_stack_refuses_completions_as_s3_documents(stack: Stack) ->
             {"ChecksumAlgorithm": "CRC32", "ChecksumType": "FULL_OBJECT"} if checksummed else {}
         )
         upload_id = s3.create_multipart_upload(Bucket=bucket, Key=key, **extra)["UploadId"]  # type: ignore[arg-type]
-        parts: list[Any] = []
-        for number in numbers:
-            answer = s3.upload_part(
-                Bucket=bucket,
-                Key=key,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=body,
-                **({"ChecksumAlgorithm": "CRC32"} if checksummed else {}),  # type: ignore[arg-type]
+        parts = [
+            upload_part(
+                s3,
+                bucket=bucket,
+                key=key,
+                upload_id=upload_id,
+                number=number,
+                body=body,
+                checksummed=checksummed,
             )
-            part = {"PartNumber": number, "ETag": answer["ETag"]}
-            if checksummed:
-                part["ChecksumCRC32"] = answer["ChecksumCRC32"]
-            parts.append(part)
+            for number in numbers
+        ]
         try:
             s3.complete_multipart_upload(
                 Bucket=bucket,
