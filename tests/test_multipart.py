@@ -6,6 +6,7 @@ import os
 import random
 import zlib
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -183,14 +184,16 @@ AFTER_RESERVE = 64 * 1024 + 1100 + LEAD_BYTES
     chunk=st.sampled_from([1000, 65536, 3 * MiB]),
     lag=st.sampled_from([0, 31, 64 * 1024]),
     tail=st.integers(min_value=0, max_value=6 * MiB),
+    segment=st.booleans(),
 )
 def test_parts_around_copies_obey_s3s_rules(
-    layout_runs: list[tuple[int, int, bool]], part_size: int, chunk: int, lag: int, tail: int
+    layout_runs: list[tuple[int, int, bool]], part_size: int, chunk: int, lag: int, tail: int, segment: bool
 ) -> None:
     """Streamed parts around any copies, some refused after their numbers were reserved: the numbers of
     the parts completed, streamed and copied, run 1, 2, 3... without a gap (what S3 requires of an upload
     with part checksums), every part but the last is between 5 MiB and part size + what may follow a
-    reservation, and the streamed bytes are all there in order, the copied ones not."""
+    reservation, and the streamed bytes are all there in order, the copied ones not. The same for a
+    fan-out segment's stream (a small first part, a short last part joined to the one before)."""
     layout = PartLedger()
     rng = random.Random(len(layout_runs) + part_size + chunk + tail + lag)
     streamed_bytes: list[bytes] = []
@@ -238,8 +241,10 @@ def test_parts_around_copies_obey_s3s_rules(
         yield from held
         yield from literal(tail)
 
+    options: dict[str, Any] = {"join_short_last": True, "first_size": MIN_PART_SIZE} if segment else {}
     numbered = [
-        (number, bytes(body)) for number, body in parts_of(stream(), part_size, lambda: False, layout)
+        (number, bytes(body))
+        for number, body in parts_of(stream(), part_size, lambda: False, layout, **options)
     ]
     numbers = [number for number, _ in numbered]
     assert sorted(numbers + copied_numbers) == list(range(1, len(numbers) + len(copied_numbers) + 1))
