@@ -208,6 +208,9 @@ def make_clients(
         max_pool_connections=max_connections,
         tcp_keepalive=True,
         signature_version="s3v4",
+        # Over http:// botocore would SHA-256 every byte uploaded to sign it; over https:// (AWS) it does
+        # not, and neither do we: every part carries a CRC-32 the server checks (docs/decisions.md).
+        s3={"payload_signing_enabled": False},
     )
     session = boto3.session.Session()
     s3 = session.client("s3", config=config)

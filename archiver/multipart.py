@@ -19,7 +19,7 @@ import structlog
 from archiver import crc
 from archiver.aws import error_code, http_status, retry_transient
 from archiver.errors import PermanentError, TransientError
-from archiver.parts import PartLedger, parts_of
+from archiver.parts import GROW_FROM, PartLedger, PartSizes, parts_of
 from archiver.settings import MAX_PART_SIZE, MAX_PARTS, MiB
 
 if TYPE_CHECKING:
@@ -67,7 +67,9 @@ def upload_part(
     # botocore sends any bytes-like body as it is; its stubs only name bytes, and a bytes() copy of a
     # 16 MiB part is what parts_of avoids.
     payload = cast(bytes, body)
+    # The part's CRC-32 computed here with isal, at 4x the zlib.crc32 botocore would otherwise run.
     extra = {"ChecksumAlgorithm": "CRC32"} if checksummed else {}
+    extra["ChecksumCRC32"] = crc.to_base64(crc.of([payload]))
     response = s3.upload_part(
         Bucket=bucket,
         Key=key,
@@ -225,11 +227,14 @@ class MultipartUpload:
         part_size: int,
         concurrency: int,
         abandoned: Callable[[], bool] = _never,
+        grow_from: int = GROW_FROM,
     ) -> None:
         """Upload `chunks` as the stream's parts. At most `concurrency` parts are in flight and one more
-        is being filled, which bounds memory at (concurrency + 1) x part_size whatever the size."""
-        parts = parts_of(chunks, part_size, abandoned, self.ledger)
-        self._parts.extend(upload_parts(self, parts, concurrency=concurrency))
+        is being filled, which bounds memory at (concurrency + 1) x part_size whatever the size; past
+        its first GiB, parts grow and fewer are in flight, in the same memory (parts.PartSizes)."""
+        sizes = PartSizes(part_size, concurrency, grow_from)
+        parts = parts_of(chunks, part_size, abandoned, self.ledger, sizes=sizes)
+        self._parts.extend(upload_parts(self, parts, concurrency=concurrency, sizes=sizes))
 
     def complete(self, *, confirm: Callable[[], None] = _nothing, crc32: int | None = None) -> UploadedObject:
         """Complete the upload with every part. `confirm` runs right before, the one step that cannot be
@@ -332,29 +337,32 @@ def upload_parts(
     *,
     concurrency: int,
     send: PartSender | None = None,
+    sizes: PartSizes | None = None,
 ) -> list[CompletedPartTypeDef]:
     """Upload the parts, `concurrency` at a time; `send` may put a part elsewhere (a fan-out segment
-    keeps its first part apart), returning None for a part that is not one of the upload's."""
+    keeps its first part apart), returning None for a part that is not one of the upload's. `sizes`
+    says how big the next part is (parts_of's own), else every part counts as one of concurrency + 1."""
     send = send or upload.upload_part
 
-    # A buffer slot is taken before a part starts filling and given back when its upload is done, so
-    # at most `concurrency` parts are uploading and one is filling: (concurrency + 1) x part_size.
-    slots = threading.BoundedSemaphore(concurrency + 1)
+    # Room for a part is taken before it starts filling and given back when its upload is done, so the
+    # parts uploading and the one filling hold at most (concurrency + 1) x part_size, and at most
+    # `concurrency` upload at once whatever their size.
+    room = _Room(sizes.budget if sizes else concurrency + 1)
     in_flight: set[Future[CompletedPartTypeDef | None]] = set()
     done: list[Future[CompletedPartTypeDef | None]] = []
     with ThreadPoolExecutor(max_workers=upload_threads(concurrency), thread_name_prefix="part") as pool:
         try:
             while True:
-                slots.acquire()
+                taken = room.take(sizes.at(upload.ledger.position) if sizes else 1)
                 numbered = next(numbered_parts, None)
                 if numbered is None:
-                    slots.release()
+                    room.give(taken)
                     break
                 number, body = numbered
                 if number > MAX_PARTS:
                     raise PermanentError("too_large", f"the archive needs more than {MAX_PARTS} parts")
                 future = pool.submit(send, number, body)
-                future.add_done_callback(lambda _: slots.release())
+                room.give_when_done(future, taken)
                 in_flight.add(future)
                 del body, numbered
                 finished = {f for f in in_flight if f.done()}
@@ -370,3 +378,27 @@ def upload_parts(
             for f in in_flight:
                 f.cancel()
     return [part for part in (f.result() for f in done) if part is not None]
+
+
+class _Room:
+    """Units of memory for parts (bytes, or one per part), taken before a part fills, given back once it
+    is uploaded. A taker asking for more than all of it waits until all of it is free, then takes it."""
+
+    def __init__(self, total: int) -> None:
+        self._total, self._free = total, total
+        self._changed = threading.Condition()
+
+    def take(self, amount: int) -> int:
+        amount = min(amount, self._total)
+        with self._changed:
+            self._changed.wait_for(lambda: self._free >= amount)
+            self._free -= amount
+        return amount
+
+    def give_when_done(self, future: Future[Any], amount: int) -> None:
+        future.add_done_callback(lambda _: self.give(amount))
+
+    def give(self, amount: int) -> None:
+        with self._changed:
+            self._free += amount
+            self._changed.notify_all()

@@ -16,7 +16,7 @@ from archiver.assembly import LEAD_BYTES
 from archiver.crc import to_base64
 from archiver.errors import JobAbandoned, PermanentError, TransientError
 from archiver.multipart import MAX_PARTS, MultipartUpload, choose_part_size, upload_part, upload_stream
-from archiver.parts import RESERVE_GAP, Hole, PartLedger, parts_of
+from archiver.parts import RESERVE_GAP, Hole, PartLedger, PartSizes, parts_of
 from archiver.settings import MIN_PART_SIZE, MiB
 from tests.conftest import Stack
 
@@ -39,6 +39,27 @@ def test_parts_are_exactly_part_size_except_the_last() -> None:
     parts = [body for _, body in numbered]
     assert b"".join(parts) == b"".join(chunks)
     assert all(len(p) == 4096 for p in parts[:-1]) and 0 < len(parts[-1]) <= 4096
+
+
+def test_parts_grow_past_the_first_gib_in_the_same_memory() -> None:
+    """8 MiB parts, 4 in flight: 40 MiB. Past the first GiB, 13 MiB parts, 2 in flight and one filling
+    (39 MiB); a part size that leaves no room for growth stays as it is."""
+    sizes = PartSizes(8 * MiB, 4)
+    assert sizes.grow_from == 1024 * MiB and sizes.budget == 40 * MiB
+    assert sizes.at(0) == sizes.at(1024 * MiB - 1) == 8 * MiB
+    assert sizes.at(1024 * MiB) == sizes.at(50 * 1024 * MiB) == 13 * MiB
+    assert PartSizes(8 * MiB, 1).at(2048 * MiB) == 8 * MiB  # 16 MiB: three would not fit
+    assert PartSizes(4096 * MiB, 4).at(2 << 40) == 5 * 1024 * MiB  # S3's largest part
+
+
+def test_parts_are_sized_for_where_they_start() -> None:
+    """Parts of `base` while they start before grow_from, grown after; every byte there, in order."""
+    sizes = PartSizes(3 * MiB, 4, grow_from=7 * MiB)  # 15 MiB: grown parts of 5 MiB
+    data = os.urandom(40 * MiB + 5)
+    numbered = list(parts_of(split(data, 70000), 3 * MiB, lambda: False, PartLedger(), sizes=sizes))
+    assert [len(body) for _, body in numbered] == [3 * MiB] * 3 + [5 * MiB] * 6 + [MiB + 5]
+    assert [number for number, _ in numbered] == list(range(1, 11))
+    assert b"".join(bytes(body) for _, body in numbered) == data
 
 
 def test_a_copied_range_is_left_out_and_the_part_before_it_holds_the_head() -> None:
@@ -79,6 +100,26 @@ def test_upload_completes_with_parts_in_order(stack: Stack) -> None:
     )
     assert result.parts == 4 and result.size == len(body)
     assert stack.download("whole.zip") == body
+    assert stack.incomplete_uploads() == []
+
+
+def test_an_upload_past_grow_from_completes_with_bigger_parts(stack: Stack) -> None:
+    """Parts grow where PartSizes says, S3 takes each with its CRC-32 computed by us, and the object
+    completes whole, its full-object CRC-32 verified by the server."""
+    body = os.urandom(40 * MiB + 5)
+    s3 = stack.clients.s3
+    with MultipartUpload.create(s3, bucket=stack.destination_bucket, key="grown.zip", metadata={}) as upload:
+        upload.write(split(body), part_size=5 * MiB, concurrency=4, grow_from=10 * MiB)  # then 8 MiB
+        listed = s3.list_parts(Bucket=upload.bucket, Key=upload.key, UploadId=upload.upload_id)["Parts"]
+        recorded = sorted(upload.parts, key=lambda part: part["PartNumber"])
+        uploaded = upload.complete(crc32=zlib.crc32(body))
+    sizes = [5 * MiB] * 2 + [8 * MiB] * 3 + [6 * MiB + 5]
+    assert [part["Size"] for part in listed] == sizes
+    starts = [sum(sizes[:index]) for index in range(len(sizes))]
+    for part, start, size in zip(recorded, starts, sizes, strict=True):
+        assert part.get("ChecksumCRC32") == to_base64(zlib.crc32(body[start : start + size]))
+    assert uploaded.parts == 6 and uploaded.size == len(body)
+    assert stack.download("grown.zip") == body
     assert stack.incomplete_uploads() == []
 
 
@@ -185,15 +226,23 @@ AFTER_RESERVE = 64 * 1024 + 1100 + LEAD_BYTES
     lag=st.sampled_from([0, 31, 64 * 1024]),
     tail=st.integers(min_value=0, max_value=6 * MiB),
     segment=st.booleans(),
+    grow_from=st.sampled_from([None, 0, 12 * MiB]),
 )
 def test_parts_around_copies_obey_s3s_rules(
-    layout_runs: list[tuple[int, int, bool]], part_size: int, chunk: int, lag: int, tail: int, segment: bool
+    layout_runs: list[tuple[int, int, bool]],
+    part_size: int,
+    chunk: int,
+    lag: int,
+    tail: int,
+    segment: bool,
+    grow_from: int | None,
 ) -> None:
     """Streamed parts around any copies, some refused after their numbers were reserved: the numbers of
     the parts completed, streamed and copied, run 1, 2, 3... without a gap (what S3 requires of an upload
     with part checksums), every part but the last is between 5 MiB and part size + what may follow a
     reservation, and the streamed bytes are all there in order, the copied ones not. The same for a
-    fan-out segment's stream (a small first part, a short last part joined to the one before)."""
+    fan-out segment's stream (a small first part, a short last part joined to the one before), and
+    for parts that grow past `grow_from` bytes of the archive."""
     layout = PartLedger()
     rng = random.Random(len(layout_runs) + part_size + chunk + tail + lag)
     streamed_bytes: list[bytes] = []
@@ -242,14 +291,16 @@ def test_parts_around_copies_obey_s3s_rules(
         yield from literal(tail)
 
     options: dict[str, Any] = {"join_short_last": True, "first_size": MIN_PART_SIZE} if segment else {}
+    grown = None if grow_from is None else PartSizes(part_size, 4, grow_from)
+    largest = part_size if grown is None else grown.at(grown.grow_from)
     numbered = [
         (number, bytes(body))
-        for number, body in parts_of(stream(), part_size, lambda: False, layout, **options)
+        for number, body in parts_of(stream(), part_size, lambda: False, layout, sizes=grown, **options)
     ]
     numbers = [number for number, _ in numbered]
     assert sorted(numbers + copied_numbers) == list(range(1, len(numbers) + len(copied_numbers) + 1))
     sizes = [len(body) for _, body in numbered]
-    assert all(MIN_PART_SIZE <= size <= part_size + AFTER_RESERVE for size in sizes[:-1])
+    assert all(MIN_PART_SIZE <= size <= largest + AFTER_RESERVE for size in sizes[:-1])
     assert b"".join(body for _, body in numbered) == b"".join(streamed_bytes)
     copied_total = sum(copied for _, copied, refused in layout_runs if not refused)
     assert layout.position == len(b"".join(streamed_bytes)) + copied_total
