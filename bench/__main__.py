@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import fanout, methods, profile, report, scenarios, servers
+from bench import fanout, fleet, methods, profile, report, scenarios, servers
 from bench.report import MethodResult, ScenarioResult
 from bench.scenarios import FANOUT_METHODS, SCENARIOS, Scenario
 from bench.tuning import Tuning, server_side_copy_min_bytes
@@ -291,6 +291,13 @@ def _profile(ctx: methods.RunContext, scenario: Scenario, sources: list[scenario
     return summary
 
 
+def _fleet_model(document: dict[str, Any]) -> None:
+    """bench/fleet.py's model of the fan-out runs (if any ran), printed and kept in the JSON."""
+    model = fleet.section(document, sys.stdout)
+    if model is not None:
+        document["fleet_model"] = model
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     chosen = [SCENARIOS[name] for name in args.scenarios]
@@ -360,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log("interrupted: servers stopped; partial results kept")
         document["interrupted"] = True
+    _fleet_model(document)
     flat = report.flat_memory(results, scenarios.FLAT_MEMORY_PAIR)
     if flat is not None:
         print(

@@ -19,26 +19,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
-import shutil
 import signal
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from bench import servers
+from bench.fanout_workers import Worker, start_worker, stop_workers, wait_ready
 from bench.methods import (
-    STOP_GRACE,
     NotificationWaiter,
     RunContext,
-    launch,
-    metered,
     parse_worker_log,
     read_socket_log,
-    read_usage,
     timeout_for,
     worker_env,
 )
@@ -46,7 +37,7 @@ from bench.report import MethodResult
 from bench.scenarios import FANOUT_METHODS, MiB, Scenario, Source
 from bench.verify import check_archive
 
-WORKERS = {"fanout-1": 1, "fanout-4": 4, "fanout-4-kill": 4}
+WORKERS = {"fanout-1": 1, "fanout-2": 2, "fanout-4": 4, "fanout-8": 8, "fanout-4-kill": 4}
 PROXY_LATENCY_MS = 20.0
 PROXY_RATE_BYTES_PER_S = 12_000_000  # each way, per worker
 # 64 MiB segments for the full 512 MiB; proportionally smaller for --quick, but not below archiver's
@@ -60,7 +51,6 @@ VISIBILITY_TIMEOUT = 20
 # Polls last at most SHUTDOWN_GRACE seconds (archiver.worker.poll_seconds), so a stop at the end of a
 # run takes at most this long.
 SHUTDOWN_GRACE = 5
-READY_TIMEOUT = 60.0
 # The SIGKILLed worker: worker #2 (#3 if #2 coordinates), KILL_SEGMENT_FRACTION of a segment's transfer
 # at the proxy's rate after the coordinator logs its plan (`fanout.planned`; the segment tasks are sent
 # then, and every idle worker takes one at once), so it dies with a segment in hand. Without a plan within
@@ -91,138 +81,6 @@ def segment_bytes(scenario: Scenario, ctx: RunContext | None = None) -> int:
 def kill_delay(segment: int) -> float:
     """Seconds from the coordinator's plan to the SIGKILL: part of one segment's transfer."""
     return KILL_SEGMENT_FRACTION * segment / PROXY_RATE_BYTES_PER_S
-
-
-class LogTail:
-    """The JSON lines a worker has logged so far, read incrementally."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._offset = 0
-        self._partial = b""
-        self.events: list[dict[str, Any]] = []
-
-    def poll(self) -> list[dict[str, Any]]:
-        try:
-            with self.path.open("rb") as log:
-                log.seek(self._offset)
-                data = log.read()
-        except OSError:
-            return []
-        self._offset += len(data)
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        new = []
-        for line in lines:
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                if isinstance(event, dict):
-                    new.append(event)
-        self.events.extend(new)
-        return new
-
-
-@dataclass
-class Worker:
-    index: int  # 1-based, as printed
-    proxy: str
-    process: subprocess.Popen[bytes]  # bench/launch.py, whose child is the worker
-    log: Path
-    usage_path: Path
-    socket_log: Path
-    tail: LogTail
-    killed_at: float | None = None
-    events_before_kill: list[str] = field(default_factory=list)
-    stuck_dump: Path | None = None  # py-spy's dump, if it ignored SIGTERM for STOP_GRACE seconds
-
-    def worker_pid(self) -> int | None:
-        """The measured process: the launcher's only child."""
-        pid = self.process.pid
-        with contextlib.suppress(OSError, ValueError):
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-            if children:
-                return int(children[0])
-        return None
-
-    def signal(self, signum: int) -> None:
-        """Signal the worker itself, not the launcher, which must live to record its peak RSS."""
-        pid = self.worker_pid()
-        with contextlib.suppress(ProcessLookupError):
-            if pid is not None:
-                os.kill(pid, signum)
-            else:
-                os.killpg(self.process.pid, signum)
-
-    def usage(self) -> dict[str, Any]:
-        return read_usage(self.usage_path, self.process)
-
-
-def _start_worker(
-    ctx: RunContext, scenario: Scenario, queues: tuple[str, str], env: dict[str, str], index: int, tag: str
-) -> Worker:
-    log = ctx.logdir / f"{scenario.name}-{tag}-worker{index}.log"
-    socket_log = log.with_name(log.name + ".sockets.json")
-    process, usage_path = launch(metered(socket_log, "archiver", "worker"), env=env, log=log)
-    return Worker(
-        index=index,
-        proxy=env["AWS_ENDPOINT_URL_S3"],
-        process=process,
-        log=log,
-        usage_path=usage_path,
-        socket_log=socket_log,
-        tail=LogTail(log),
-    )
-
-
-def _stop_workers(workers: list[Worker]) -> None:
-    """SIGTERM to every worker at once (each ends its poll, at most SHUTDOWN_GRACE s), SIGKILL to any still
-    there after STOP_GRACE, once py-spy has recorded where its threads were (beside its log)."""
-    for worker in workers:
-        if worker.process.poll() is None:
-            worker.signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE
-    for worker in workers:
-        try:
-            worker.process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            _dump_stacks(worker)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(worker.process.pid, signal.SIGKILL)
-            worker.process.wait()
-
-
-def _dump_stacks(worker: Worker) -> None:
-    """`py-spy dump` of a worker that ignored SIGTERM, if py-spy is installed (it is with `.[bench]`)."""
-    py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent))
-    pid = worker.worker_pid()
-    if py_spy is None or pid is None:
-        return
-    output = worker.log.with_name(worker.log.name + ".stuck.txt")
-    with contextlib.suppress(OSError, subprocess.SubprocessError), output.open("wb") as out:
-        subprocess.run(
-            [py_spy, "dump", "--native", "--pid", str(pid)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            timeout=60,
-            check=False,
-        )
-    worker.stuck_dump = output
-
-
-def _wait_ready(workers: list[Worker]) -> None:
-    started = time.monotonic()
-    waiting = set(range(len(workers)))
-    while waiting:
-        for position in sorted(waiting):
-            worker = workers[position]
-            if any(event.get("event") == "worker.started" for event in worker.tail.poll()):
-                waiting.discard(position)
-            elif worker.process.poll() is not None:
-                raise RuntimeError(f"worker {worker.index} exited at start-up; log {worker.log}")
-        if time.monotonic() - started > READY_TIMEOUT:
-            raise RuntimeError(
-                f"workers {sorted(p + 1 for p in waiting)} not polling after {READY_TIMEOUT} s"
-            )
-        time.sleep(0.05)
 
 
 def _worker_env(
@@ -370,11 +228,11 @@ def run_fanout(
                 )
                 for index in range(1, count + 1)
             ]
-            stack.callback(_stop_workers, workers)
+            stack.callback(stop_workers, workers)
             for index, proxy in enumerate(proxies, start=1):
                 env = _worker_env(ctx, scenario, queues, proxy, segment, index)
-                workers.append(_start_worker(ctx, scenario, queues, env, index, tag))
-            _wait_ready(workers)
+                workers.append(start_worker(ctx, scenario, queues, env, index, tag))
+            wait_ready(workers)
             if method == "fanout-4-kill":
                 killer = Killer(workers, request_id, kill_delay(segment))
             request = {
@@ -383,7 +241,7 @@ def run_fanout(
                 "compression": "auto",
             }
             waiter.start()
-            started = time.monotonic()
+            started, sent_at = time.monotonic(), time.time()
             ctx.sqs.send_message(QueueUrl=source_url, MessageBody=json.dumps(request))
             while waiter.is_alive() and waiter.arrived is None:
                 now = time.monotonic()
@@ -401,7 +259,7 @@ def run_fanout(
             arrived = waiter.arrived or time.monotonic()
             waiter.stop.set()
             waiter.join()
-            _stop_workers(workers)
+            stop_workers(workers)
             for worker in workers:
                 worker.tail.poll()
     finally:
@@ -410,7 +268,7 @@ def run_fanout(
             waiter.join()
         for url in queues:
             ctx.sqs.delete_queue(QueueUrl=url)
-    return _result(
+    outcome = _result(
         ctx,
         scenario,
         sources,
@@ -424,6 +282,9 @@ def run_fanout(
         arrived - started,
         started,
     )
+    # The send on the logs' clock: bench/fleet_costs.py times each phase of the run from it.
+    outcome.details["sent_at_unix"] = sent_at
+    return outcome
 
 
 def _result(

@@ -31,8 +31,11 @@ ARCHIVER_METHODS = ("archiver", "archiver-stream")
 RSS_METHODS = (*ARCHIVER_METHODS, *FANOUT_METHODS)
 # Issue #15, fan-out: four workers (one proxy each, 12 MB/s each way) at least this many times faster than
 # one with fan-out off, send → notification; the same archive bytes, also with one of the four SIGKILLed.
-FANOUT_SPEEDUP_TARGET = 3.0
-FANOUT_BASELINE, FANOUT_FOUR, FANOUT_KILLED = FANOUT_METHODS
+# Issue #23 raised it to 3.5x, and asks for the curve 1/2/4/8 workers.
+FANOUT_SPEEDUP_TARGET = 3.5
+FANOUT_BASELINE, FANOUT_FOUR, FANOUT_KILLED = "fanout-1", "fanout-4", "fanout-4-kill"
+# The curve: each method's number of workers (bench/fanout.py WORKERS), the kill run not on it.
+FANOUT_CURVE = {"fanout-1": 1, "fanout-2": 2, "fanout-4": 4, "fanout-8": 8}
 
 METHOD_LABELS = {
     "raw": "raw copy",  # GETs concatenated into one upload_fileobj
@@ -41,7 +44,9 @@ METHOD_LABELS = {
     "archiver-stream": "archiver, streaming",  # the same with SERVER_SIDE_COPY_MIN_BYTES=0
     "download": "plain download",  # every source GET in turn, bytes dropped
     "fanout-1": "1 worker, fan-out off",  # bench/fanout.py; wall s = send → notification
+    "fanout-2": "2 workers, fan-out",
     "fanout-4": "4 workers, fan-out",
+    "fanout-8": "8 workers, fan-out",
     "fanout-4-kill": "4, one SIGKILLed",
 }
 LABEL_WIDTH = 22
@@ -402,122 +407,19 @@ def _server_side_targets(result: ScenarioResult) -> list[tuple[str, bool | None,
 
 
 # ------------------------------------------------------------------------------------------- fan-out
-
-
-def fanout_median(result: ScenarioResult, method: str) -> MethodResult | None:
-    """The median successful run of a fan-out method by its time, send → notification (wall seconds)."""
-    ok = sorted((r for r in result.runs(method) if r.ok), key=lambda r: r.wall_seconds)
-    return ok[(len(ok) - 1) // 2] if ok else None
-
-
-def fanout_speedup(result: ScenarioResult, method: str) -> float | None:
-    """One worker's time over `method`'s (>1: `method` is faster), medians, send → notification."""
-    mine, baseline = fanout_median(result, method), fanout_median(result, FANOUT_BASELINE)
-    if mine is None or baseline is None or not mine.wall_seconds:
-        return None
-    return baseline.wall_seconds / mine.wall_seconds
-
-
-def fanout_same_bytes(result: ScenarioResult, method: str) -> bool | None:
-    """Whether every run of `method` made the archive one worker made, byte for byte (SHA-256 of the
-    objects); None when either did not run, False when a run of `method` failed."""
-    baseline = next((r for r in result.runs(FANOUT_BASELINE) if r.ok), None)
-    runs = result.runs(method)
-    if baseline is None or not runs:
-        return None
-    digest = baseline.details.get("archive_sha256")
-    return bool(digest) and all(r.ok and r.details.get("archive_sha256") == digest for r in runs)
-
-
-def _worker_rss(run: MethodResult) -> str:
-    """Each worker's peak RSS (MiB) and CPU seconds, marked c for the coordinator, † if SIGKILLed by the
-    kill run, ! if it ignored the SIGTERM at the end."""
-    cells = []
-    for worker in run.details.get("workers", []):
-        mark = "c" if worker.get("coordinator") else ""
-        mark += "†" if worker.get("killed") else ""
-        mark += "!" if worker.get("ignored_sigterm") else ""
-        cpu = worker.get("cpu_seconds")
-        cells.append(
-            f"#{worker.get('worker')}{mark} {worker.get('peak_rss_mib', 0):.0f} MiB/{_fmt(cpu, '.1f')} s"
-        )
-    return ", ".join(cells)
+# In bench/fanout_report.py, which imports this module: hence the imports inside these two.
 
 
 def _print_fanout(result: ScenarioResult, out: TextIO) -> None:
-    if not any(result.runs(method) for method in FANOUT_METHODS):
-        return
-    times = []
-    for method in FANOUT_METHODS:
-        run = fanout_median(result, method)
-        if run is None:
-            continue
-        speedup = "" if method == FANOUT_BASELINE else f" ({_fmt(fanout_speedup(result, method), '.2f')}×)"
-        times.append(f"{METHOD_LABELS[method]} {run.wall_seconds:.1f} s{speedup}")
-    print("fan-out, send → notification (× = 1 worker's time over it): " + "; ".join(times), file=out)
-    baseline = next((r for r in result.runs(FANOUT_BASELINE) if r.ok), None)
-    digest: str | None = None if baseline is None else baseline.details.get("archive_sha256")
-    same = [
-        f"{METHOD_LABELS[method]} {'same' if fanout_same_bytes(result, method) else 'DIFFERENT'}"
-        for method in (FANOUT_FOUR, FANOUT_KILLED)
-        if result.runs(method) and digest
-    ]
-    if same and digest:
-        print(f"archive bytes vs 1 worker's (sha256 {digest[:16]}…): " + ", ".join(same), file=out)
-    for run in result.runs(FANOUT_KILLED):
-        kill = run.details.get("kill") or {}
-        mid = "segment.built" not in kill.get("victim_events_before_kill", [])
-        again = ", ".join(
-            f"#{item.get('segment')} by worker #{item.get('worker')}"
-            for item in kill.get("segments_built_again", [])
-        )
-        print(
-            f"SIGKILLed: worker #{kill.get('victim')} {_fmt(kill.get('killed_after_s'), '.1f')} s after the "
-            f"send ({kill.get('reason')}{', before it finished a segment' if mid else ''}); "
-            f"built again: {again or 'none'}; archive {'arrived' if run.ok else 'FAILED'}",
-            file=out,
-        )
-    print(
-        "peak RSS and CPU seconds per worker (c: coordinator, †: SIGKILLed, !: still running 30 s after "
-        "the SIGTERM that ends the run, so SIGKILLed, its stacks dumped by py-spy beside its log):",
-        file=out,
-    )
-    for run in (r for method in FANOUT_METHODS for r in result.runs(method)):
-        segment = run.details.get("fanout_segment_bytes") or 0
-        note = f"FANOUT_SEGMENT_BYTES {segment / MiB:g} MiB" if segment else "fan-out off"
-        if not run.details.get("fanout_in_archiver"):
-            note = "no fan-out in this archiver"
-        print(f"  {METHOD_LABELS[run.method]} ({note}): {_worker_rss(run)}", file=out)
+    from bench import fanout_report
+
+    fanout_report.print_fanout(result, out)
 
 
 def _fanout_targets(result: ScenarioResult) -> list[tuple[str, bool | None, str]]:
-    """Issue #15: four workers at least 3x faster than one, the same bytes; a SIGKILLed one costs none."""
-    checks: list[tuple[str, bool | None, str]] = []
-    one, four = fanout_median(result, FANOUT_BASELINE), fanout_median(result, FANOUT_FOUR)
-    if result.runs(FANOUT_FOUR):
-        speedup = fanout_speedup(result, FANOUT_FOUR)
-        checks.append(
-            (
-                f"{result.label}: 4 workers ≥ {FANOUT_SPEEDUP_TARGET:g}× faster than 1 (send → notification)",
-                None if speedup is None else speedup >= FANOUT_SPEEDUP_TARGET,
-                "-"
-                if one is None or four is None
-                else f"{speedup or 0:.2f}× ({four.wall_seconds:.1f} s vs {one.wall_seconds:.1f} s)",
-            )
-        )
-        same = fanout_same_bytes(result, FANOUT_FOUR)
-        checks.append((f"{result.label}: 4 workers' archive = 1 worker's, byte for byte", same, str(same)))
-    if result.runs(FANOUT_KILLED):
-        same = fanout_same_bytes(result, FANOUT_KILLED)
-        killed = fanout_median(result, FANOUT_KILLED)
-        checks.append(
-            (
-                f"{result.label}: one of 4 workers SIGKILLed mid-run, the same archive arrives",
-                same,
-                "-" if killed is None else f"in {killed.wall_seconds:.1f} s, same bytes: {same}",
-            )
-        )
-    return checks
+    from bench import fanout_report
+
+    return fanout_report.fanout_targets(result)
 
 
 def print_summary(

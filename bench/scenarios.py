@@ -35,8 +35,9 @@ QUICK_FACTOR = 16
 DEFAULT_METHODS = ("raw", "inmemory", "archiver")
 # Both of archiver's paths, next to the copy and the download they are compared with.
 SERVER_SIDE_METHODS = ("raw", "archiver", "archiver-stream", "download")
-# Issue #15 (bench/fanout.py): one worker with fan-out off; four with it on; four with one SIGKILLed.
-FANOUT_METHODS = ("fanout-1", "fanout-4", "fanout-4-kill")
+# Issue #15 (bench/fanout.py): one worker with fan-out off; two, four and eight with it on (issue #23's
+# curve); four with one SIGKILLed.
+FANOUT_METHODS = ("fanout-1", "fanout-2", "fanout-4", "fanout-8", "fanout-4-kill")
 
 Kind = Literal["random", "text"]
 # Where requests, not bytes, set the pace: measured with and without S3-like latency.
