@@ -1,5 +1,6 @@
 """`python -m bench.candidates [--latency-ms 0,20] [--clients boto3:8,obstore-async:64,...] [--repeat N]`:
-how fast can one process GET many small objects, and at what CPU per request? The measurement behind
+how fast can one process GET many small (or, `--scenario medium`, 3 MiB) objects, and at what CPU per
+request? The measurement behind
 archiver's choice of reader for small sources (issue 14), kept so the choice can be re-checked.
 
 It starts SeaweedFS (and moto, unused), uploads the `small` scenario's sources (2,000 x 100 KiB), and
@@ -53,15 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-ms", default="0,20")
     parser.add_argument("--clients", default=DEFAULT_CLIENTS)
     parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--count", type=int, default=SCENARIOS["small"].count)
+    parser.add_argument("--scenario", default="small", choices=("small", "medium"), help="whose sources")
+    parser.add_argument("--count", type=int, help="how many of them (default: all)")
     parser.add_argument(
         "--python", default=sys.executable, help="interpreter of the clients (aiobotocore needs its own venv)"
     )
     args = parser.parse_args(argv)
     latencies = [float(value) for value in args.latency_ms.split(",")]
     clients = [(name, int(n)) for name, _, n in (item.partition(":") for item in args.clients.split(","))]
-    scenario = SCENARIOS["small"]
-    scenario = type(scenario)(**{**scenario.__dict__, "count": args.count})
+    scenario = SCENARIOS[args.scenario]
+    scenario = type(scenario)(**{**scenario.__dict__, "count": args.count or scenario.count})
     rows: dict[tuple[float, str, int], list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="archiver-candidates-") as tmp:
         workdir = Path(tmp)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from bench.report import MethodResult
 from bench.scenarios import Scenario, Source
-from bench.servers import Endpoints, child_env
+from bench.servers import Endpoints, accounted_cpu, child_env
 from bench.tuning import Tuning
 from bench.verify import check_archive
 
@@ -64,6 +64,8 @@ class Measured:
     exit_code: int | None  # None: killed at the timeout
     wall_seconds: float
     peak_rss_bytes: int
+    # CPU seconds while it ran: its own ("method"), the bench's servers' by role, the whole machine's
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def timeout_for(scenario: Scenario) -> float:
@@ -126,6 +128,7 @@ def run_measured(
     bench/launch.py, which reports the peak RSS of that one process (see there for why), in a session of
     its own so that it and the launcher are stopped together."""
     started = time.monotonic()
+    cpu_before = accounted_cpu()
     process, usage_path = launch(args, env=env, log=log, cwd=cwd)
     timed_out = False
     try:
@@ -138,11 +141,14 @@ def run_measured(
         _stop_group(process)  # Ctrl-C or an error in the bench: the child must not outlive it
         raise
     wall = time.monotonic() - started
+    cpu_after = accounted_cpu()
     usage = read_usage(usage_path, process)
+    cpu = {role: round(seconds - cpu_before.get(role, 0.0), 2) for role, seconds in cpu_after.items()}
     return Measured(
         exit_code=None if timed_out else int(usage["exit_code"]),
         wall_seconds=wall,
         peak_rss_bytes=int(usage["max_rss_kib"]) * 1024,
+        cpu_seconds={"method": float(usage.get("cpu_seconds", 0.0)), **cpu},
     )
 
 
@@ -226,7 +232,7 @@ def run_baseline(
     if problem:
         return _failed(method, scenario, measured, problem)
     result = json.loads(result_path.read_text())
-    details: dict[str, Any] = {"socket_log": str(socket_log)}
+    details: dict[str, Any] = {"socket_log": str(socket_log), "cpu_seconds": measured.cpu_seconds}
     if method == "raw" and result["archive_bytes"] != scenario.total_bytes:
         return _failed(method, scenario, measured, f"uploaded {result['archive_bytes']} bytes")
     if method == "download" and result["downloaded_bytes"] != scenario.total_bytes:
@@ -385,6 +391,7 @@ def run_archiver(
         "worker_problems": worker_log.problems[:20],
         "request_done": done,
         "archive_assembled": worker_log.assembled,
+        "cpu_seconds": measured.cpu_seconds,
     }
     notification = waiter.notification
     if waiter.arrived is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -217,6 +218,8 @@ def print_scenario(result: ScenarioResult, out: TextIO) -> None:
         )
         if not row.ok:
             print(f"    FAILED: {row.error}", file=out)
+        if row.ok and row.details.get("cpu_seconds"):
+            print(f"    {cpu_line(row)}", file=out)
         for note in ("note", "bytes_note"):
             if row.ok and row.details.get(note):
                 print(f"    {row.details[note]}", file=out)
@@ -231,6 +234,19 @@ def print_scenario(result: ScenarioResult, out: TextIO) -> None:
         line += f", streaming/raw throughput {_fmt(result.ratio('archiver-stream', 'raw'), '.2f')}×"
     print(("medians: " if repeated else "") + line, file=out)
     _print_server_side(result, out)
+
+
+def cpu_line(row: MethodResult) -> str:
+    """Where the machine's CPU went while the method ran: itself, the bench's servers and proxy (which
+    share its cores here; on AWS they are S3's), and everything else."""
+    cpu = dict(row.details["cpu_seconds"])
+    machine, own = cpu.pop("machine", None), cpu.pop("method", None)
+    parts = [f"method {_fmt(own, '.1f')}"] + [
+        f"{role} {seconds:.1f}" for role, seconds in sorted(cpu.items())
+    ]
+    cores = os.cpu_count() or 1
+    of = f"{cores} cores × {row.wall_seconds:.1f} s = {cores * row.wall_seconds:.1f}"
+    return f"CPU s: {', '.join(parts)}; machine busy {_fmt(machine, '.1f')} of {of}"
 
 
 def _print_server_side(result: ScenarioResult, out: TextIO) -> None:

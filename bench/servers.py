@@ -125,11 +125,44 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def spawn(args: list[str], *, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+# The bench's own servers, whose CPU each measured run is charged with (bench/methods.run_measured): on
+# two cores they compete with the method measured, so their share says what the run really measured.
+ACCOUNTED: dict[int, str] = {}  # pid -> "S3 server", "SQS server", "proxy"
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a live process (its threads included), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine has spent busy since boot (/proc/stat: all but idle and
+    iowait)."""
+    values = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def accounted_cpu() -> dict[str, float]:
+    """CPU seconds so far of the accounted servers, by role (proxies summed), and of the machine."""
+    totals = {"machine": machine_busy_seconds()}
+    for pid, role in list(ACCOUNTED.items()):
+        seconds = process_cpu_seconds(pid)
+        if seconds is not None:
+            totals[role] = totals.get(role, 0.0) + seconds
+    return totals
+
+
+def spawn(
+    args: list[str], *, log: Path, env: dict[str, str] | None = None, role: str | None = None
+) -> subprocess.Popen[bytes]:
     """A server process in its own session (Ctrl-C reaches only the bench, which then stops it in order),
-    its output in `log`."""
+    its output in `log`; with a `role`, its CPU is charged to the runs measured while it lives."""
     with log.open("ab") as out:
-        return subprocess.Popen(
+        process = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -138,10 +171,14 @@ def spawn(args: list[str], *, log: Path, env: dict[str, str] | None = None) -> s
             start_new_session=True,
             preexec_fn=_die_with_parent,  # prctl only: safe enough between fork and exec
         )
+    if role is not None:
+        ACCOUNTED[process.pid] = role
+    return process
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM, then SIGKILL if it has not exited within STOP_TIMEOUT."""
+    ACCOUNTED.pop(process.pid, None)
     if process.poll() is not None:
         return
     process.terminate()
@@ -253,7 +290,7 @@ def seaweedfs(workdir: Path, *, attempts: int = 3) -> Iterator[tuple[str, str]]:
         ports = dict(zip(_SEAWEED_PORTS, free_ports(len(_SEAWEED_PORTS)), strict=True))
         s3_url = f"http://{HOST}:{ports['s3.port']}"
         master_url = f"http://{HOST}:{ports['master.port']}"
-        process = spawn(_seaweed_args(weed, workdir, ports), log=log)
+        process = spawn(_seaweed_args(weed, workdir, ports), log=log, role="S3 server")
         try:
             seconds = wait_ready(
                 functools.partial(_s3_accepts_writes, Endpoints(s3_url, "", master_url)),
@@ -289,7 +326,9 @@ def moto_sqs(workdir: Path) -> Iterator[str]:
     log = workdir / "moto.log"
     (port,) = free_ports(1)
     url = f"http://{HOST}:{port}"
-    process = spawn([sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(port)], log=log)
+    process = spawn(
+        [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(port)], log=log, role="SQS server"
+    )
     try:
         seconds = wait_ready(lambda: _sqs_answers(url), process=process, what="moto server", log=log)
         print(f"bench: moto SQS on {url}, ready in {seconds:.1f} s", file=sys.stderr)
@@ -348,7 +387,7 @@ def latency_proxy(
     args = [sys.executable, "-m", "bench.latency", host_port, str(delay_ms)]
     if rate_bytes_per_s is not None:
         args += ["--rate-bytes-per-s", str(rate_bytes_per_s)]
-    process = spawn(args, log=log)
+    process = spawn(args, log=log, role="proxy")
 
     def listening() -> str | None:
         for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
