@@ -178,6 +178,7 @@ def completed_notification(
         bytes=uploaded.size,
         copied_bytes=uploaded.apart_bytes,
         streamed_bytes=uploaded.size - uploaded.apart_bytes,
+        parts=uploaded.parts,
     )
     kept = set(paths)
     return notify.completed(

@@ -461,7 +461,7 @@ def _describe_bytes(assembled: dict[str, Any], source_bytes: int, sockets: Socke
     )
     text = (
         f"archive.assembled: {copied:,.1f} MiB copied in S3, {uploaded:,.1f} MiB uploaded by the worker "
-        f"(so {downloaded:,.1f} MiB of sources downloaded)"
+        f"(so {downloaded:,.1f} MiB of sources downloaded), {assembled.get('parts', '?')} parts"
     )
     if sockets.received is None or sockets.sent is None:
         return text + "; sockets not counted"

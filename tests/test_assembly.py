@@ -110,6 +110,8 @@ def test_copied_archive_is_the_streamed_archive(
     assert assembled["archive_key"] == "download/copied/copied.zip"
     assert (assembled["bytes"], assembled["copied_bytes"]) == (len(copied), copied_bytes)
     assert assembled["streamed_bytes"] == len(copied) - copied_bytes
+    done = stack.clients.s3.head_object(Bucket=stack.destination_bucket, Key="download/copied/copied.zip")
+    assert assembled["parts"] == int(done["ETag"].strip('"').rsplit("-", 1)[1])  # S3's count of parts
 
     for name in BIG:
         etag = stack.clients.s3.head_object(Bucket=stack.source_bucket, Key=f"in/{name}")["ETag"]
