@@ -3,7 +3,8 @@ client, IN_FLIGHT requests at a time, each body read whole and dropped; writes t
 process's CPU seconds of that loop to RESULT. Run by bench/candidates.py, one subprocess per measurement.
 
 Clients: `boto3` (threads, one shared client), `obstore-async` (asyncio tasks), `obstore-threads` (the
-synchronous call from threads; it releases the GIL while it waits), `aiobotocore` (when installed).
+synchronous call from threads; it releases the GIL while it waits), `obstore-stream` (the same, each body
+read as archiver reads one, a stream of pieces of at least 256 KiB), `aiobotocore` (when installed).
 Endpoint, region and credentials come from the environment, as for archiver's worker.
 """
 
@@ -69,6 +70,23 @@ def obstore_threads(bucket: str, keys: list[str], in_flight: int) -> Callable[[]
     return run
 
 
+def obstore_stream(bucket: str, keys: list[str], in_flight: int) -> Callable[[], int]:
+    """As archiver reads a small body: obstore's stream, in pieces of at least 256 KiB, kept in a list."""
+    import obstore
+
+    store = _obstore(bucket, in_flight)
+
+    def get(key: str) -> int:
+        chunks = list(obstore.get(store, key).stream(min_chunk_size=256 * 1024))
+        return sum(len(chunk) for chunk in chunks)
+
+    def run() -> int:
+        with ThreadPoolExecutor(in_flight) as pool:
+            return sum(pool.map(get, keys))
+
+    return run
+
+
 def obstore_async(bucket: str, keys: list[str], in_flight: int) -> Callable[[], int]:
     import obstore
 
@@ -111,6 +129,7 @@ def aiobotocore_tasks(bucket: str, keys: list[str], in_flight: int) -> Callable[
 CLIENTS = {
     "boto3": boto3_threads,
     "obstore-threads": obstore_threads,
+    "obstore-stream": obstore_stream,
     "obstore-async": obstore_async,
     "aiobotocore": aiobotocore_tasks,
 }
