@@ -122,12 +122,61 @@ def head_source(s3: S3Client, ref: SourceRef) -> SourceObject | None:
     )
 
 
-def head_sources(s3: S3Client, refs: Sequence[SourceRef], *, concurrency: int) -> list[SourceObject | None]:
-    """HEAD every source with bounded concurrency, in request order, so a request fails before upload."""
+def head_sources(
+    s3: S3Client,
+    refs: Sequence[SourceRef],
+    *,
+    concurrency: int,
+    stores: Callable[[str], S3Store] | None = None,
+    small: int = 0,
+) -> list[SourceObject | None]:
+    """HEAD every source with bounded concurrency, in request order, so a request fails before upload.
+
+    With `stores`, a source obstore can name is HEADed through obstore first, and again through boto3
+    only if it is bigger than `small`: a source that is read whole needs neither S3's checksums nor its
+    storage class (its GET answers for both, as a single worker's small source's does), and obstore's
+    HEAD takes a third of boto3's CPU (0.4 against 1.4 ms here), which is most of what planning 100,000
+    sources costs."""
     if not refs:
         return []
+
+    def head(ref: SourceRef) -> SourceObject | None:
+        if stores is not None and small and obstore_can_name(ref.key):
+            seen = head_small(stores(ref.bucket), ref)
+            if seen is None or seen.size <= small:
+                return seen
+        return head_source(s3, ref)
+
     with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(refs)))) as pool:
-        return list(pool.map(lambda ref: head_source(s3, ref), refs))
+        return list(pool.map(head, refs))
+
+
+def head_small(store: S3Store, ref: SourceRef) -> SourceObject | None:
+    """What obstore's HEAD tells (size, ETag, Last-Modified, Content-Type; no checksum, no storage
+    class), or None if the source does not exist."""
+    try:
+        result = _first_head(store, ref)
+    except obstore.exceptions.BaseError as exc:
+        raise TransientError(f"reading {ref.source} failed: {_brief(exc)}") from None
+    if result is None:
+        return None
+    meta = result.meta
+    return SourceObject(
+        ref=ref,
+        size=int(meta["size"]),
+        etag=str(meta["e_tag"] or ""),
+        last_modified=meta["last_modified"],
+        content_type=str(result.attributes.get("Content-Type") or ""),
+        crc32=None,
+    )
+
+
+@retry_transient
+def _first_head(store: S3Store, ref: SourceRef) -> GetResult | None:
+    try:
+        return _get(store, ref, {"head": True}, None)
+    except (FileNotFoundError, obstore.exceptions.NotFoundError):
+        return None
 
 
 def _open(s3: S3Client, obj: SourceObject, start: int, end: int) -> Iterator[bytes]:

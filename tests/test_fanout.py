@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import itertools
 import json
 import random
@@ -502,6 +503,52 @@ def test_a_segment_that_cannot_be_read_fails_the_request_and_aborts_the_upload(
     assert notice["status"] == "failed", notice
     assert notice["error"]["code"] == "forbidden_source"
     assert "album/p005.jpg" in notice["error"]["message"]
+    assert stack.incomplete_uploads() == []
+    assert not [key for key in stack.archive_keys() if key.endswith(".zip")]
+    assert stack.status("fanned")["status"] == "failed"
+
+
+def test_planning_heads_small_sources_with_obstore_and_only_big_ones_with_boto3(
+    stack: Stack, fleet: Fleet, moto_endpoint: str, tmp_path: Path
+) -> None:
+    """The coordinator HEADs every source once through obstore, and again through boto3 (S3's checksums
+    and storage class, asked with `x-amz-checksum-mode`) only the one bigger than a small source: the
+    archive is still the single worker's, the big source STORED with S3's CRC-32."""
+    files = photos(stack, 12, 2 * MiB)
+    files["video.mp4"] = random.Random(7).randbytes(8 * MiB)
+    stack.put("album/video.mp4", files["video.mp4"], ChecksumAlgorithm="CRC32")
+    names = sorted(files)
+    expected = single_worker_archive(stack, names)
+    with FaultProxy(moto_endpoint) as proxy:
+        for _ in range(2):
+            fleet.start(endpoint=proxy.url)
+        stack.send(request("fanned", names))
+        notice = one_notification(stack, fleet)
+        heads = proxy.requests_matching(operation="HeadObject", path_contains="/album/")
+    assert notice["status"] == "completed", notice
+    data = archive_of(stack, notice)
+    check_archive(data, files, tmp_path)
+    assert data == expected
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert archive.getinfo("video.mp4").compress_type == zipfile.ZIP_STORED
+    by_boto3 = [seen.path.rpartition("/")[2] for seen in heads if "x-amz-checksum-mode" in seen.headers]
+    by_obstore = [seen.path.rpartition("/")[2] for seen in heads if "x-amz-checksum-mode" not in seen.headers]
+    assert by_boto3 == ["video.mp4"]
+    assert sorted(by_obstore) == names
+
+
+def test_an_archived_small_source_fails_a_fanned_out_request_at_its_get(stack: Stack, fleet: Fleet) -> None:
+    """obstore's HEAD does not tell the storage class, so a small GLACIER source is found at its GET, as a
+    single worker finds it: `source_archived` naming it, the upload aborted, no archive."""
+    files = photos(stack, 12, 2 * MiB)
+    stack.put("album/cold.jpg", b"frozen", StorageClass="GLACIER")
+    for _ in range(2):
+        fleet.start()
+    stack.send(request("fanned", [*sorted(files), "cold.jpg"]))
+    notice = one_notification(stack, fleet)
+    assert (notice["status"], notice["error"]["code"]) == ("failed", "source_archived"), notice
+    assert "album/cold.jpg" in notice["error"]["message"]
+    assert notice["error"]["retryable"] is False
     assert stack.incomplete_uploads() == []
     assert not [key for key in stack.archive_keys() if key.endswith(".zip")]
     assert stack.status("fanned")["status"] == "failed"

@@ -32,7 +32,13 @@ def write_plan(clients: AwsClients, settings: Settings, plan: ArchivePlan, store
     """The request planned in segments and its upload created, or None when it is too small to fan
     out. Fails as a single worker would (missing sources, too many bytes) before any upload exists."""
     refs = [entry.ref for entry in plan.entries]
-    objects = head_sources(clients.s3, refs, concurrency=PLAN_HEAD_CONCURRENCY)
+    objects = head_sources(
+        clients.s3,
+        refs,
+        concurrency=PLAN_HEAD_CONCURRENCY,
+        stores=clients.stores,
+        small=small_limit(settings),
+    )
     resolved = resolve_entries(plan, objects, max_archive_bytes=settings.max_archive_bytes)
     segment_bytes = settings.fanout_segment_bytes
     if resolved.total_bytes <= 2 * segment_bytes:
