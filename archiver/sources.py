@@ -142,7 +142,7 @@ def head_sources(
 
     def head(ref: SourceRef) -> SourceObject | None:
         if stores is not None and small and obstore_can_name(ref.key):
-            seen = head_small(stores(ref.bucket), ref)
+            seen = head_small(stores(ref.bucket), ref, otherwise=lambda: head_source(s3, ref))
             if seen is None or seen.size <= small:
                 return seen
         return head_source(s3, ref)
@@ -151,9 +151,11 @@ def head_sources(
         return list(pool.map(head, refs))
 
 
-def head_small(store: S3Store, ref: SourceRef) -> SourceObject | None:
+def head_small(
+    store: S3Store, ref: SourceRef, *, otherwise: Callable[[], SourceObject | None]
+) -> SourceObject | None:
     """What obstore's HEAD tells (size, ETag, Last-Modified, Content-Type; no checksum, no storage
-    class), or None if the source does not exist."""
+    class), or None if the source does not exist; `otherwise()` if obstore answered for another path."""
     try:
         result = _first_head(store, ref)
     except obstore.exceptions.BaseError as exc:
@@ -161,6 +163,8 @@ def head_small(store: S3Store, ref: SourceRef) -> SourceObject | None:
     if result is None:
         return None
     meta = result.meta
+    if meta["path"] != ref.key:
+        return otherwise()
     return SourceObject(
         ref=ref,
         size=int(meta["size"]),

@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from archiver import worker
 from archiver.assembly import PartBudget, Replan
 from archiver.models import SourceRef
 from archiver.settings import MiB
-from archiver.sources import SourceObject
+from archiver.sources import SourceObject, head_small, head_source, obstore_can_name
 from archiver.zipping import ZipEntry
 from tests.conftest import Stack
 from tests.faultproxy import FaultProxy, Seen
@@ -277,3 +279,42 @@ def test_keys_that_need_encoding_are_read_by_one_get_each(
     assert fault_proxy.requests_matching(operation="HeadObject") == []
     gets = fault_proxy.requests_matching(operation="GetObject", path_contains="/odd/")
     assert sorted(get.path.split("/odd/", 1)[1] for get in gets) == sorted(bodies)
+
+
+KEY_SEGMENT = st.text(
+    alphabet=st.sampled_from("ab z09-_.~+%#?=&'[]()!$,;@üé中"), min_size=1, max_size=12
+).filter(lambda segment: segment not in (".", ".."))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    segments=st.lists(KEY_SEGMENT, min_size=1, max_size=3),
+    size=st.integers(0, 3000),
+    content_type=st.sampled_from(["image/jpeg", "text/plain; charset=utf-8", "application/octet-stream"]),
+)
+def test_obstores_head_says_what_boto3s_says_but_the_checksum(
+    stack: Stack, segments: list[str], size: int, content_type: str
+) -> None:
+    """A fanned-out request's small sources are HEADed through obstore: size, ETag, Last-Modified and
+    Content-Type as boto3's HEAD reads them, for keys obstore must encode; no checksum."""
+    key = "heads/" + "/".join(segments)
+    assert obstore_can_name(key)
+    stack.put(key, random.Random(size).randbytes(size), ContentType=content_type, ChecksumAlgorithm="CRC32")
+    clients = worker.connect(stack.settings()).clients
+    ref = SourceRef(source=key, bucket=stack.source_bucket, key=key)
+
+    def not_this_path() -> SourceObject | None:
+        raise AssertionError(f"obstore answered for another path than {key!r}")
+
+    seen = head_small(clients.source_store(ref.bucket), ref, otherwise=not_this_path)
+    headed = head_source(clients.s3, ref)
+    assert seen is not None and headed is not None
+    assert (seen.size, seen.etag, seen.last_modified, seen.content_type) == (
+        headed.size,
+        headed.etag,
+        headed.last_modified,
+        headed.content_type,
+    )
+    assert seen.crc32 is None and headed.crc32 is not None
+    missing = SourceRef(source=key + "-gone", bucket=stack.source_bucket, key=key + "-gone")
+    assert head_small(clients.source_store(ref.bucket), missing, otherwise=not_this_path) is None
