@@ -3,6 +3,7 @@ ones, with obstore) or as a lazily opened, resuming byte iterator (big ones, wit
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -156,31 +157,13 @@ def head_small(
 ) -> SourceObject | None:
     """What obstore's HEAD tells (size, ETag, Last-Modified, Content-Type; no checksum, no storage
     class), or None if the source does not exist; `otherwise()` if obstore answered for another path."""
-    try:
-        result = _first_head(store, ref)
-    except obstore.exceptions.BaseError as exc:
-        raise TransientError(f"reading {ref.source} failed: {_brief(exc)}") from None
+    with _obstore_errors(ref):
+        result = _first_get(store, ref, None, head=True)
     if result is None:
         return None
-    meta = result.meta
-    if meta["path"] != ref.key:
+    if result.meta["path"] != ref.key:
         return otherwise()
-    return SourceObject(
-        ref=ref,
-        size=int(meta["size"]),
-        etag=str(meta["e_tag"] or ""),
-        last_modified=meta["last_modified"],
-        content_type=str(result.attributes.get("Content-Type") or ""),
-        crc32=None,
-    )
-
-
-@retry_transient
-def _first_head(store: S3Store, ref: SourceRef) -> GetResult | None:
-    try:
-        return _get(store, ref, {"head": True}, None)
-    except (FileNotFoundError, obstore.exceptions.NotFoundError):
-        return None
+    return _seen(ref, result)
 
 
 def _open(s3: S3Client, obj: SourceObject, start: int, end: int) -> Iterator[bytes]:
@@ -263,13 +246,41 @@ def _get(store: S3Store, ref: SourceRef, options: GetOptions | None, etag: str |
 
 
 @retry_transient
-def _first_get(store: S3Store, ref: SourceRef, known: SourceObject | None) -> GetResult | None:
-    """The source's GET (If-Match when a HEAD saw it first); None if it does not exist."""
+def _first_get(
+    store: S3Store, ref: SourceRef, known: SourceObject | None, *, head: bool = False
+) -> GetResult | None:
+    """The source's GET, or HEAD (If-Match when a HEAD saw it first); None if it does not exist."""
     etag = known.etag if known is not None else None
+    options: GetOptions = {"if_match": etag} if etag else {}
+    if head:
+        options["head"] = True
     try:
-        return _get(store, ref, {"if_match": etag} if etag else None, etag)
+        return _get(store, ref, options or None, etag)
     except (FileNotFoundError, obstore.exceptions.NotFoundError):
         return None
+
+
+def _seen(ref: SourceRef, result: GetResult) -> SourceObject:
+    """The source as a GET's or HEAD's answer through obstore describes it (no checksum)."""
+    meta = result.meta
+    return SourceObject(
+        ref=ref,
+        size=int(meta["size"]),
+        etag=str(meta["e_tag"] or ""),
+        last_modified=meta["last_modified"],
+        content_type=str(result.attributes.get("Content-Type") or ""),
+        crc32=None,
+    )
+
+
+@contextlib.contextmanager
+def _obstore_errors(ref: SourceRef) -> Iterator[None]:
+    """What obstore's retries did not cure, as a transient error; its message holds the whole answer
+    and a debug dump, cut to the status and code."""
+    try:
+        yield
+    except obstore.exceptions.BaseError as exc:
+        raise TransientError(f"reading {ref.source} failed: {_brief(exc)}") from None
 
 
 def _body(store: S3Store, obj: SourceObject, first: GetResult, max_resumes: int) -> list[bytes]:
@@ -310,11 +321,8 @@ def fetch_small(
     room in the read-ahead window), and its CRC-32 computed here. None: the source does not exist.
     A bigger source is not read: the GET is dropped unread and the object's metadata returned, from
     `head()` (a HEAD: S3's checksums, which a GET answer does not carry) unless `known` has it already."""
-    try:
+    with _obstore_errors(ref):
         return _fetch(store, ref, limit, admit, head, known, max_resumes)
-    except obstore.exceptions.BaseError as exc:
-        # What retries did not cure; obstore's message holds the whole answer and a debug dump.
-        raise TransientError(f"reading {ref.source} failed: {_brief(exc)}") from None
 
 
 def _brief(exc: BaseException) -> str:
@@ -354,13 +362,6 @@ def _fetch(
         del first  # closes its connection: the body is not wanted
         return known if known is not None else head()
     admit(size)
-    seen = SourceObject(
-        ref=ref,
-        size=size,
-        etag=str(meta["e_tag"] or ""),
-        last_modified=meta["last_modified"],
-        content_type=str(first.attributes.get("Content-Type") or ""),
-        crc32=None,
-    )
+    seen = _seen(ref, first)
     chunks = _body(store, seen, first, max_resumes)
     return Fetched(obj=replace(seen, crc32=crc.of(chunks), crc_of_bytes=True), chunks=chunks)
