@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import botocore.exceptions
 import structlog
 
-from archiver import crc
+from archiver import checksums, crc
 from archiver.aws import error_code, http_status, is_transient, retry_transient
 from archiver.errors import JobAbandoned, TransientError, archive_too_large
 from archiver.multipart import MultipartUpload, choose_part_size, completed_part
@@ -117,12 +117,21 @@ def copy_ranges(size: int, *, part_size: int, concurrency: int) -> list[tuple[in
 
 
 def _completed_parts(
-    results: list[CopyPartResultTypeDef], first: int, *, checksummed: bool
+    results: list[CopyPartResultTypeDef], first: int, upload: MultipartUpload
 ) -> list[CompletedPartTypeDef]:
     return [
-        completed_part(number, result, checksummed=checksummed)
+        completed_part(number, result, checksummed=upload.checksummed, field=upload.algorithm.field)
         for number, result in enumerate(results, first)
     ]
+
+
+def _archive_checksums_known(upload: MultipartUpload, results: list[CopyPartResultTypeDef]) -> bool:
+    """Whether the copied parts came back with the checksums the archive's is joined from: needed on an
+    upload whose algorithm is not CRC-32 (that one counts a copy through its stand-in instead)."""
+    algorithm = upload.algorithm
+    if not upload.checksummed or algorithm is checksums.CRC32:
+        return True
+    return all(algorithm.decode(result.get(algorithm.field)) is not None for result in results)
 
 
 class CopyRejected(Exception):
@@ -176,9 +185,15 @@ class Copier:
 
     def wants(self, obj: SourceObject) -> bool:
         """Without part checksums (a fan-out upload's, or a server that leaves them out) the entry's CRC
-        can only be S3's full-object CRC-32 of the source."""
-        unchecksummed = self.unchecksummed or not self._upload.checksummed
-        return not self.rejected and (obj.crc32 is not None or not unchecksummed)
+        can only be S3's full-object CRC-32 of the source. So too on an upload whose checksum is not
+        CRC-32: its copied parts' checksums are in that algorithm, and join the archive's, so a server
+        that leaves them out gets no more copies at all."""
+        upload = self._upload
+        if self.rejected:
+            return False
+        if upload.checksummed and upload.algorithm is not checksums.CRC32:
+            return obj.crc32 is not None and not self.unchecksummed
+        return obj.crc32 is not None or not (self.unchecksummed or not upload.checksummed)
 
     def copy(self, obj: SourceObject) -> CopiedEntry | None:
         """Copy the object's data after its lead into the upload; None when it must be streamed."""
@@ -216,13 +231,14 @@ class Copier:
         lead_crc = crc.of(lead_chunks)
         results = [future.result() for future in copies]
         entry_crc = self._entry_crc(obj, lead_crc, results, ranges)
-        if entry_crc is None:
+        if entry_crc is None or not _archive_checksums_known(upload, results):
             self.unchecksummed = True
             log.info("copy.no_checksums", source=obj.ref.source)
             return None
         upload.add_parts(
-            _completed_parts(results, first, checksummed=upload.checksummed),
+            _completed_parts(results, first, upload),
             apart_bytes=obj.size - LEAD_BYTES,
+            lengths=[end - start for start, end in ranges],
         )
         log.debug("copy.done", source=obj.ref.source, parts=len(ranges), bytes=obj.size - LEAD_BYTES)
         return CopiedEntry(

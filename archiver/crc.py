@@ -45,9 +45,9 @@ class Running:
             yield chunk
 
 
-def of(chunks: Iterable[bytes]) -> int:
-    """The CRC-32 of chunks held in memory, one after another."""
-    crc = 0
+def of(chunks: Iterable[bytes | bytearray | memoryview], previous: int = 0) -> int:
+    """The CRC-32 of chunks held in memory, one after another (after bytes whose CRC-32 is `previous`)."""
+    crc = previous
     for chunk in chunks:
         crc = isal_zlib.crc32(chunk, crc)  # 4x zlib's speed here
     return int(crc)

@@ -11,13 +11,20 @@ from urllib.parse import quote
 
 import structlog
 
-from archiver import crc, manifest, notify
+from archiver import checksums, crc, manifest, notify
 from archiver.assembly import CopiedEntry, Copier, PartBudget, Replan, copier_threads
 from archiver.aws import AwsClients
 from archiver.errors import ChecksumMismatch, PermanentError, archive_too_large
 from archiver.models import ArchivePlan, SourceRef
-from archiver.multipart import MultipartUpload, UploadedObject, upload_threads
-from archiver.notices import ArchiveInfo, CompletedNotification, ManifestInfo, SkippedSource
+from archiver.multipart import MultipartUpload, UploadedObject
+from archiver.notices import (
+    ArchiveChecksum,
+    ArchiveInfo,
+    CompletedNotification,
+    ManifestInfo,
+    SkippedSource,
+)
+from archiver.parts import upload_threads
 from archiver.prefetch import Planned, Prefetcher
 from archiver.prefetch import Resolved as Read
 from archiver.settings import Settings
@@ -190,6 +197,7 @@ def completed_notification(
             size=uploaded.size,
             entries=len(paths),
             crc32=None if uploaded.crc32 is None else crc.to_base64(uploaded.crc32),
+            checksum=archive_checksum(uploaded),
         ),
         skipped=[SkippedSource(source=source, reason="not_found") for source in missing],
         renamed=[renamed for renamed in plan.renamed if renamed.name in kept],
@@ -212,6 +220,13 @@ def _manifest(
     manifest.write(clients.s3, bucket=uploaded.bucket, key=key, body=body)
     url = notify.archive_url(clients.presign, settings, bucket=uploaded.bucket, key=key)
     return ManifestInfo(bucket=uploaded.bucket, key=key, url=url, entries=len(rows))
+
+
+def archive_checksum(uploaded: UploadedObject) -> ArchiveChecksum | None:
+    """The checksum S3 verified when the upload completed, as the notification gives it."""
+    if uploaded.checksum is None or uploaded.checksum_algorithm is None:
+        return None
+    return ArchiveChecksum(algorithm=uploaded.checksum_algorithm, value=uploaded.checksum)
 
 
 def _untrusted(obj: SourceObject | None, trust_crc: bool) -> SourceObject | None:
@@ -313,6 +328,7 @@ class _Attempt:
             key=plan.key,
             metadata=archive_metadata(plan, progress.files_total),
             content_disposition=archive_disposition(plan),
+            algorithm=checksums.ALGORITHMS[settings.archive_checksum],
         ) as upload:
             copier = Copier(
                 upload,

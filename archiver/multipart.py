@@ -7,19 +7,17 @@ The archive appears whole or not at all: S3 shows nothing until CompleteMultipar
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import botocore.exceptions
 import structlog
 
-from archiver import crc
+from archiver import checksums, crc
 from archiver.aws import error_code, http_status, retry_transient
 from archiver.errors import PermanentError, TransientError
-from archiver.parts import GROW_FROM, PartLedger, PartSizes, parts_of
+from archiver.parts import GROW_FROM, PartLedger, PartSizes, parts_of, upload_parts
 from archiver.settings import MAX_PART_SIZE, MAX_PARTS, MiB
 
 if TYPE_CHECKING:
@@ -39,6 +37,10 @@ class UploadedObject:
     # The CRC-32 of the whole object, from the stream that made it (a copied range's stand-in has the
     # same length and CRC as the bytes copied: assembly.stand_in); None when it is not known.
     crc32: int | None = None
+    # The object's FULL_OBJECT checksum S3 verified at completion (base64, as S3 writes it) and its
+    # algorithm (ARCHIVE_CHECKSUM); None for an upload without one (a fan-out's).
+    checksum: str | None = None
+    checksum_algorithm: checksums.AlgorithmName | None = None
 
 
 def choose_part_size(size_bound: int, minimum: int, *, extra_parts: int = 0) -> int:
@@ -63,13 +65,18 @@ def upload_part(
     number: int,
     body: bytes | bytearray,
     checksummed: bool = True,
+    algorithm: checksums.Algorithm = checksums.CRC32,
+    value: int | None = None,
 ) -> CompletedPartTypeDef:
+    """`value`: the part's checksum in `algorithm`, if the caller has it already."""
     # botocore sends any bytes-like body as it is; its stubs only name bytes, and a bytes() copy of a
     # 16 MiB part is what parts_of avoids.
     payload = cast(bytes, body)
-    # The part's CRC-32 computed here with isal, at 4x the zlib.crc32 botocore would otherwise run.
-    extra = {"ChecksumAlgorithm": "CRC32"} if checksummed else {}
-    extra["ChecksumCRC32"] = crc.to_base64(crc.of([payload]))
+    # The part's checksum computed here (isal's CRC-32 runs at 4x the zlib.crc32 botocore would run),
+    # sent on every part so S3 checks it in transit, even on an upload created without one.
+    value = algorithm.of(payload) if value is None else value
+    extra: dict[str, str] = {"ChecksumAlgorithm": algorithm.name} if checksummed else {}
+    extra[algorithm.field] = algorithm.encode(value)
     response = s3.upload_part(
         Bucket=bucket,
         Key=key,
@@ -78,17 +85,19 @@ def upload_part(
         Body=payload,
         **extra,  # type: ignore[arg-type]
     )
-    return completed_part(number, response, checksummed=checksummed)
+    return completed_part(number, response, checksummed=checksummed, field=algorithm.field)
 
 
-def completed_part(number: int, answer: Mapping[str, Any], *, checksummed: bool) -> CompletedPartTypeDef:
+def completed_part(
+    number: int, answer: Mapping[str, Any], *, checksummed: bool, field: str = checksums.CRC32.field
+) -> CompletedPartTypeDef:
     """A part as CompleteMultipartUpload lists it, from the answer to its UploadPart or UploadPartCopy:
-    its CRC-32 only on an upload created with part checksums. botocore sends a CRC-32 of every part
-    anyway and S3 may answer with it, but a completion that lists one for an upload without them is
-    refused (InvalidPart)."""
+    its checksum (`field`, the upload's algorithm's) only on an upload created with part checksums. Every
+    part is sent with one and S3 may answer with it, but a completion that lists one for an upload
+    without them is refused (InvalidPart)."""
     part: CompletedPartTypeDef = {"PartNumber": number, "ETag": answer["ETag"]}
-    if checksummed and "ChecksumCRC32" in answer:
-        part["ChecksumCRC32"] = answer["ChecksumCRC32"]
+    if checksummed and field in answer:
+        part[field] = answer[field]  # type: ignore[literal-required]  # one of the Checksum* keys
     return part
 
 
@@ -127,14 +136,19 @@ class MultipartUpload:
         upload_id: str,
         metadata: dict[str, str],
         checksummed: bool = False,
+        algorithm: checksums.Algorithm = checksums.CRC32,
     ):
         self.s3, self.bucket, self.key, self.upload_id = s3, bucket, key, upload_id
         self.metadata = metadata
-        # Created with a full-object CRC-32 (`start`): every part carries its checksum, the numbers run
-        # 1, 2, 3... without gaps (S3 refuses the completion otherwise), and S3 checks the object's CRC.
-        self.checksummed = checksummed
+        # Created with a full-object checksum in `algorithm` (`start`): every part carries its checksum,
+        # the numbers run 1, 2, 3... without gaps (S3 refuses the completion otherwise), and S3 checks
+        # the object's.
+        self.checksummed, self.algorithm = checksummed, algorithm
         self.ledger = PartLedger()
         self._parts: list[CompletedPartTypeDef] = []
+        # Each part's checksum in `algorithm` (None: the server did not say) and length, by number: the
+        # object's, joined from them, is what a completion hands S3 for any algorithm but CRC-32.
+        self._sums: dict[int, tuple[int | None, int]] = {}
         self.apart_bytes = 0
         self.completed = False
 
@@ -148,13 +162,14 @@ class MultipartUpload:
         metadata: dict[str, str],
         content_disposition: str | None = None,
         checksummed: bool = True,
+        algorithm: checksums.Algorithm = checksums.CRC32,
     ) -> MultipartUpload:
         """A new upload, which its caller must complete or abort (`create` does that for it).
-        `checksummed`: a FULL_OBJECT CRC-32 upload, whose part numbers must then be consecutive; a fan-out
-        upload, whose segments leave unused numbers between them, is created without one."""
+        `checksummed`: a FULL_OBJECT upload in `algorithm`, whose part numbers must then be consecutive;
+        a fan-out upload, whose segments leave unused numbers between them, is created without one."""
         extra: dict[str, str] = {"ContentDisposition": content_disposition} if content_disposition else {}
         if checksummed:
-            extra |= {"ChecksumAlgorithm": "CRC32", "ChecksumType": "FULL_OBJECT"}
+            extra |= {"ChecksumAlgorithm": algorithm.name, "ChecksumType": "FULL_OBJECT"}
         upload_id = retry_transient(s3.create_multipart_upload)(
             Bucket=bucket,
             Key=key,
@@ -163,7 +178,13 @@ class MultipartUpload:
             **extra,  # type: ignore[arg-type]
         )["UploadId"]
         return cls(
-            s3, bucket=bucket, key=key, upload_id=upload_id, metadata=metadata, checksummed=checksummed
+            s3,
+            bucket=bucket,
+            key=key,
+            upload_id=upload_id,
+            metadata=metadata,
+            checksummed=checksummed,
+            algorithm=algorithm,
         )
 
     @classmethod
@@ -176,9 +197,15 @@ class MultipartUpload:
         key: str,
         metadata: dict[str, str],
         content_disposition: str | None = None,
+        algorithm: checksums.Algorithm = checksums.CRC32,
     ) -> Iterator[MultipartUpload]:
         upload = cls.start(
-            s3, bucket=bucket, key=key, metadata=metadata, content_disposition=content_disposition
+            s3,
+            bucket=bucket,
+            key=key,
+            metadata=metadata,
+            content_disposition=content_disposition,
+            algorithm=algorithm,
         )
         try:
             yield upload
@@ -187,7 +214,8 @@ class MultipartUpload:
                 upload.abort()
 
     def upload_part(self, number: int, body: bytes | bytearray) -> CompletedPartTypeDef:
-        return upload_part(
+        value = self.algorithm.of(body)
+        part = upload_part(
             self.s3,
             bucket=self.bucket,
             key=self.key,
@@ -195,7 +223,11 @@ class MultipartUpload:
             number=number,
             body=body,
             checksummed=self.checksummed,
+            algorithm=self.algorithm,
+            value=value,
         )
+        self._sums[number] = (value, len(body))
+        return part
 
     def copy_part(self, number: int, source: CopySourceTypeDef, **conditions: str) -> CopyPartResultTypeDef:
         """UploadPartCopy of `source` (a `Bucket`, `Key` mapping) into part `number`: one try, the
@@ -215,10 +247,28 @@ class MultipartUpload:
         """The parts recorded so far (those uploaded apart from the stream, until `write` returns)."""
         return list(self._parts)
 
-    def add_parts(self, parts: Iterable[CompletedPartTypeDef], *, apart_bytes: int = 0) -> None:
-        """Parts uploaded apart from the stream, under numbers reserved from the ledger."""
+    def add_parts(
+        self, parts: Iterable[CompletedPartTypeDef], *, apart_bytes: int = 0, lengths: Iterable[int] = ()
+    ) -> None:
+        """Parts uploaded apart from the stream, under numbers reserved from the ledger; `lengths`, where
+        given, are theirs, so their checksums (as the server answered them) join the object's."""
+        parts = list(parts)
         self._parts.extend(parts)
         self.apart_bytes += apart_bytes
+        for part, length in zip(parts, lengths, strict=False):
+            self._sums[part["PartNumber"]] = (self.algorithm.decode(part.get(self.algorithm.field)), length)
+
+    def _checksum(self, parts: list[CompletedPartTypeDef], crc32: int | None) -> int | None:
+        """The object's checksum for S3 to verify: none without one at creation; for CRC-32, the stream's
+        (whose stand-ins count copied ranges unread); else joined from every part's, if all are known."""
+        if not self.checksummed:
+            return None
+        if self.algorithm is checksums.CRC32:
+            return crc32
+        pieces = [self._sums.get(part["PartNumber"], (None, 0)) for part in parts]
+        if any(value is None for value, _ in pieces):
+            return None
+        return self.algorithm.joined((value or 0, length) for value, length in pieces)
 
     def write(
         self,
@@ -238,12 +288,13 @@ class MultipartUpload:
 
     def complete(self, *, confirm: Callable[[], None] = _nothing, crc32: int | None = None) -> UploadedObject:
         """Complete the upload with every part. `confirm` runs right before, the one step that cannot be
-        undone: if it raises, the upload is aborted instead. `crc32`, the object's CRC-32 as the stream
-        that made it computed it, is handed to S3 on a checksummed upload, which then refuses to complete
-        an object whose bytes have another."""
+        undone: if it raises, the upload is aborted instead. The object's checksum (`crc32`, as the stream
+        that made it computed it, or one joined from the parts': `_checksum`) is handed to S3 on a
+        checksummed upload, which then refuses to complete an object whose bytes have another."""
         parts = sorted(self._parts, key=lambda part: part["PartNumber"])
+        checksum = self._checksum(parts, crc32)
         confirm()
-        _complete(self, parts, crc32 if self.checksummed else None)
+        _complete(self, parts, checksum)
         self.completed = True
         return UploadedObject(
             bucket=self.bucket,
@@ -252,6 +303,8 @@ class MultipartUpload:
             parts=len(parts),
             apart_bytes=self.apart_bytes,
             crc32=crc32,
+            checksum=None if checksum is None else self.algorithm.encode(checksum),
+            checksum_algorithm=None if checksum is None else self.algorithm.name,
         )
 
     def abort(self) -> None:
@@ -273,26 +326,32 @@ def upload_stream(
     metadata: dict[str, str],
     content_disposition: str | None = None,
     abandoned: Callable[[], bool] = _never,
+    algorithm: checksums.Algorithm = checksums.CRC32,
 ) -> UploadedObject:
     """Upload `chunks` as one object, streamed only: completed, or aborted on any failure."""
     stream = crc.Running()
     with MultipartUpload.create(
-        s3, bucket=bucket, key=key, metadata=metadata, content_disposition=content_disposition
+        s3,
+        bucket=bucket,
+        key=key,
+        metadata=metadata,
+        content_disposition=content_disposition,
+        algorithm=algorithm,
     ) as upload:
         upload.write(stream.over(chunks), part_size=part_size, concurrency=concurrency, abandoned=abandoned)
         return upload.complete(crc32=stream.value)
 
 
-def _complete(upload: MultipartUpload, parts: list[CompletedPartTypeDef], crc32: int | None) -> None:
+def _complete(upload: MultipartUpload, parts: list[CompletedPartTypeDef], checksum: int | None) -> None:
     """When the answer to a Complete that worked is lost, botocore's retry finds the upload gone
-    (NoSuchUpload on S3): the object itself says it is done. S3 refusing the object's CRC-32 (its
+    (NoSuchUpload on S3): the object itself says it is done. S3 refusing the object's checksum (its
     bytes changed on the way) fails the attempt, to be tried again."""
     s3 = upload.s3
     checks: dict[str, Any] = {"MpuObjectSize": upload.ledger.position}
     if upload.checksummed:
         checks["ChecksumType"] = "FULL_OBJECT"
-    if crc32 is not None:
-        checks["ChecksumCRC32"] = crc.to_base64(crc32)
+    if checksum is not None:
+        checks[upload.algorithm.field] = upload.algorithm.encode(checksum)
     try:
         retry_transient(s3.complete_multipart_upload)(
             Bucket=upload.bucket,
@@ -322,83 +381,3 @@ def _raise_unless_completed(upload: MultipartUpload, error: Exception) -> None:
     if not (size_matches and head is not None and head.get("Metadata") == upload.metadata):
         raise error
     log.warning("upload.complete_answer_lost", key=upload.key)
-
-
-def upload_threads(concurrency: int) -> int:
-    return concurrency
-
-
-PartSender = Callable[[int, "bytes | bytearray"], "CompletedPartTypeDef | None"]
-
-
-def upload_parts(
-    upload: MultipartUpload,
-    numbered_parts: Iterator[tuple[int, bytes | bytearray]],
-    *,
-    concurrency: int,
-    send: PartSender | None = None,
-    sizes: PartSizes | None = None,
-) -> list[CompletedPartTypeDef]:
-    """Upload the parts, `concurrency` at a time; `send` may put a part elsewhere (a fan-out segment
-    keeps its first part apart), returning None for a part that is not one of the upload's. `sizes`
-    says how big the next part is (parts_of's own), else every part counts as one of concurrency + 1."""
-    send = send or upload.upload_part
-
-    # Room for a part is taken before it starts filling and given back when its upload is done, so the
-    # parts uploading and the one filling hold at most (concurrency + 1) x part_size, and at most
-    # `concurrency` upload at once whatever their size.
-    room = _Room(sizes.budget if sizes else concurrency + 1)
-    in_flight: set[Future[CompletedPartTypeDef | None]] = set()
-    done: list[Future[CompletedPartTypeDef | None]] = []
-    with ThreadPoolExecutor(max_workers=upload_threads(concurrency), thread_name_prefix="part") as pool:
-        try:
-            while True:
-                taken = room.take(sizes.at(upload.ledger.position) if sizes else 1)
-                numbered = next(numbered_parts, None)
-                if numbered is None:
-                    room.give(taken)
-                    break
-                number, body = numbered
-                if number > MAX_PARTS:
-                    raise PermanentError("too_large", f"the archive needs more than {MAX_PARTS} parts")
-                future = pool.submit(send, number, body)
-                room.give_when_done(future, taken)
-                in_flight.add(future)
-                del body, numbered
-                finished = {f for f in in_flight if f.done()}
-                for f in finished:
-                    f.result()  # raises the first failed part's error now, not after the whole stream
-                done.extend(finished)
-                in_flight -= finished
-            finished_all, _ = wait(in_flight, return_when=FIRST_EXCEPTION)
-            for f in finished_all:
-                f.result()
-            done.extend(in_flight)
-        finally:
-            for f in in_flight:
-                f.cancel()
-    return [part for part in (f.result() for f in done) if part is not None]
-
-
-class _Room:
-    """Units of memory for parts (bytes, or one per part), taken before a part fills, given back once it
-    is uploaded. A taker asking for more than all of it waits until all of it is free, then takes it."""
-
-    def __init__(self, total: int) -> None:
-        self._total, self._free = total, total
-        self._changed = threading.Condition()
-
-    def take(self, amount: int) -> int:
-        amount = min(amount, self._total)
-        with self._changed:
-            self._changed.wait_for(lambda: self._free >= amount)
-            self._free -= amount
-        return amount
-
-    def give_when_done(self, future: Future[Any], amount: int) -> None:
-        future.add_done_callback(lambda _: self.give(amount))
-
-    def give(self, amount: int) -> None:
-        with self._changed:
-            self._free += amount
-            self._changed.notify_all()

@@ -10,6 +10,15 @@ from pydantic import BaseModel, Field, field_validator
 from archiver.errors import MAX_ERROR_MESSAGE, ErrorCode, clip
 
 
+class ArchiveChecksum(BaseModel):
+    """The archive's S3 checksum (ARCHIVE_CHECKSUM), which S3 verified against the bytes it got when the
+    upload completed: HeadObject with ChecksumMode=ENABLED gives the same value and type."""
+
+    algorithm: Literal["CRC32", "CRC64NVME"]
+    type: Literal["FULL_OBJECT"] = "FULL_OBJECT"
+    value: str = Field(description="base64 of the checksum's big-endian bytes (4 for CRC32, 8 for CRC64NVME)")
+
+
 class ArchiveInfo(BaseModel):
     bucket: str
     key: str
@@ -21,6 +30,13 @@ class ArchiveInfo(BaseModel):
         description=(
             "the CRC-32 (zlib's, IEEE 802.3) of the archive's bytes, base64 of its 4 big-endian bytes as S3"
             " writes a FULL_OBJECT CRC32 checksum; computed from the stream, not by reading the archive"
+        ),
+    )
+    checksum: ArchiveChecksum | None = Field(
+        default=None,
+        description=(
+            "the archive's FULL_OBJECT checksum in the algorithm ARCHIVE_CHECKSUM names, verified by S3 at"
+            " completion; null for a fanned-out archive, which S3 does not verify"
         ),
     )
 

@@ -1,15 +1,22 @@
-"""Byte chunks -> numbered parts: the part assembler, and the ledger of the numbers an upload has given
-out, streamed or reserved for parts uploaded apart from the stream (server-side copies).
+"""Byte chunks -> numbered parts -> uploaded, a few at a time: the part assembler, the ledger of the
+numbers an upload has given out, streamed or reserved for parts uploaded apart from the stream (server-side
+copies), and the uploader that keeps the parts in flight within their memory budget.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
-from archiver.errors import JobAbandoned
-from archiver.settings import MAX_PART_SIZE, MIN_PART_SIZE, MiB
+from archiver.errors import JobAbandoned, PermanentError
+from archiver.settings import MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, MiB
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
 
 # The streamed part that may still be numbered before parts uploaded apart from the stream once their
 # numbers are reserved: the one being filled, which then runs on to where the apart range starts
@@ -204,3 +211,91 @@ def _last_part(
         if join_short_last and emitted and len(rest) < MIN_PART_SIZE:
             ledger.short_last = number
         yield number, bytes(rest)
+
+
+def upload_threads(concurrency: int) -> int:
+    return concurrency
+
+
+class PartTarget(Protocol):
+    """What upload_parts uploads to: a multipart upload (archiver.multipart.MultipartUpload)."""
+
+    ledger: PartLedger
+
+    def upload_part(self, number: int, body: bytes | bytearray) -> CompletedPartTypeDef: ...
+
+
+PartSender = Callable[[int, "bytes | bytearray"], "CompletedPartTypeDef | None"]
+
+
+def upload_parts(
+    upload: PartTarget,
+    numbered_parts: Iterator[tuple[int, bytes | bytearray]],
+    *,
+    concurrency: int,
+    send: PartSender | None = None,
+    sizes: PartSizes | None = None,
+) -> list[CompletedPartTypeDef]:
+    """Upload the parts, `concurrency` at a time; `send` may put a part elsewhere (a fan-out segment
+    keeps its first part apart), returning None for a part that is not one of the upload's. `sizes`
+    says how big the next part is (parts_of's own), else every part counts as one of concurrency + 1."""
+    send = send or upload.upload_part
+
+    # Room for a part is taken before it starts filling and given back when its upload is done, so the
+    # parts uploading and the one filling hold at most (concurrency + 1) x part_size, and at most
+    # `concurrency` upload at once whatever their size.
+    room = _Room(sizes.budget if sizes else concurrency + 1)
+    in_flight: set[Future[CompletedPartTypeDef | None]] = set()
+    done: list[Future[CompletedPartTypeDef | None]] = []
+    with ThreadPoolExecutor(max_workers=upload_threads(concurrency), thread_name_prefix="part") as pool:
+        try:
+            while True:
+                taken = room.take(sizes.at(upload.ledger.position) if sizes else 1)
+                numbered = next(numbered_parts, None)
+                if numbered is None:
+                    room.give(taken)
+                    break
+                number, body = numbered
+                if number > MAX_PARTS:
+                    raise PermanentError("too_large", f"the archive needs more than {MAX_PARTS} parts")
+                future = pool.submit(send, number, body)
+                room.give_when_done(future, taken)
+                in_flight.add(future)
+                del body, numbered
+                finished = {f for f in in_flight if f.done()}
+                for f in finished:
+                    f.result()  # raises the first failed part's error now, not after the whole stream
+                done.extend(finished)
+                in_flight -= finished
+            finished_all, _ = wait(in_flight, return_when=FIRST_EXCEPTION)
+            for f in finished_all:
+                f.result()
+            done.extend(in_flight)
+        finally:
+            for f in in_flight:
+                f.cancel()
+    return [part for part in (f.result() for f in done) if part is not None]
+
+
+class _Room:
+    """Units of memory for parts (bytes, or one per part), taken before a part fills, given back once it
+    is uploaded. A taker asking for more than all of it waits until all of it is free, then takes it."""
+
+    def __init__(self, total: int) -> None:
+        self._total, self._free = total, total
+        self._changed = threading.Condition()
+
+    def take(self, amount: int) -> int:
+        amount = min(amount, self._total)
+        with self._changed:
+            self._changed.wait_for(lambda: self._free >= amount)
+            self._free -= amount
+        return amount
+
+    def give_when_done(self, future: Future[Any], amount: int) -> None:
+        future.add_done_callback(lambda _: self.give(amount))
+
+    def give(self, amount: int) -> None:
+        with self._changed:
+            self._free += amount
+            self._changed.notify_all()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     # Uncompressed entries at least this big are copied inside S3 (UploadPartCopy) instead of streamed;
     # 0 turns server-side assembly off. Each still streams its first 5 MiB (docs/assembly.md).
     server_side_copy_min_bytes: int = Field(default=64 * MiB, ge=0)
+    # The archive's FULL_OBJECT checksum, which S3 verifies at completion (docs/settings.md): CRC-32, the
+    # checksum copied parts share with ZIP entries, or CRC64NVME, S3's default for new objects.
+    archive_checksum: Literal["CRC32", "CRC64NVME"] = "CRC32"
     # Fan-out (docs/fanout.md): a request whose sources add up to more than twice this many bytes is cut
     # into segments of about this many source bytes, built by any worker on the source queue. 0 = off.
     fanout_segment_bytes: int = Field(default=0, ge=0)

@@ -32,7 +32,7 @@ RECORDED_HEADERS = (
     *("x-amz-expected-bucket-owner", "range", "if-match", "x-amz-target", "expect"),
     *("content-length", "transfer-encoding", "content-encoding", "x-amz-checksum-crc32"),
     *("x-amz-copy-source", "x-amz-copy-source-range", "x-amz-copy-source-if-match", "if-none-match"),
-    "x-amz-checksum-mode",
+    *("x-amz-checksum-mode", "x-amz-checksum-crc64nvme"),
     *("authorization", "x-amz-security-token"),  # the tests' own throwaway credentials
 )
 # Hop-by-hop headers (RFC 9110 §7.6.1) describe one connection and are never forwarded; Expect was

@@ -16,6 +16,9 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from awscrt import checksums as crt  # type: ignore[import-untyped]
+from boto3.s3.transfer import TransferConfig
+
 from archiver import worker
 from archiver.settings import MiB
 from tests.conftest import Stack
@@ -28,6 +31,10 @@ def b64(crc: int) -> str:
 
 def crc_of(data: bytes) -> str:
     return b64(zlib.crc32(data))
+
+
+def crc64_of(data: bytes) -> str:
+    return base64.b64encode(crt.crc64nvme(data).to_bytes(8, "big")).decode()
 
 
 def check_manifest(stack: Stack, note: dict[str, Any], data: bytes, sources: dict[str, str]) -> None:
@@ -55,13 +62,16 @@ def check_manifest(stack: Stack, note: dict[str, Any], data: bytes, sources: dic
         }
 
 
-def check_s3_checksum(stack: Stack, note: dict[str, Any]) -> None:
-    """The archive was completed with its CRC-32 as a FULL_OBJECT checksum, which S3 checked against the
-    bytes it got (the embedded stack checks it as S3 does: archiver.motofixes)."""
+def check_s3_checksum(stack: Stack, note: dict[str, Any], data: bytes, algorithm: str = "CRC32") -> None:
+    """The archive was completed with its checksum in `algorithm` as a FULL_OBJECT checksum, which S3
+    checked against the bytes it got (the embedded stack checks it as S3 does: archiver.motofixes), and
+    the notification gives it as S3 does, equal to the checksum of the bytes downloaded."""
+    expected = {"CRC32": crc_of, "CRC64NVME": crc64_of}[algorithm](data)
+    assert note["archive"]["checksum"] == {"algorithm": algorithm, "type": "FULL_OBJECT", "value": expected}
     head = stack.clients.s3.head_object(
         Bucket=note["archive"]["bucket"], Key=note["archive"]["key"], ChecksumMode="ENABLED"
     )
-    assert (head["ChecksumType"], head["ChecksumCRC32"]) == ("FULL_OBJECT", note["archive"]["crc32"])
+    assert (head["ChecksumType"], head.get(f"Checksum{algorithm}")) == ("FULL_OBJECT", expected)
 
 
 def archive_and_note(
@@ -83,7 +93,7 @@ def test_a_streamed_archive_carries_the_crc_of_its_bytes(stack: Stack, tmp_path:
     data, note = archive_and_note(stack, request)
     check_archive(data, files, tmp_path)
     assert note["archive"]["crc32"] == crc_of(data)
-    check_s3_checksum(stack, note)
+    check_s3_checksum(stack, note, data)
     check_manifest(stack, note, data, {name: name for name in files})
     _, again = archive_and_note(stack, request)
     assert again["archive"]["crc32"] == crc_of(data)
@@ -102,7 +112,7 @@ def test_an_archive_with_an_entry_copied_inside_s3_carries_the_crc_of_its_bytes(
     data, note = archive_and_note(stack, request, server_side_copy_min_bytes=16 * MiB)
     check_archive(data, {"note.txt": b"hello", "clip.mp4": video}, tmp_path)
     assert note["archive"]["crc32"] == crc_of(data)
-    check_s3_checksum(stack, note)
+    check_s3_checksum(stack, note, data)
     check_manifest(stack, note, data, {"note.txt": "note.txt", "clip.mp4": "clip.mp4"})
 
 
@@ -116,4 +126,43 @@ def test_a_fanned_out_archive_carries_the_crc_of_its_bytes(stack: Stack, tmp_pat
     check_archive(data, files, tmp_path)
     assert stack.status("fanned")["segments_total"] > 1
     assert note["archive"]["crc32"] == crc_of(data)
+    assert note["archive"]["checksum"] is None  # its part numbers have gaps: S3 did not verify it
     check_manifest(stack, note, data, {name: f"album/{name}" for name in files})
+
+
+def test_a_crc64nvme_archive_is_verified_by_s3_with_its_parts_checksums_joined(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """ARCHIVE_CHECKSUM=CRC64NVME: S3's default algorithm, joined from the parts' as they are uploaded,
+    over parts of 5 MiB and a source uploaded in parts; the entries' CRC-32s are still the zip's."""
+    files = {"a.txt": b"alpha" * 1000, "b.bin": os.urandom(12 * MiB), "c.json": b"{}"}
+    for name, body in files.items():
+        stack.put(name, body)
+    parted = os.urandom(9 * MiB)
+    in_parts = TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
+    stack.clients.s3.upload_fileobj(io.BytesIO(parted), stack.source_bucket, "parted.bin", Config=in_parts)
+    files["parted.bin"] = parted
+    request = {"request_id": "crc64", "files": [{"source": name} for name in files]}
+    data, note = archive_and_note(stack, request, archive_checksum="CRC64NVME", part_size=5 * MiB)
+    check_archive(data, files, tmp_path)
+    assert note["archive"]["crc32"] == crc_of(data)
+    check_s3_checksum(stack, note, data, "CRC64NVME")
+    check_manifest(stack, note, data, {name: name for name in files})
+
+
+def test_a_crc64nvme_archive_streams_a_copy_whose_parts_came_back_without_their_checksums(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """moto answers UploadPartCopy without the part's checksum, which S3 documents it sends on an upload
+    created with one: the archive's CRC64NVME cannot be joined without it, so the entry is streamed
+    instead, and so is every later one that would be copied."""
+    videos = {f"clip{index}.mp4": os.urandom(17 * MiB) for index in range(2)}
+    for name, body in videos.items():
+        stack.put(name, body, ChecksumAlgorithm="CRC32")
+    request = {"request_id": "copied64", "files": [{"source": name} for name in videos]}
+    data, note = archive_and_note(
+        stack, request, archive_checksum="CRC64NVME", server_side_copy_min_bytes=16 * MiB
+    )
+    check_archive(data, videos, tmp_path)
+    check_s3_checksum(stack, note, data, "CRC64NVME")
+    assert note["archive"]["crc32"] == crc_of(data)

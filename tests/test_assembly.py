@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import boto3.s3.transfer
 import pytest
 from botocore.config import Config
 from isal import isal_zlib
 
-from archiver import crc, worker
+from archiver import checksums, crc, worker
 from archiver.assembly import COPY_EXTRA_PARTS, LEAD_BYTES, CopiedEntry, copy_ranges, plan_copies
 from archiver.logs import configure_logging
 from archiver.parts import PartLedger, parts_of
@@ -274,6 +275,45 @@ def test_copied_parts_overrule_a_full_object_crc_that_is_not_the_bytes(
         c.headers["x-amz-copy-source"].rpartition("/")[2]
         for c in seaweedfs.requests_matching(operation="UploadPartCopy")
     } == {"photo.jpg"}
+
+
+@pytest.mark.slow
+def test_a_crc64nvme_archive_joins_its_copied_parts_checksums_on_a_server_that_returns_them(
+    stack: Stack, seaweedfs: FaultProxy, tmp_path: Path
+) -> None:
+    """ARCHIVE_CHECKSUM=CRC64NVME: SeaweedFS answers each UploadPartCopy with the part's CRC64NVME, which
+    joins the streamed parts' into the archive's, handed to the server at completion. The copied parts'
+    checksums are not CRC-32s, so only a source with its own full-object CRC-32 is copied; one uploaded
+    in parts (a composite checksum) is streamed."""
+    rng = random.Random(64)
+    files = {"one-put.mp4": rng.randbytes(COPY_MIN + 3), "in-parts.mp4": rng.randbytes(COPY_MIN + 5)}
+    files["notes.txt"] = b"a line of notes\n" * 20_000
+    s3 = boto3.session.Session().client("s3", endpoint_url=seaweedfs.url)
+    for bucket in (stack.source_bucket, stack.destination_bucket):
+        s3.create_bucket(Bucket=bucket)
+    s3.put_object(
+        Bucket=stack.source_bucket, Key="in/one-put.mp4", Body=files["one-put.mp4"], ChecksumAlgorithm="CRC32"
+    )
+    s3.put_object(Bucket=stack.source_bucket, Key="in/notes.txt", Body=files["notes.txt"])
+    in_parts = boto3.s3.transfer.TransferConfig(multipart_threshold=8 * MiB, multipart_chunksize=8 * MiB)
+    s3.upload_fileobj(BytesIO(files["in-parts.mp4"]), stack.source_bucket, "in/in-parts.mp4", Config=in_parts)
+
+    stack.send({"request_id": "crc64", "files": [{"source": f"in/{name}"} for name in files]})
+    settings = stack.settings(server_side_copy_min_bytes=COPY_MIN, archive_checksum="CRC64NVME")
+    assert worker.run(worker.connect(settings), burst=True) == 0
+    (note,) = stack.notifications(1)
+    assert note["status"] == "completed", note
+    key = note["archive"]["key"]
+    data = s3.get_object(Bucket=stack.destination_bucket, Key=key)["Body"].read()
+    check_archive(data, files, tmp_path)
+    expected = checksums.CRC64NVME.encode(checksums.CRC64NVME.of(data))
+    assert note["archive"]["checksum"] == {"algorithm": "CRC64NVME", "type": "FULL_OBJECT", "value": expected}
+    head = s3.head_object(Bucket=stack.destination_bucket, Key=key, ChecksumMode="ENABLED")
+    assert (head["ChecksumType"], head["ChecksumCRC64NVME"]) == ("FULL_OBJECT", expected)
+    (complete,) = seaweedfs.requests_matching(operation="CompleteMultipartUpload", path_contains=key)
+    assert complete.headers["x-amz-checksum-crc64nvme"] == expected
+    copies = seaweedfs.requests_matching(operation="UploadPartCopy")
+    assert copies and {c.headers["x-amz-copy-source"].rpartition("/")[2] for c in copies} == {"one-put.mp4"}
 
 
 # ---------------------------------------------------------------------- the layout past 4 GiB, in memory

@@ -6,10 +6,11 @@ import base64
 import itertools
 import zlib
 
+from awscrt import checksums as crt  # type: ignore[import-untyped]
 from hypothesis import given
 from hypothesis import strategies as st
 
-from archiver import crc
+from archiver import checksums, crc
 from archiver.assembly import LEAD_BYTES, MAX_COPY_PIECE, copy_ranges
 from archiver.settings import MAX_PART_SIZE, MIN_COPIED_OBJECT, MIN_PART_SIZE
 
@@ -65,3 +66,38 @@ def test_from_base64_refuses_what_is_not_a_crc32() -> None:
     assert crc.from_base64("") is None
     assert crc.from_base64("not base64!") is None
     assert crc.from_base64(base64.b64encode(bytes(8)).decode()) is None  # a CRC-64
+
+
+# ---------------------------------------------------------------------- the archive's S3 checksum
+
+
+@given(
+    pieces=st.lists(blobs, max_size=6),
+    name=st.sampled_from(sorted(checksums.ALGORITHMS)),
+)
+def test_an_archive_checksum_joined_from_pieces_is_the_whole_ones(pieces: list[bytes], name: str) -> None:
+    """What a completion hands S3: each part's checksum joined in order, the checksum of all the bytes,
+    checked against zlib's CRC-32 and awscrt's CRC64NVME computed over the whole (also an earlier value
+    carried on, as a part's is computed)."""
+    algorithm = checksums.ALGORITHMS[name]  # type: ignore[index]
+    whole = b"".join(pieces)
+    expected = {"CRC32": zlib.crc32, "CRC64NVME": crt.crc64nvme}[name](whole)
+    assert algorithm.joined((algorithm.of(piece), len(piece)) for piece in pieces) == expected
+    carried = 0
+    for piece in pieces:
+        carried = algorithm.of(piece, carried)
+    assert carried == expected
+
+
+@given(
+    value=st.integers(min_value=0, max_value=2**64 - 1), name=st.sampled_from(sorted(checksums.ALGORITHMS))
+)
+def test_an_archive_checksum_reads_back_as_s3_writes_it(value: int, name: str) -> None:
+    algorithm = checksums.ALGORITHMS[name]  # type: ignore[index]
+    value %= 1 << (8 * algorithm.width)
+    text = algorithm.encode(value)
+    assert len(base64.b64decode(text)) == algorithm.width
+    assert algorithm.decode(text) == value
+    other = checksums.CRC64NVME if algorithm is checksums.CRC32 else checksums.CRC32
+    assert other.decode(text) is None  # a value of the other width is not one of this algorithm's
+    assert algorithm.decode(None) is None and algorithm.decode("not base64!") is None

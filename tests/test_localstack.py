@@ -25,6 +25,7 @@ from typing import Any
 
 import boto3
 import pytest
+from awscrt import checksums as crt  # type: ignore[import-untyped]
 
 from archiver.assembly import LEAD_BYTES
 from archiver.settings import MiB
@@ -571,4 +572,54 @@ def test_a_cancel_on_localstack_answers_its_request_cancelled_and_leaves_a_compl
         )
     )
     assert (head["ChecksumType"], head["ChecksumCRC32"]) == ("FULL_OBJECT", kept["archive"]["crc32"])
+    assert kept["archive"]["checksum"] == {
+        "algorithm": "CRC32",
+        "type": "FULL_OBJECT",
+        "value": kept["archive"]["crc32"],
+    }
     assert queue_depth(resources, "input-queue") == 0
+
+
+def test_a_crc64nvme_archive_on_localstack_is_verified_by_it_at_completion(
+    resources: LocalStack, tmp_path: Path
+) -> None:
+    """ARCHIVE_CHECKSUM=CRC64NVME against LocalStack: parts of 5 MiB, a photo, a video `aws s3 cp`
+    uploaded in parts and one it uploaded whole with a CRC-32 (the one a CRC64NVME archive may copy): the
+    CRC64NVME handed over at completion, joined from the parts', is the downloaded bytes' and the one
+    HeadObject gives."""
+    env = developer_env(
+        resources,
+        tmp_path,
+        ARCHIVE_CHECKSUM="CRC64NVME",
+        PART_SIZE=str(5 * MiB),
+        SERVER_SIDE_COPY_MIN_BYTES=str(16 * MiB),
+    )
+    files = {"photo.jpg": os.urandom(300_000), "parts.mp4": os.urandom(9 * MiB + 1)}
+    files["whole.mp4"] = os.urandom(17 * MiB + 3)
+    upload(env, tmp_path, "s3://source-images/c64/photo.jpg", files["photo.jpg"])
+    upload(env, tmp_path, "s3://source-images/c64/parts.mp4", files["parts.mp4"])
+    (tmp_path / "whole.mp4").write_bytes(files["whole.mp4"])
+    put = ("--bucket", "source-images", "--key", "c64/whole.mp4", "--body", str(tmp_path / "whole.mp4"))
+    aws(env, "s3api", "put-object", *put, "--checksum-algorithm", "CRC32")
+    send(env, {"request_id": "ls-crc64", "files": [{"source": f"c64/{name}"} for name in files]})
+    run_burst(env)
+    (note,) = receive_notifications(env)
+    assert note["status"] == "completed", note
+    data = download(note["archive"]["url"])
+    check_archive(data, files, tmp_path)
+    expected = base64.b64encode(crt.crc64nvme(data).to_bytes(8, "big")).decode()
+    assert note["archive"]["checksum"] == {"algorithm": "CRC64NVME", "type": "FULL_OBJECT", "value": expected}
+    head = json.loads(
+        aws(
+            env,
+            "s3api",
+            "head-object",
+            "--bucket",
+            "zip-storage",
+            "--key",
+            "download/ls-crc64/ls-crc64.zip",
+            "--checksum-mode",
+            "ENABLED",
+        )
+    )
+    assert (head["ChecksumType"], head["ChecksumCRC64NVME"]) == ("FULL_OBJECT", expected)

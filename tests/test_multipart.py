@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from archiver import checksums
 from archiver.assembly import LEAD_BYTES
 from archiver.crc import to_base64
 from archiver.errors import JobAbandoned, PermanentError, TransientError
@@ -313,15 +314,23 @@ def split(data: bytes, size: int = 65536) -> Iterator[bytes]:
 def test_the_embedded_stack_refuses_completions_as_s3_documents(stack: Stack) -> None:
     """moto completes what S3 refuses; archiver.motofixes makes it refuse it too, so that every archive the
     suite builds is checked as S3 would: gaps in the part numbers of an upload with part checksums
-    (InvalidPartOrder; allowed without them), a full-object CRC-32 or object size not the parts'."""
+    (InvalidPartOrder; allowed without them), a full-object CRC-32 or CRC64NVME or object size not the
+    parts'."""
     import botocore.exceptions
 
     s3, bucket = stack.clients.s3, stack.destination_bucket
     body = os.urandom(MIN_PART_SIZE)
 
-    def complete(key: str, numbers: list[int], *, checksummed: bool, **checks: object) -> str:
+    def complete(
+        key: str,
+        numbers: list[int],
+        *,
+        checksummed: bool,
+        algorithm: checksums.Algorithm = checksums.CRC32,
+        **checks: object,
+    ) -> str:
         extra: dict[str, str] = (
-            {"ChecksumAlgorithm": "CRC32", "ChecksumType": "FULL_OBJECT"} if checksummed else {}
+            {"ChecksumAlgorithm": algorithm.name, "ChecksumType": "FULL_OBJECT"} if checksummed else {}
         )
         upload_id = s3.create_multipart_upload(Bucket=bucket, Key=key, **extra)["UploadId"]  # type: ignore[arg-type]
         parts = [
@@ -333,6 +342,7 @@ def test_the_embedded_stack_refuses_completions_as_s3_documents(stack: Stack) ->
                 number=number,
                 body=body,
                 checksummed=checksummed,
+                algorithm=algorithm,
             )
             for number in numbers
         ]
@@ -358,7 +368,14 @@ def test_the_embedded_stack_refuses_completions_as_s3_documents(stack: Stack) ->
     wrong = {"ChecksumType": "FULL_OBJECT", "ChecksumCRC32": to_base64(whole ^ 1)}
     assert complete("wrong.zip", [1, 2], checksummed=True, **wrong) == "BadDigest"
     assert complete("short.zip", [1, 2], checksummed=False, MpuObjectSize=len(body)) == "InvalidRequest"
-    assert stack.archive_keys() == ["plain-gap.zip", "right.zip"]
+    crc64 = checksums.CRC64NVME
+    whole64 = crc64.of(body * 2)
+    right64 = {"ChecksumType": "FULL_OBJECT", "ChecksumCRC64NVME": crc64.encode(whole64)}
+    assert complete("right64.zip", [1, 2], checksummed=True, algorithm=crc64, **right64) == "completed"
+    wrong64 = {"ChecksumType": "FULL_OBJECT", "ChecksumCRC64NVME": crc64.encode(whole64 ^ 1)}
+    assert complete("wrong64.zip", [1, 2], checksummed=True, algorithm=crc64, **wrong64) == "BadDigest"
+    assert complete("gap64.zip", [1, 3], checksummed=True, algorithm=crc64) == "InvalidPartOrder"
+    assert stack.archive_keys() == ["plain-gap.zip", "right.zip", "right64.zip"]
 
 
 def test_an_archive_s3_finds_a_different_crc_for_is_tried_again_and_leaves_nothing(stack: Stack) -> None:

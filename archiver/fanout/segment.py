@@ -27,8 +27,8 @@ from archiver.errors import TransientError
 from archiver.fanout.directory import Directory, directory_bound, read_directory
 from archiver.job import SOURCE_GETS
 from archiver.manifest import Row, Rows
-from archiver.multipart import MultipartUpload, upload_parts
-from archiver.parts import PartLedger, parts_of
+from archiver.multipart import MultipartUpload
+from archiver.parts import PartLedger, parts_of, upload_parts
 from archiver.prefetch import Planned, Prefetcher
 from archiver.settings import MIN_PART_SIZE
 from archiver.sources import Fetched, SourceObject, fetch_small, read_source
