@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
@@ -96,6 +97,13 @@ class Settings(BaseSettings):
     def _check_copy_min(cls, value: int) -> int:
         if 0 < value < MIN_COPIED_OBJECT:
             raise ValueError(f"must be 0 (off) or at least {MIN_COPIED_OBJECT} (16 MiB)")
+        return value
+
+    @field_validator("archive_checksum")
+    @classmethod
+    def _check_checksum_library(cls, value: str) -> str:
+        if value == "CRC64NVME" and importlib.util.find_spec("awscrt") is None:
+            raise ValueError("CRC64NVME needs awscrt: pip install 'archiver[crc64nvme]'")
         return value
 
     @field_validator("fanout_segment_bytes")

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import botocore.exceptions
 
+from archiver import checksums
 from archiver.aws import AwsClients, error_code, http_status, is_transient, make_clients
 from archiver.errors import SettingsError, Unreachable
 from archiver.multipart import choose_part_size
@@ -158,15 +159,21 @@ def _problem(exc: Exception, *, where: str, service: object) -> str:
     raise exc
 
 
-# The memory formula (docs/settings.md, Memory): the interpreter and an idle worker (6 MiB of it awscrt's
-# C runtime, which botocore loads whenever it is installed, for ARCHIVE_CHECKSUM=CRC64NVME); a copied entry's
+# The memory formula (docs/settings.md, Memory): the interpreter and an idle worker, 6 MiB more with awscrt
+# installed (the crc64nvme extra: botocore then loads its C runtime, used or not); a copied entry's
 # 5 MiB lead, one small deflate entry past 4 GiB held to be STORED (16 MiB), and obstore's runtime with
 # the source GETs' threads and sockets (10 MiB); reading and planning the request, 1 KiB a file and its
 # text five times over (what that frees then holds the central directory, 300 B an entry).
-BASELINE_BYTES = 81 * MiB
+BASELINE_BYTES = 75 * MiB
+AWSCRT_BYTES = 6 * MiB
 EXTRA_BYTES = 36 * MiB
 REQUEST_BYTES_PER_FILE = 1024
 REQUEST_TEXT_COPIES = 5
+
+
+def baseline_bytes() -> int:
+    """The idle worker's share of the memory formula, as installed here."""
+    return BASELINE_BYTES + (AWSCRT_BYTES if checksums.awscrt_installed() else 0)
 
 
 def memory_needed(settings: Settings) -> int:
@@ -179,7 +186,7 @@ def memory_needed(settings: Settings) -> int:
     )
     request = REQUEST_BYTES_PER_FILE * settings.max_files + REQUEST_TEXT_COPIES * MAX_POINTER_BYTES
     return (
-        BASELINE_BYTES
+        baseline_bytes()
         + (settings.upload_concurrency + 2) * part_size
         + settings.prefetch_bytes
         + request

@@ -869,7 +869,7 @@ def worst_case_memory(**overrides: Any) -> float:
     mib = 1024 * 1024
     part = max(p["PartSize"], math.ceil(p["MaxArchiveBytes"] / 10_000 / mib) * mib)
     buffers = (p["UploadConcurrency"] + 2) * part + p["PrefetchBytes"] + 1024 * p["MaxFiles"]
-    return 81 + buffers / mib + 5 * 8 + 16 + 10 + 10
+    return 75 + buffers / mib + 5 * 8 + 16 + 10 + 10
 
 
 def test_task_memory_help_counts_every_buffer() -> None:

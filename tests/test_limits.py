@@ -24,12 +24,13 @@ from archiver.errors import PermanentError
 from archiver.models import parse_request, plan_archive
 from archiver.names import check_entry_path, collision_key, portable_path
 from archiver.request import MAX_POINTER_BYTES, decode_body
-from archiver.settings import load_settings
+from archiver.settings import MiB, load_settings
+from archiver.startup import baseline_bytes
 from bench.planning import SHAPES, bound_mib, measure
 from tests.conftest import Stack
 from tests.zipcheck import check_archive
 
-IDLE_WORKER_MIB = 81  # docs/settings.md, Memory: interpreter, boto3, the idle worker
+IDLE_WORKER_MIB = baseline_bytes() / MiB  # docs/settings.md, Memory: interpreter, boto3, the idle worker
 MAX_FILES = 400
 
 # ------------------------------------------------------------------------ generated bodies, in process

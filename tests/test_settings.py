@@ -46,6 +46,7 @@ def test_defaults_match_the_contract(env: pytest.MonkeyPatch) -> None:
     assert settings.visibility_timeout == 120
     assert settings.job_timeout == 21_600
     assert settings.shutdown_grace == 25
+    assert settings.archive_checksum == "CRC32"
 
 
 def test_values_are_parsed_from_the_environment(env: pytest.MonkeyPatch) -> None:
@@ -74,6 +75,7 @@ def test_values_are_parsed_from_the_environment(env: pytest.MonkeyPatch) -> None
         ("ARCHIVE_LINK_ENDPOINT", "localhost:4566", "ARCHIVE_LINK_ENDPOINT"),
         ("EXPECTED_BUCKET_OWNER", "me", "EXPECTED_BUCKET_OWNER"),
         ("S3_FILE_PREFIX", "a/../b", "S3_FILE_PREFIX"),
+        ("ARCHIVE_CHECKSUM", "CRC32C", "ARCHIVE_CHECKSUM"),
     ],
 )
 def test_wrong_values_name_the_setting(env: pytest.MonkeyPatch, name: str, value: str, said: str) -> None:
@@ -116,3 +118,15 @@ def test_empty_variables_mean_unset(env: pytest.MonkeyPatch) -> None:
     settings = load_settings()
     assert settings.expected_bucket_owner is None
     assert settings.archive_base_url is None
+
+
+def test_crc64nvme_without_awscrt_names_the_extra_it_needs(env: pytest.MonkeyPatch) -> None:
+    """ARCHIVE_CHECKSUM=CRC64NVME on an install without the crc64nvme extra: a wrong setting at start,
+    naming what to install, not a failure at the first archive."""
+    env.setitem(sys.modules, "awscrt", None)  # as if not installed
+    env.setenv("ARCHIVE_CHECKSUM", "CRC64NVME")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert "ARCHIVE_CHECKSUM" in str(caught.value) and "archiver[crc64nvme]" in str(caught.value)
+    env.delitem(sys.modules, "awscrt")
+    assert load_settings().archive_checksum == "CRC64NVME"
