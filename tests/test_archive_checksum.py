@@ -97,6 +97,7 @@ def test_a_streamed_archive_carries_the_crc_of_its_bytes(stack: Stack, tmp_path:
     check_manifest(stack, note, data, {name: name for name in files})
     _, again = archive_and_note(stack, request)
     assert again["archive"]["crc32"] == crc_of(data)
+    assert again["archive"]["checksum"] == note["archive"]["checksum"]
     assert again["manifest"]["key"] == note["manifest"]["key"]
     check_manifest(stack, again, data, {name: name for name in files})
 

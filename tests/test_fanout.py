@@ -415,15 +415,19 @@ def test_a_segment_worker_killed_mid_segment_costs_one_visibility_timeout(
         return seen.method == "PUT" and seen.path.endswith(".head")
 
     with (
-        FaultProxy(moto_endpoint, Faults(match=source_get, throttle=4 * MiB)) as slow,
+        # The coordinator reads its sources slowly enough (2 MiB/s: ~12 s for them all) that a segment
+        # is still unclaimed when the victim, started after the plan, has imported and polled, even on a
+        # loaded machine (at 4 MiB/s and 60 s, one fresh-clone run on a slow day never saw the victim's
+        # head: most likely the coordinator had claimed every segment by then).
+        FaultProxy(moto_endpoint, Faults(match=source_get, throttle=2 * MiB)) as slow,
         FaultProxy(moto_endpoint, Faults(match=head_put, hold=never)) as stuck,
     ):
         try:
             fleet.start(endpoint=slow.url)
             stack.send(request("fanned", names))
-            wait_for(lambda: plan_exists(stack, "fanned"), timeout=60, what="the plan")
+            wait_for(lambda: plan_exists(stack, "fanned"), timeout=120, what="the plan")
             victim = fleet.start(endpoint=stuck.url)
-            wait_for(lambda: stuck.requests_matching(where=head_put), timeout=60, what="the victim's head")
+            wait_for(lambda: stuck.requests_matching(where=head_put), timeout=120, what="the victim's head")
             victim.kill()
             victim.wait()
             (held,) = stuck.requests_matching(where=head_put)
