@@ -406,7 +406,7 @@ def test_a_segment_worker_killed_mid_segment_costs_one_visibility_timeout(
     files = photos(stack, 12, 2 * MiB)
     names = sorted(files)
     expected = single_worker_archive(stack, names)
-    never = threading.Event()
+    never, victim_holds_one = threading.Event(), threading.Event()
 
     def source_get(seen: Seen) -> bool:
         return seen.method == "GET" and seen.path.startswith(f"/{stack.source_bucket}/")
@@ -415,24 +415,26 @@ def test_a_segment_worker_killed_mid_segment_costs_one_visibility_timeout(
         return seen.method == "PUT" and seen.path.endswith(".head")
 
     with (
-        # The coordinator reads its sources slowly enough (2 MiB/s: ~12 s for them all) that a segment
-        # is still unclaimed when the victim, started after the plan, has imported and polled, even on a
-        # loaded machine (at 4 MiB/s and 60 s, one fresh-clone run on a slow day never saw the victim's
-        # head: most likely the coordinator had claimed every segment by then).
-        FaultProxy(moto_endpoint, Faults(match=source_get, throttle=2 * MiB)) as slow,
+        # The coordinator's source GETs wait until the victim holds a segment (its head PUT is stuck):
+        # a coordinator free to read could build every segment before a victim, started after the plan
+        # and slow to import on a loaded machine, polled for one: the likely reason two fresh-clone runs
+        # on a slow day never saw the victim's head.
+        FaultProxy(moto_endpoint, Faults(match=source_get, hold=victim_holds_one)) as coordinators,
         FaultProxy(moto_endpoint, Faults(match=head_put, hold=never)) as stuck,
     ):
         try:
-            fleet.start(endpoint=slow.url)
+            fleet.start(endpoint=coordinators.url)
             stack.send(request("fanned", names))
-            wait_for(lambda: plan_exists(stack, "fanned"), timeout=120, what="the plan")
+            wait_for(lambda: plan_exists(stack, "fanned"), timeout=60, what="the plan")
             victim = fleet.start(endpoint=stuck.url)
             wait_for(lambda: stuck.requests_matching(where=head_put), timeout=120, what="the victim's head")
+            victim_holds_one.set()
             victim.kill()
             victim.wait()
             (held,) = stuck.requests_matching(where=head_put)
             notice = one_notification(stack, fleet)
         finally:
+            victim_holds_one.set()
             never.set()
         assert not [seen for seen in stuck.requests_forwarded("PutObject") if seen.path.endswith(".head")]
     assert notice["status"] == "completed", notice
