@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 import importlib.util
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -60,6 +60,21 @@ class Algorithm:
         except ValueError:
             return None
         return int.from_bytes(raw, "big") if len(raw) == self.width else None
+
+
+@dataclass
+class Running:
+    """The checksum in `algorithm` and the length of a stream, as it passes (`over`)."""
+
+    algorithm: Algorithm
+    value: int = 0
+    length: int = 0
+
+    def over(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            self.value = self.algorithm.of(chunk, self.value)
+            self.length += len(chunk)
+            yield chunk
 
 
 def awscrt_installed() -> bool:

@@ -223,10 +223,13 @@ def _manifest(
 
 
 def archive_checksum(uploaded: UploadedObject) -> ArchiveChecksum | None:
-    """The checksum S3 verified when the upload completed, as the notification gives it."""
+    """The archive's checksum as the notification gives it: the one S3 verified when the upload completed,
+    or a fan-out's, joined from its segments'."""
     if uploaded.checksum is None or uploaded.checksum_algorithm is None:
         return None
-    return ArchiveChecksum(algorithm=uploaded.checksum_algorithm, value=uploaded.checksum)
+    return ArchiveChecksum(
+        algorithm=uploaded.checksum_algorithm, value=uploaded.checksum, s3_verified=uploaded.s3_verified
+    )
 
 
 def _untrusted(obj: SourceObject | None, trust_crc: bool) -> SourceObject | None:

@@ -37,10 +37,12 @@ class UploadedObject:
     # The CRC-32 of the whole object, from the stream that made it (a copied range's stand-in has the
     # same length and CRC as the bytes copied: assembly.stand_in); None when it is not known.
     crc32: int | None = None
-    # The object's FULL_OBJECT checksum S3 verified at completion (base64, as S3 writes it) and its
-    # algorithm (ARCHIVE_CHECKSUM); None for an upload without one (a fan-out's).
+    # The object's FULL_OBJECT checksum (base64, as S3 writes it) and its algorithm (ARCHIVE_CHECKSUM);
+    # None when it is not known. S3 verified it at completion, unless `s3_verified` is False (a fan-out's,
+    # joined from its segments' after an upload without part checksums).
     checksum: str | None = None
     checksum_algorithm: checksums.AlgorithmName | None = None
+    s3_verified: bool = True
 
 
 def choose_part_size(size_bound: int, minimum: int, *, extra_parts: int = 0) -> int:

@@ -11,12 +11,21 @@ from archiver.errors import MAX_ERROR_MESSAGE, ErrorCode, clip
 
 
 class ArchiveChecksum(BaseModel):
-    """The archive's S3 checksum (ARCHIVE_CHECKSUM), which S3 verified against the bytes it got when the
-    upload completed: HeadObject with ChecksumMode=ENABLED gives the same value and type."""
+    """The archive's FULL_OBJECT checksum (ARCHIVE_CHECKSUM) over its bytes, in the form S3 writes one.
+    A single worker's is the object's S3 checksum, which S3 verified against the bytes it got when the
+    upload completed (HeadObject with ChecksumMode=ENABLED gives the same value and type); a fanned-out
+    archive's is joined from its segments' by the workers that built them, and S3 has none."""
 
     algorithm: Literal["CRC32", "CRC64NVME"]
     type: Literal["FULL_OBJECT"] = "FULL_OBJECT"
     value: str = Field(description="base64 of the checksum's big-endian bytes (4 for CRC32, 8 for CRC64NVME)")
+    s3_verified: bool = Field(
+        default=True,
+        description=(
+            "true: S3 verified this checksum at completion and stores it as the object's; false: a fanned-out"
+            " archive's, computed by the workers that built it (S3 stores no checksum for it)"
+        ),
+    )
 
 
 class ArchiveInfo(BaseModel):
@@ -36,7 +45,7 @@ class ArchiveInfo(BaseModel):
         default=None,
         description=(
             "the archive's FULL_OBJECT checksum in the algorithm ARCHIVE_CHECKSUM names, verified by S3 at"
-            " completion; null for a fanned-out archive, which S3 does not verify"
+            " completion unless s3_verified is false (a fanned-out archive's); null when it is not known"
         ),
     )
 

@@ -16,10 +16,11 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import pytest
 from awscrt import checksums as crt  # type: ignore[import-untyped]
 from boto3.s3.transfer import TransferConfig
 
-from archiver import worker
+from archiver import checksums, worker
 from archiver.settings import MiB
 from tests.conftest import Stack
 from tests.zipcheck import check_archive
@@ -67,7 +68,12 @@ def check_s3_checksum(stack: Stack, note: dict[str, Any], data: bytes, algorithm
     checked against the bytes it got (the embedded stack checks it as S3 does: archiver.motofixes), and
     the notification gives it as S3 does, equal to the checksum of the bytes downloaded."""
     expected = {"CRC32": crc_of, "CRC64NVME": crc64_of}[algorithm](data)
-    assert note["archive"]["checksum"] == {"algorithm": algorithm, "type": "FULL_OBJECT", "value": expected}
+    assert note["archive"]["checksum"] == {
+        "algorithm": algorithm,
+        "type": "FULL_OBJECT",
+        "value": expected,
+        "s3_verified": True,
+    }
     head = stack.clients.s3.head_object(
         Bucket=note["archive"]["bucket"], Key=note["archive"]["key"], ChecksumMode="ENABLED"
     )
@@ -127,8 +133,87 @@ def test_a_fanned_out_archive_carries_the_crc_of_its_bytes(stack: Stack, tmp_pat
     check_archive(data, files, tmp_path)
     assert stack.status("fanned")["segments_total"] > 1
     assert note["archive"]["crc32"] == crc_of(data)
-    assert note["archive"]["checksum"] is None  # its part numbers have gaps: S3 did not verify it
+    # Its part numbers have gaps, which S3 allows only without part checksums: the workers' join.
+    assert note["archive"]["checksum"] == {
+        "algorithm": "CRC32",
+        "type": "FULL_OBJECT",
+        "value": crc_of(data),
+        "s3_verified": False,
+    }
     check_manifest(stack, note, data, {name: f"album/{name}" for name in files})
+
+
+def fanned_out_request(stack: Stack, request_id: str) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """Photos in segments of 5 MiB, and a video above SERVER_SIDE_COPY_MIN_BYTES with its own CRC-32,
+    which a CRC-32 archive would copy inside S3."""
+    files = {f"p{index}.jpg": os.urandom(2 * MiB) for index in range(6)}
+    files["clip.mp4"] = os.urandom(17 * MiB)
+    for name, body in files.items():
+        stack.put(f"album/{name}", body, **({"ChecksumAlgorithm": "CRC32"} if name == "clip.mp4" else {}))
+    return files, {"request_id": request_id, "files": [{"source": f"album/{name}"} for name in files]}
+
+
+FANNED_OUT = {"fanout_segment_bytes": 5 * MiB, "server_side_copy_min_bytes": 16 * MiB}
+
+
+def copied_bytes(capsys: pytest.CaptureFixture[str]) -> int:
+    """The CopiedBytes of the one request the worker finished (its metrics line on stdout)."""
+    (line,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
+    return int(line["CopiedBytes"])
+
+
+def test_a_fanned_out_crc64nvme_archive_carries_its_segments_checksums_joined(
+    stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ARCHIVE_CHECKSUM=CRC64NVME fanned out: each segment's CRC64NVME counted over its own stream,
+    joined with the directory's; the video is streamed, not copied (a copy's stand-in has only the
+    copied bytes' CRC-32)."""
+    files, request = fanned_out_request(stack, "fanned64")
+    data, note = archive_and_note(stack, request, archive_checksum="CRC64NVME", **FANNED_OUT)
+    check_archive(data, files, tmp_path)
+    assert stack.status("fanned64")["segments_total"] > 1
+    assert copied_bytes(capsys) == 0
+    assert note["archive"]["crc32"] == crc_of(data)
+    assert note["archive"]["checksum"] == {
+        "algorithm": "CRC64NVME",
+        "type": "FULL_OBJECT",
+        "value": crc64_of(data),
+        "s3_verified": False,
+    }
+
+
+def test_a_fanned_out_crc32_archive_copies_and_still_carries_its_checksum(
+    stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same request under CRC-32: the video is copied inside S3, its stand-in carrying its CRC."""
+    files, request = fanned_out_request(stack, "fanned32")
+    data, note = archive_and_note(stack, request, **FANNED_OUT)
+    check_archive(data, files, tmp_path)
+    assert copied_bytes(capsys) > 0  # whole parts of it: the rest is streamed around them
+    assert note["archive"]["checksum"] == {
+        "algorithm": "CRC32",
+        "type": "FULL_OBJECT",
+        "value": crc_of(data),
+        "s3_verified": False,
+    }
+
+
+def test_a_segment_built_without_awscrt_costs_the_checksum_not_the_request(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CRC64NVME plan whose segments a worker without awscrt builds (a fleet mid-deploy): the archive
+    completes, its CRC-32 known, its `checksum` null."""
+    files, request = fanned_out_request(stack, "nocrt")
+    stack.send(request)
+    settings = stack.settings(archive_checksum="CRC64NVME", **FANNED_OUT)
+    monkeypatch.setattr(checksums, "awscrt_installed", lambda: False)
+    assert worker.run(worker.connect(settings), burst=True) == 0
+    (note,) = stack.notifications(1)
+    assert note["status"] == "completed", note
+    data = stack.download(note["archive"]["key"])
+    check_archive(data, files, tmp_path)
+    assert note["archive"]["crc32"] == crc_of(data)
+    assert note["archive"]["checksum"] is None
 
 
 def test_a_crc64nvme_archive_is_verified_by_s3_with_its_parts_checksums_joined(

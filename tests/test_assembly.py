@@ -307,7 +307,12 @@ def test_a_crc64nvme_archive_joins_its_copied_parts_checksums_on_a_server_that_r
     data = s3.get_object(Bucket=stack.destination_bucket, Key=key)["Body"].read()
     check_archive(data, files, tmp_path)
     expected = checksums.CRC64NVME.encode(checksums.CRC64NVME.of(data))
-    assert note["archive"]["checksum"] == {"algorithm": "CRC64NVME", "type": "FULL_OBJECT", "value": expected}
+    assert note["archive"]["checksum"] == {
+        "algorithm": "CRC64NVME",
+        "type": "FULL_OBJECT",
+        "value": expected,
+        "s3_verified": True,
+    }
     head = s3.head_object(Bucket=stack.destination_bucket, Key=key, ChecksumMode="ENABLED")
     assert (head["ChecksumType"], head["ChecksumCRC64NVME"]) == ("FULL_OBJECT", expected)
     (complete,) = seaweedfs.requests_matching(operation="CompleteMultipartUpload", path_contains=key)

@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import boto3
 import pytest
@@ -558,26 +558,22 @@ def test_a_cancel_on_localstack_answers_its_request_cancelled_and_leaves_a_compl
     # The notification's CRC-32 is the downloaded bytes' (contract §4, notification).
     assert kept["archive"]["crc32"] == base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
     # Handed to S3 as the upload's FULL_OBJECT CRC-32 at completion, which LocalStack checks as S3 does.
-    head = json.loads(
-        aws(
-            env,
-            "s3api",
-            "head-object",
-            "--bucket",
-            "zip-storage",
-            "--key",
-            "download/ls-kept/ls-kept.zip",
-            "--checksum-mode",
-            "ENABLED",
-        )
-    )
+    head = archive_head(env, "download/ls-kept/ls-kept.zip")
     assert (head["ChecksumType"], head["ChecksumCRC32"]) == ("FULL_OBJECT", kept["archive"]["crc32"])
     assert kept["archive"]["checksum"] == {
         "algorithm": "CRC32",
         "type": "FULL_OBJECT",
         "value": kept["archive"]["crc32"],
+        "s3_verified": True,
     }
     assert queue_depth(resources, "input-queue") == 0
+
+
+def archive_head(env: dict[str, str], key: str) -> dict[str, Any]:
+    """HeadObject of an archive with its checksums, as the AWS CLI gives it."""
+    checksums = ("--checksum-mode", "ENABLED")
+    found = aws(env, "s3api", "head-object", "--bucket", "zip-storage", "--key", key, *checksums)
+    return cast(dict[str, Any], json.loads(found))
 
 
 def test_a_crc64nvme_archive_on_localstack_is_verified_by_it_at_completion(
@@ -608,18 +604,11 @@ def test_a_crc64nvme_archive_on_localstack_is_verified_by_it_at_completion(
     data = download(note["archive"]["url"])
     check_archive(data, files, tmp_path)
     expected = base64.b64encode(crt.crc64nvme(data).to_bytes(8, "big")).decode()
-    assert note["archive"]["checksum"] == {"algorithm": "CRC64NVME", "type": "FULL_OBJECT", "value": expected}
-    head = json.loads(
-        aws(
-            env,
-            "s3api",
-            "head-object",
-            "--bucket",
-            "zip-storage",
-            "--key",
-            "download/ls-crc64/ls-crc64.zip",
-            "--checksum-mode",
-            "ENABLED",
-        )
-    )
+    assert note["archive"]["checksum"] == {
+        "algorithm": "CRC64NVME",
+        "type": "FULL_OBJECT",
+        "value": expected,
+        "s3_verified": True,
+    }
+    head = archive_head(env, "download/ls-crc64/ls-crc64.zip")
     assert (head["ChecksumType"], head["ChecksumCRC64NVME"]) == ("FULL_OBJECT", expected)

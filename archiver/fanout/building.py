@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import structlog
 
+from archiver import checksums
 from archiver.aws import AwsClients
 from archiver.errors import TransientError
 from archiver.fanout.layout import Segment
@@ -44,9 +45,21 @@ def load_work(store: Store, plan: StoredPlan, segment: Segment, base: int) -> Se
         part_size=int(plan.document["part_size"]),
         small_limit=int(plan.document["small_limit"]),
         compression=plan.document["compression"],
+        algorithm=_algorithm(plan, segment),
         head_key=store.key(head_name(segment.index)),
         tail_key=store.key(tail_name(segment.index)),
     )
+
+
+def _algorithm(plan: StoredPlan, segment: Segment) -> checksums.Algorithm | None:
+    """The plan's checksum algorithm for the segment's bytes; None when this worker cannot compute it
+    (CRC64NVME planned by a worker with awscrt, built by one without): the archive then has no checksum,
+    which costs the notification its `checksum`, not the request."""
+    algorithm = plan.algorithm
+    if algorithm is not checksums.CRC32 and not checksums.awscrt_installed():
+        log.warning("segment.checksum_unavailable", segment=segment.index, algorithm=algorithm.name)
+        return None
+    return algorithm
 
 
 def build_and_record(

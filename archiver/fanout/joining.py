@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import botocore.exceptions
 import structlog
 
-from archiver import crc
+from archiver import checksums
 from archiver.aws import AwsClients, http_status, retry_transient
 from archiver.fanout.directory import end_records, needs_zip64, relocate
 from archiver.fanout.layout import Segment
@@ -59,18 +59,46 @@ def complete(
     upload.add_parts(parts, apart_bytes=sum(result.copied_bytes for result in results))
     upload.ledger.position = offset + len(directory) + len(ends)
     uploaded = upload.complete(confirm=confirm)
-    uploaded = replace(uploaded, crc32=_archive_crc(results, bytes(directory + ends)))
+    uploaded = _with_checksums(uploaded, stored, results, bytes(directory + ends))
     log.info("fanout.completed", segments=len(segments), parts=len(parts), bytes=uploaded.size)
     return uploaded
 
 
-def _archive_crc(results: list[SegmentResult], directory: bytes) -> int | None:
-    """The archive's CRC-32 from its segments' (each worker's, of its own stream) and the directory's;
-    None when a segment's record has none (written by an older archiver)."""
-    pieces = [(result.crc32, result.length) for result in results if result.crc32 is not None]
+def _with_checksums(
+    uploaded: UploadedObject, stored: StoredPlan, results: list[SegmentResult], directory: bytes
+) -> UploadedObject:
+    """The archive's CRC-32, and its checksum in the plan's algorithm, joined from its segments' (each
+    worker's, of its own stream) and the directory's: S3 has none, the upload having no part checksums."""
+    crc32 = _archive_checksum(checksums.CRC32, [r.crc32 for r in results], results, directory)
+    algorithm = stored.algorithm
+    value = (
+        crc32
+        if algorithm is checksums.CRC32
+        else _archive_checksum(algorithm, [r.checksum for r in results], results, directory)
+    )
+    return replace(
+        uploaded,
+        crc32=crc32,
+        checksum=None if value is None else algorithm.encode(value),
+        checksum_algorithm=None if value is None else algorithm.name,
+        s3_verified=False,
+    )
+
+
+def _archive_checksum(
+    algorithm: checksums.Algorithm,
+    values: list[int | None],
+    results: list[SegmentResult],
+    directory: bytes,
+) -> int | None:
+    """The archive's checksum from the segments' `values` and the directory's; None when a segment's
+    record has none (written by an older archiver, or by a worker that could not compute it)."""
+    pieces = [
+        (value, result.length) for value, result in zip(values, results, strict=True) if value is not None
+    ]
     if len(pieces) < len(results):
         return None
-    return crc.joined([*pieces, (crc.of([directory]), len(directory))])
+    return algorithm.joined([*pieces, (algorithm.of(directory), len(directory))])
 
 
 def _joined(

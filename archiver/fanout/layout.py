@@ -76,6 +76,10 @@ def _layout(
 ) -> Layout:
     runs = segment_runs([entry.source.size for entry in entries], segment_bytes)
     copyable, _ = plan_copies(entries, settings, compression)
+    if settings.archive_checksum != "CRC32":
+        # A copied range reaches a segment's checksum only as a CRC-32 stand-in, and S3 promises no part
+        # checksums for copies into an upload without them (a fan-out's): such an archive streams it all.
+        copyable = frozenset()
     bounds = [archive_size_bound(entries[first : first + count]) for first, count in runs]
     copies = [sum(1 for i in range(first, first + count) if i in copyable) for first, count in runs]
     # Beyond its bytes a segment's range holds its copies' spare numbers, one for its smaller first part,

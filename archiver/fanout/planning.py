@@ -65,6 +65,8 @@ def write_plan(clients: AwsClients, settings: Settings, plan: ArchivePlan, store
         "part_size": layout.part_size,
         "small_limit": small_limit(settings),
         "compression": compression,
+        # The segments' checksums are in this algorithm, whatever the ARCHIVE_CHECKSUM of their workers.
+        "checksum": settings.archive_checksum,
         "final_part": layout.final_part,
         "entries": len(resolved.entries),
         "source_bytes": resolved.total_bytes,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from archiver import crc
+from archiver import checksums, crc
 from archiver.assembly import CopiedEntry, Copier
 from archiver.aws import AwsClients, retry_transient
 from archiver.errors import TransientError
@@ -54,6 +54,7 @@ class SegmentWork:
     part_size: int
     small_limit: int
     compression: Compression
+    algorithm: checksums.Algorithm | None  # the plan's, for the segment's checksum; None: not computed
     head_key: str
     tail_key: str
 
@@ -76,6 +77,8 @@ class SegmentResult:
     count: int
     copied_bytes: int
     crc32: int | None = None  # of the segment's bytes in the archive
+    # Of the same bytes in the plan's checksum algorithm, when it is not CRC-32 (crc32 is then the one).
+    checksum: int | None = None
     rows: list[Row] | None = None  # its entries', for the archive's manifest
 
     def document(self) -> dict[str, Any]:
@@ -88,6 +91,7 @@ class SegmentResult:
             "count": self.count,
             "copied_bytes": self.copied_bytes,
             "crc32": self.crc32,
+            "checksum": self.checksum,
             "manifest": None if self.rows is None else [row.document() for row in self.rows],
         }
 
@@ -103,6 +107,7 @@ class SegmentResult:
             copied_bytes=int(document.get("copied_bytes", 0)),
             # None in a record of an archiver older than these fields.
             crc32=document.get("crc32"),
+            checksum=document.get("checksum"),
             rows=None
             if document.get("manifest") is None
             else [Row.from_document(r) for r in document["manifest"]],
@@ -160,6 +165,10 @@ def build_segment(
     prefetcher = _prefetcher(clients, work, prefetch_bytes)
     entries = [_resolved(prefetcher, index, entry) for index, entry in enumerate(work.entries)]
     stream = crc.Running()  # of the segment's bytes in the archive, stand-ins for copies included
+    # CRC-32 is `stream`; another algorithm is counted beside it (a plan of one copies nothing: layout).
+    summed = None
+    if work.algorithm is not None and work.algorithm is not checksums.CRC32:
+        summed = checksums.Running(work.algorithm)
     rows = Rows()
     try:
         chunks = zip_chunks(
@@ -171,7 +180,8 @@ def build_segment(
             copy=lambda index, obj: _copied(copier, rows, work, index, obj),
             base_offset=work.base_offset,
         )
-        parts = _parts(stream.over(stripped.strip(chunks)), work, abandoned, upload.ledger)
+        zipped = stream.over(stripped.strip(chunks))
+        parts = _parts(zipped if summed is None else summed.over(zipped), work, abandoned, upload.ledger)
         streamed = upload_parts(upload, parts, concurrency=concurrency, send=sink.send)
     finally:
         prefetcher.close()
@@ -189,8 +199,17 @@ def build_segment(
         count=directory.count,
         copied_bytes=upload.apart_bytes,
         crc32=stream.value if stream.length == directory.entries_length else None,
+        checksum=_checksum(summed, directory.entries_length, upload.apart_bytes),
         rows=rows.listed(len(work.entries)),
     )
+
+
+def _checksum(summed: checksums.Running | None, length: int, copied: int) -> int | None:
+    """The segment's checksum in the plan's algorithm, if counted over all of its bytes: never over a
+    copy's stand-in, which only has the copied bytes' CRC-32."""
+    if summed is None or summed.length != length or copied:
+        return None
+    return summed.value
 
 
 def _copied(

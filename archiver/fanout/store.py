@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from archiver import checksums
 from archiver.aws import retry_transient
 from archiver.fanout.layout import Segment
 from archiver.models import SourceRef, utc_timestamp
@@ -149,6 +150,11 @@ class StoredPlan:
     @property
     def segments(self) -> list[Segment]:
         return [Segment(**row) for row in self.document["segments"]]
+
+    @property
+    def algorithm(self) -> checksums.Algorithm:
+        """The archive's checksum algorithm (ARCHIVE_CHECKSUM when planned; CRC-32 in older plans)."""
+        return checksums.ALGORITHMS[self.document.get("checksum", "CRC32")]
 
     @property
     def aborted(self) -> bool:
