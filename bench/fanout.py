@@ -370,20 +370,9 @@ def _result(
         failed.error = f"{problem}; logs {', '.join(str(w.log) for w in workers)}"
         return failed
     archive = notification["archive"]
-    check = check_archive(
-        ctx.s3,
-        bucket=archive["bucket"],
-        key=archive["key"],
-        sources=sources,
-        workdir=ctx.workdir,
-        digest=True,
-    )
+    check = check_archive(ctx.s3, notified=archive, sources=sources, workdir=ctx.workdir, digest=True)
     details["archive_check"] = check.as_dict()
     details["archive_sha256"] = check.sha256
-    if archive["size"] != check.size:
-        check.problems.append(f"notified size {archive['size']}, object has {check.size}")
-    if archive["entries"] != len(sources):
-        check.problems.append(f"notified {archive['entries']} entries, expected {len(sources)}")
     ctx.s3.delete_object(Bucket=archive["bucket"], Key=archive["key"])
     if check.problems:
         failed.error = "archive check failed: " + "; ".join(check.problems[:5])

@@ -407,14 +407,8 @@ def run_archiver(
         return _failed(method, scenario, measured, problem or "no notification", **details)
     archive = notification["archive"]
     if verify:
-        check = check_archive(
-            ctx.s3, bucket=archive["bucket"], key=archive["key"], sources=sources, workdir=ctx.workdir
-        )
+        check = check_archive(ctx.s3, notified=archive, sources=sources, workdir=ctx.workdir)
         details["archive_check"] = check.as_dict()
-        if archive["size"] != check.size:
-            check.problems.append(f"notified size {archive['size']}, object has {check.size}")
-        if archive["entries"] != len(sources):
-            check.problems.append(f"notified {archive['entries']} entries, expected {len(sources)}")
         if check.problems:
             return _failed(
                 method,

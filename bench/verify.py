@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from boto3.s3.transfer import TransferConfig
 
+from archiver import checksums
 from bench.scenarios import Source
 
 if TYPE_CHECKING:
@@ -45,27 +47,49 @@ class ArchiveCheck:
 
 
 def check_archive(
-    s3: S3Client, *, bucket: str, key: str, sources: list[Source], workdir: Path, digest: bool = False
+    s3: S3Client, *, notified: dict[str, Any], sources: list[Source], workdir: Path, digest: bool = False
 ) -> ArchiveCheck:
-    """Entry count, names, sizes and CRC-32s against the sources; every byte too when it is small enough;
-    and with `digest`, the SHA-256 of the whole object, to tell whether two runs made the same bytes."""
+    """The archive a notification names (`notified`: its `archive`): entry count, names, sizes and
+    CRC-32s against the sources, every byte too when it is small enough; the notification's size, entry
+    count, `crc32` and `checksum` against the object's; and with `digest`, the SHA-256 of the whole object,
+    to tell whether two runs made the same bytes."""
     path = workdir / "archive-under-test.zip"
-    s3.download_file(bucket, key, str(path), Config=TransferConfig(max_concurrency=8))
+    s3.download_file(notified["bucket"], notified["key"], str(path), Config=TransferConfig(max_concurrency=8))
     try:
         check = _check_file(path, sources)
-        if digest:
-            check.sha256 = _sha256(path)
+        _check_notified(check, path, notified, len(sources), digest=digest)
         return check
     finally:
         path.unlink(missing_ok=True)
 
 
-def _sha256(path: Path) -> str:
-    hasher = hashlib.sha256()
+def _check_notified(
+    check: ArchiveCheck, path: Path, notified: dict[str, Any], entries: int, *, digest: bool
+) -> None:
+    """What the notification says of the archive against its bytes, read once (the proof a consumer
+    checks a download with: contract §4, notification)."""
+    if notified["size"] != check.size:
+        check.problems.append(f"notified size {notified['size']}, object has {check.size}")
+    if notified["entries"] != entries:
+        check.problems.append(f"notified {notified['entries']} entries, expected {entries}")
+    checksum = notified.get("checksum") or {}
+    algorithm = checksums.ALGORITHMS[checksum.get("algorithm", "CRC32")]
+    hasher, crc32, other = hashlib.sha256(), 0, 0
     with path.open("rb") as archive:
         while chunk := archive.read(1024 * 1024):
-            hasher.update(chunk)
-    return hasher.hexdigest()
+            crc32 = zlib.crc32(chunk, crc32)
+            if algorithm is not checksums.CRC32:
+                other = algorithm.of(chunk, other)
+            if digest:
+                hasher.update(chunk)
+    check.sha256 = hasher.hexdigest() if digest else None
+    if notified.get("crc32") != checksums.CRC32.encode(crc32):
+        check.problems.append(
+            f"notified crc32 {notified.get('crc32')}, the bytes' is {checksums.CRC32.encode(crc32)}"
+        )
+    actual = algorithm.encode(crc32 if algorithm is checksums.CRC32 else other)
+    if checksum and checksum.get("value") != actual:
+        check.problems.append(f"notified checksum {checksum}, the bytes' {algorithm.name} is {actual}")
 
 
 def _check_file(path: Path, sources: list[Source]) -> ArchiveCheck:
