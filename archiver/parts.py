@@ -179,9 +179,20 @@ def parts_of(
                 else:
                     yield ledger.number_streamed(), part
                 emitted = True
-                size = part_size if sizes is None else sizes.at(ledger.position)
+                size = _next_size(part_size, sizes, ledger.position, at_least if join_short_last else 0)
                 part, filled = bytearray(size), 0
     yield from _last_part(held, part[:filled], ledger, emitted=emitted, join_short_last=join_short_last)
+
+
+def _next_size(part_size: int, sizes: PartSizes | None, position: int, at_least: int) -> int:
+    """The size of the part starting at `position`: by where it starts (`sizes`), and in a segment whose
+    length is known to be `at_least`, cut short where a whole one would leave fewer than 5 MiB known to
+    follow. The segment's last part is then about 5 MiB, handed over at once, instead of a full part held
+    back and joined to the rest (up to part size + 5 MiB uploaded after the last read, the link idle on
+    the way in). One part number more at most, which the layout's rounding spares hold."""
+    size = part_size if sizes is None else sizes.at(position)
+    left = at_least - position
+    return left - MIN_PART_SIZE if 2 * MIN_PART_SIZE <= left < size + MIN_PART_SIZE else size
 
 
 def _part_end(ledger: PartLedger, hole: Hole | None, size: int, filled: int) -> int:

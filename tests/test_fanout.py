@@ -617,7 +617,8 @@ def test_a_segments_parts_are_all_at_least_5_mib_unless_it_is_one_part(
 ) -> None:
     """With `join_short_last`, whatever the stream's length, how it is cut, the first part's size and
     how much of the length is known beforehand, the parts are its bytes in order, consecutive numbers,
-    each at least S3's 5 MiB, but for a stream that is one part."""
+    each at least S3's 5 MiB, but for a stream that is one part; and where the length is known (STORED
+    entries), the last part, uploaded after the last read, is under 10 MiB, not a full one and the rest."""
     data = bytes(range(256)) * (length // 256) + bytes(length % 256)
     ledger = PartLedger(last_number=40)
     chunks = (data[i : i + chunk] for i in range(0, len(data), chunk))
@@ -636,6 +637,8 @@ def test_a_segments_parts_are_all_at_least_5_mib_unless_it_is_one_part(
     assert [number for number, _ in parts] == list(range(41, 41 + len(parts)))
     assert len(parts) == 1 or all(len(body) >= 5 * MiB for _, body in parts)
     assert ledger.short_last == 0
+    if known == 1.0:
+        assert len(parts[-1][1]) < 10 * MiB
 
 
 def test_a_coordinator_that_lost_its_lease_leaves_the_upload_to_the_new_holder(stack: Stack) -> None:
