@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import base64
 import zlib
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable
 
 from isal import isal_zlib
 
@@ -29,20 +28,6 @@ def from_base64(value: str | None) -> int | None:
 def to_base64(crc: int) -> str:
     """A CRC-32 as S3 writes it: base64 of its 4 big-endian bytes."""
     return base64.b64encode(crc.to_bytes(4, "big")).decode()
-
-
-@dataclass
-class Running:
-    """The CRC-32 and length of a stream, as it passes (`over`)."""
-
-    value: int = 0
-    length: int = 0
-
-    def over(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
-        for chunk in chunks:
-            self.value = int(isal_zlib.crc32(chunk, self.value))
-            self.length += len(chunk)
-            yield chunk
 
 
 def of(chunks: Iterable[bytes | bytearray | memoryview], previous: int = 0) -> int:

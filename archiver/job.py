@@ -348,7 +348,7 @@ class _Attempt:
                 workers=SOURCE_GETS,
             )
             indexes: list[int] = []  # plan index of each archived entry, by position in the archive
-            stream, rows = crc.Running(), manifest.Rows()
+            stream, rows = checksums.Running(checksums.CRC32), manifest.Rows()
             try:
                 chunks = zip_chunks(
                     self._entries(prefetcher, budget, indexes, head_first=head_first),

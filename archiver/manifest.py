@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from archiver import crc
+from archiver import checksums, crc
 from archiver.aws import retry_transient
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class Rows:
     found: dict[int, Row] = field(default_factory=dict)
 
     def over(self, position: int, name: str, obj: SourceObject, chunks: Iterator[bytes]) -> Iterator[bytes]:
-        running = crc.Running()
+        running = checksums.Running(checksums.CRC32)
         yield from running.over(chunks)
         self.found[position] = _row(name, obj, running.value)
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 import botocore.exceptions
 import structlog
 
-from archiver import checksums, crc
+from archiver import checksums
 from archiver.aws import error_code, http_status, retry_transient
 from archiver.errors import PermanentError, TransientError
 from archiver.parts import GROW_FROM, PartLedger, PartSizes, parts_of, upload_parts
@@ -331,7 +331,7 @@ def upload_stream(
     algorithm: checksums.Algorithm = checksums.CRC32,
 ) -> UploadedObject:
     """Upload `chunks` as one object, streamed only: completed, or aborted on any failure."""
-    stream = crc.Running()
+    stream = checksums.Running(checksums.CRC32)
     with MultipartUpload.create(
         s3,
         bucket=bucket,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from archiver import checksums, crc
+from archiver import checksums
 from archiver.assembly import CopiedEntry, Copier
 from archiver.aws import AwsClients, retry_transient
 from archiver.errors import TransientError
@@ -164,7 +164,7 @@ def build_segment(
     )
     prefetcher = _prefetcher(clients, work, prefetch_bytes)
     entries = [_resolved(prefetcher, index, entry) for index, entry in enumerate(work.entries)]
-    stream = crc.Running()  # of the segment's bytes in the archive, stand-ins for copies included
+    stream = checksums.Running(checksums.CRC32)  # of its bytes in the archive, copies' stand-ins included
     # CRC-32 is `stream`; another algorithm is counted beside it (a plan of one copies nothing: layout).
     summed = None
     if work.algorithm is not None and work.algorithm is not checksums.CRC32:
