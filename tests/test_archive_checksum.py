@@ -63,17 +63,17 @@ def check_manifest(stack: Stack, note: dict[str, Any], data: bytes, sources: dic
         }
 
 
+def checksum_document(algorithm: str, value: str, *, s3_verified: bool) -> dict[str, Any]:
+    """A notification's `archive.checksum` as the contract gives it (§4, notification)."""
+    return {"algorithm": algorithm, "type": "FULL_OBJECT", "value": value, "s3_verified": s3_verified}
+
+
 def check_s3_checksum(stack: Stack, note: dict[str, Any], data: bytes, algorithm: str = "CRC32") -> None:
     """The archive was completed with its checksum in `algorithm` as a FULL_OBJECT checksum, which S3
     checked against the bytes it got (the embedded stack checks it as S3 does: archiver.motofixes), and
     the notification gives it as S3 does, equal to the checksum of the bytes downloaded."""
     expected = {"CRC32": crc_of, "CRC64NVME": crc64_of}[algorithm](data)
-    assert note["archive"]["checksum"] == {
-        "algorithm": algorithm,
-        "type": "FULL_OBJECT",
-        "value": expected,
-        "s3_verified": True,
-    }
+    assert note["archive"]["checksum"] == checksum_document(algorithm, expected, s3_verified=True)
     head = stack.clients.s3.head_object(
         Bucket=note["archive"]["bucket"], Key=note["archive"]["key"], ChecksumMode="ENABLED"
     )
@@ -134,12 +134,7 @@ def test_a_fanned_out_archive_carries_the_crc_of_its_bytes(stack: Stack, tmp_pat
     assert stack.status("fanned")["segments_total"] > 1
     assert note["archive"]["crc32"] == crc_of(data)
     # Its part numbers have gaps, which S3 allows only without part checksums: the workers' join.
-    assert note["archive"]["checksum"] == {
-        "algorithm": "CRC32",
-        "type": "FULL_OBJECT",
-        "value": crc_of(data),
-        "s3_verified": False,
-    }
+    assert note["archive"]["checksum"] == checksum_document("CRC32", crc_of(data), s3_verified=False)
     check_manifest(stack, note, data, {name: f"album/{name}" for name in files})
 
 
@@ -174,12 +169,7 @@ def test_a_fanned_out_crc64nvme_archive_carries_its_segments_checksums_joined(
     assert stack.status("fanned64")["segments_total"] > 1
     assert copied_bytes(capsys) == 0
     assert note["archive"]["crc32"] == crc_of(data)
-    assert note["archive"]["checksum"] == {
-        "algorithm": "CRC64NVME",
-        "type": "FULL_OBJECT",
-        "value": crc64_of(data),
-        "s3_verified": False,
-    }
+    assert note["archive"]["checksum"] == checksum_document("CRC64NVME", crc64_of(data), s3_verified=False)
 
 
 def test_a_fanned_out_crc32_archive_copies_and_still_carries_its_checksum(
@@ -190,12 +180,7 @@ def test_a_fanned_out_crc32_archive_copies_and_still_carries_its_checksum(
     data, note = archive_and_note(stack, request, **FANNED_OUT)
     check_archive(data, files, tmp_path)
     assert copied_bytes(capsys) > 0  # whole parts of it: the rest is streamed around them
-    assert note["archive"]["checksum"] == {
-        "algorithm": "CRC32",
-        "type": "FULL_OBJECT",
-        "value": crc_of(data),
-        "s3_verified": False,
-    }
+    assert note["archive"]["checksum"] == checksum_document("CRC32", crc_of(data), s3_verified=False)
 
 
 def test_a_segment_built_without_awscrt_costs_the_checksum_not_the_request(
